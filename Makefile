@@ -1,0 +1,55 @@
+# OpenFlare: every target builds the virtualenv it needs first.
+SHELL := /bin/bash
+
+# Python >= 3.12: the interpreter named by .python-version (pyenv), else the first suitable one on PATH.
+PYTHON ?= $(shell for p in python3.12 python3.13 python3.14 python3; do \
+	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null \
+	&& { echo $$p; break; }; done)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+PORT ?= 8080
+UPSTREAM ?=
+DATA ?=
+CONFDIR := .mitmproxy
+# One documented order: features first, then the scorer (later: bans before features, recorder last).
+ADDONS := -s addons/features.py -s addons/scorer.py
+MODE := $(if $(UPSTREAM),--mode reverse:$(UPSTREAM),)
+
+.PHONY: install run web test train eval bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -n "$(PYTHON)" || { echo "Python >= 3.12 not found (pyenv install 3.12, or set PYTHON=...)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# mitmproxy and openai in one pip run: installed separately, pip leaves a broken pydantic pair.
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+$(CONFDIR)/config.yaml: mitm.conf
+	mkdir -p $(CONFDIR)
+	ln -sf ../mitm.conf $@
+
+run: $(STAMP) $(CONFDIR)/config.yaml
+	$(BIN)/mitmdump --set confdir=$(CONFDIR) -p $(PORT) $(MODE) $(ADDONS)
+
+web: $(STAMP) $(CONFDIR)/config.yaml
+	$(BIN)/mitmweb --set confdir=$(CONFDIR) -p $(PORT) $(MODE) $(ADDONS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+train: $(STAMP)
+	$(BIN)/python scripts/train.py $(if $(DATA),--data $(DATA),)
+
+eval: $(STAMP)
+	$(BIN)/python scripts/eval.py $(if $(DATA),--data $(DATA),)
+
+bench: $(STAMP)
+	$(BIN)/python scripts/bench.py
+
+clean:
+	rm -rf $(VENV) $(CONFDIR) .pytest_cache .hypothesis

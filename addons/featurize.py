@@ -1,0 +1,320 @@
+"""Turn one HTTP request into one normalised feature string.
+
+A plain module (no mitmproxy import): the FeatureExtractor addon, training, evaluation and the
+benchmarks all call `featurize`, so serving and training can never drift apart.
+
+Normalisation undoes what attackers use to hide payloads: repeated percent-encoding (bounded), `+`
+in forms, `%uXXXX`, HTML entities, unicode compatibility forms (NFKC), case, SQL and HTML comments,
+control characters and whitespace runs. Every input is capped first, so a huge request costs no
+more than a capped one, and nothing in here raises on any input.
+"""
+
+from __future__ import annotations
+
+import html
+import ipaddress
+import json
+import re
+import unicodedata
+from collections.abc import Iterable, Sequence
+from email.parser import BytesParser
+from email.policy import HTTP
+from urllib.parse import unquote_to_bytes
+
+MAX_CHARS = 16 * 1024
+DECODE_ROUNDS = 4
+DEFAULT_HEADERS = ("user-agent", "referer", "cookie", "x-forwarded-for", "origin")
+
+# Sections of the feature string. An attacker can type these too; they only help the model align.
+SEP = "\u2016"  # DOUBLE VERTICAL LINE: `normalise` removes it from request text, so only sections carry it
+
+_PCT_U = re.compile(r"%u([0-9a-fA-F]{4})")
+_PCT = re.compile(r"%[0-9a-fA-F]{2}")
+_C_COMMENT = re.compile(r"/\*(!\d*)?(.*?)\*/", re.S)
+_HTML_COMMENT = re.compile(r"<!--(.*?)-->", re.S)
+_CTRL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_WS = re.compile(r"\s+")
+_JSON_HINT = re.compile(r"^\s*[\[{]")
+
+
+def _bytes_to_text(b: bytes) -> str:
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        return b.decode("latin-1")
+
+
+def _percent_decode(s: str, plus: bool) -> str:
+    """Decode percent-escapes (and `%uXXXX`, and `+` in forms) until stable, at most DECODE_ROUNDS times."""
+    for _ in range(DECODE_ROUNDS):
+        before = s
+        if plus:
+            s = s.replace("+", " ")
+        if "%" in s:
+            s = _PCT_U.sub(lambda m: chr(int(m.group(1), 16)), s)
+            if _PCT.search(s):
+                s = _bytes_to_text(unquote_to_bytes(s.encode("utf-8", "surrogatepass")))
+        if "&" in s:
+            s = html.unescape(s)
+        if s == before:
+            break
+    return s
+
+
+def _c_comment(m: re.Match) -> str:
+    # MySQL runs the text of /*!50000 ... */ as code: keep it. Other comments act as whitespace;
+    # a normalised marker keeps the signal that one was there.
+    if m.group(1) is not None:
+        return " " + m.group(2) + " "
+    return " /**/ "
+
+
+def normalise(s: str, plus: bool = False, limit: int = MAX_CHARS) -> str:
+    """Return the canonical, lower-case form of one piece of request text."""
+    s = s[: limit * 4]
+    s = _percent_decode(s, plus)
+    s = unicodedata.normalize("NFKC", s)
+    # NFKC may reveal new escapes (full-width %): one more bounded pass.
+    if "%" in s or "&" in s:
+        s = unicodedata.normalize("NFKC", _percent_decode(s, plus))
+    s = s.casefold()
+    if "/*" in s:
+        s = _C_COMMENT.sub(_c_comment, s)
+    if "<!--" in s:
+        s = _HTML_COMMENT.sub(lambda m: " <!-- " + m.group(1) + " --> ", s)
+    s = s.replace("\x00", " <nul> ").replace(SEP, " ")
+    s = _CTRL.sub(" ", s)
+    s = _WS.sub(" ", s).strip()
+    return s[:limit]
+
+
+def _pairs(raw: str, sep: str, limit: int) -> str:
+    """Normalise a query string, a form body or a cookie header: `name=value` pairs, space separated."""
+    out = []
+    size = 0
+    for part in raw[: limit * 4].split(sep):
+        if not part:
+            continue
+        name, eq, value = part.partition("=")
+        text = normalise(name, plus=True, limit=limit) + ("=" + normalise(value, plus=True, limit=limit) if eq else "")
+        out.append(text)
+        size += len(text) + 1
+        if size >= limit:
+            break
+    return " ".join(out)[:limit]
+
+
+def _json_text(value, limit: int) -> str:
+    """Walk a parsed JSON document: keys and scalar values, depth-first, bounded."""
+    out: list[str] = []
+    size = 0
+    stack = [(None, value)]
+    while stack and size < limit:
+        key, v = stack.pop()
+        if isinstance(v, dict):
+            stack.extend(reversed(list(v.items())[:1000]))
+            continue
+        if isinstance(v, list):
+            stack.extend((key, x) for x in reversed(v[:1000]))
+            continue
+        if v is None or isinstance(v, bool):
+            text = str(v).lower()
+        else:
+            text = str(v)
+        piece = normalise(text, limit=limit)
+        if key is not None:
+            piece = normalise(str(key), limit=256) + "=" + piece
+        out.append(piece)
+        size += len(piece) + 1
+    return " ".join(out)[:limit]
+
+
+def _multipart_text(body: bytes, content_type: str, limit: int) -> str:
+    msg = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode("latin-1", "replace") + b"\r\n\r\n" + body)
+    if not msg.is_multipart():
+        return ""
+    out = []
+    for part in msg.iter_parts():
+        name = part.get_param("name", header="content-disposition") or ""
+        filename = part.get_filename()
+        payload = part.get_payload(decode=True) or b""
+        piece = normalise(str(name), limit=256)
+        if filename:
+            piece += " filename=" + normalise(str(filename), limit=1024)
+        if filename is None and not _looks_binary(payload):
+            piece += "=" + normalise(_bytes_to_text(payload), limit=limit)
+        elif filename:
+            ptype = part.get_content_type()
+            if ptype.startswith("text/") or (not _looks_binary(payload) and ptype in ("application/octet-stream", "text/plain")):
+                piece += " " + normalise(_bytes_to_text(payload[:limit]), limit=limit)
+        out.append(piece)
+        if sum(len(x) for x in out) >= limit:
+            break
+    return " ".join(out)[:limit]
+
+
+def _looks_binary(b: bytes) -> bool:
+    sample = b[:1024]
+    if not sample:
+        return False
+    if b"\x00" in sample:
+        try:
+            sample.decode("utf-8")
+        except UnicodeDecodeError:
+            return True
+    try:
+        text = sample.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start >= len(sample) - 3:  # a character cut by the sample's end
+            text = sample[: e.start].decode("utf-8", "replace")
+        else:
+            return True
+    printable = sum(1 for c in text if c.isprintable() or c in "\r\n\t")
+    return printable < 0.9 * len(text)
+
+
+_BINARY_TYPES = ("image/", "audio/", "video/", "font/")
+_BINARY_APPS = ("octet-stream", "zip", "gzip", "pdf", "x-tar", "protobuf", "grpc", "wasm", "msgpack")
+
+
+def body_text(body: bytes | str, content_type: str = "", limit: int = MAX_CHARS) -> str:
+    """The normalised text of a request body, chosen by its content type; binary bodies give ''."""
+    if not body:
+        return ""
+    raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else body
+    ctype = content_type.split(";", 1)[0].strip().lower()
+    try:
+        if ctype.startswith("multipart/"):
+            # Parse a bounded prefix: field names and values come first in practice.
+            return _multipart_text(raw[: limit * 8], content_type, limit)
+        if ctype.startswith(_BINARY_TYPES) or any(x in ctype for x in _BINARY_APPS):
+            return ""
+        raw = raw[: limit * 4]
+        if ctype == "application/x-www-form-urlencoded":
+            return _pairs(_bytes_to_text(raw), "&", limit)
+        if _looks_binary(raw):
+            return ""
+        text = _bytes_to_text(raw)
+        if ctype.endswith("json") or ctype.endswith("+json") or (not ctype and _JSON_HINT.match(text)):
+            try:
+                return _json_text(json.loads(text), limit)
+            except (ValueError, RecursionError):
+                pass  # not valid JSON (or cut by the cap): fall through to plain text
+        if not ctype and "=" in text and "\n" not in text.strip() and " " not in text.strip():
+            return _pairs(text, "&", limit)  # a form body sent without a content type
+        return normalise(text, limit=limit)
+    except Exception:  # noqa: BLE001 - whatever the bytes, a feature string comes out
+        return normalise(_bytes_to_text(raw[:limit]), limit=limit)
+
+
+def featurize(
+    method: str,
+    target: str,
+    headers: Iterable[tuple[str, str]] = (),
+    body: bytes | str = b"",
+    *,
+    header_names: Sequence[str] = DEFAULT_HEADERS,
+    limit: int = MAX_CHARS,
+) -> str:
+    """One normalised string for one request: method, path, query, chosen headers, body.
+
+    `headers` are (name, value) pairs in wire order; `header_names` are the (lower-case) names whose
+    values are included. `limit` caps the whole string (and every piece before decoding).
+    """
+    try:
+        return _featurize(method, target, headers, body, header_names, limit)
+    except Exception:  # noqa: BLE001 - a last line of defence: never raise on the request path
+        return normalise(f"{method} {target}"[:limit], limit=limit)
+
+
+def _featurize(method, target, headers, body, header_names, limit) -> str:
+    target = target[: limit * 4]
+    path, _, query = target.partition("?")
+    path, _, fragment = path.partition("#")
+    parts = [normalise(method, limit=32) or "-", normalise(path, limit=limit) or "/"]
+    if query or fragment:
+        parts.append("?" + _pairs(query + ("&" + fragment if fragment else ""), "&", limit))
+    wanted = {h.lower() for h in header_names}
+    content_type = ""
+    hparts = []
+    for name, value in headers:
+        lname = name.lower()
+        if lname == "content-type":
+            content_type = value
+        if lname not in wanted:
+            continue
+        if lname == "cookie":
+            hparts.append("cookie: " + _pairs(value.replace("; ", ";"), ";", limit))
+        else:
+            hparts.append(lname + ": " + normalise(value, limit=limit))
+    if hparts:
+        parts.append(SEP + "h " + " ".join(hparts))
+    btext = body_text(body, content_type, limit)
+    if btext:
+        parts.append(SEP + "b " + btext)
+    return " ".join(parts)[:limit]
+
+
+def parse_networks(specs: Iterable[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """Parse IPs and CIDR ranges; raises ValueError naming the bad entry."""
+    nets = []
+    for spec in specs:
+        spec = spec.strip()
+        if not spec:
+            continue
+        try:
+            nets.append(ipaddress.ip_network(spec, strict=False))
+        except ValueError as e:
+            raise ValueError(f"not an IP address or CIDR range: {spec!r}") from e
+    return tuple(nets)
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    text = text.strip().strip('"')
+    if text.startswith("["):  # [v6]:port
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:  # v4:port
+        text = text.partition(":")[0]
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        return addr.ipv4_mapped
+    return addr
+
+
+def _in(addr, nets) -> bool:
+    return any(addr.version == n.version and addr in n for n in nets)
+
+
+def client_ip(peer: str, headers: Iterable[tuple[str, str]], trusted: Sequence = ()) -> str:
+    """The client's address: the connection's peer, unless the peer is a trusted proxy.
+
+    From a trusted peer, X-Forwarded-For and Forwarded (for=) are walked from the right, skipping
+    trusted hops; the first untrusted hop is the client. Anything unparsable stops the walk.
+    """
+    addr = _ip(peer)
+    if addr is None:
+        return peer
+    if not trusted or not _in(addr, trusted):
+        return str(addr)
+    hops: list[str] = []
+    for name, value in headers:
+        lname = name.lower()
+        if lname == "x-forwarded-for":
+            hops.extend(value.split(","))
+        elif lname == "forwarded":
+            for element in value.split(","):
+                for pair in element.split(";"):
+                    key, _, val = pair.strip().partition("=")
+                    if key.lower() == "for":
+                        hops.append(val)
+    for hop in reversed(hops):
+        hop_addr = _ip(hop)
+        if hop_addr is None:
+            break
+        addr = hop_addr
+        if not _in(addr, trusted):
+            break
+    return str(addr)
