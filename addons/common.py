@@ -16,6 +16,18 @@ MODEL_VERSION = "openflare.model_version"  # str
 SCORE_MS = "openflare.score_ms"  # float: time spent scoring, milliseconds
 REASON = "openflare.reason"  # str: why the verdict is what it is (never sent to the client)
 
+# Written by the Scorer's LLM half (issue 5: addons/llm.py, called from addons/scorer.py).
+LLM_SCORE = "openflare.llm_score"  # int 1-10 or None
+LLM_CATEGORY = "openflare.llm_category"  # str or None
+LLM_REASON = "openflare.llm_reason"  # str (sanitised) or None
+LLM_STATUS = "openflare.llm_status"  # str: skipped / cached / ok / timeout / error / breaker-open / ...
+LLM_MS = "openflare.llm_ms"  # float: LLM latency, milliseconds
+CATEGORY = "openflare.category"  # str: attack category when known (sqli, xss, ...), else None
+
+# Written by IpBans (issue 3: addons/bans.py).
+BANNED = "openflare.banned"  # bool: refused because the client IP is banned
+RATE_LIMITED = "openflare.rate_limited"  # bool: refused by the per-IP rate limit
+
 VERDICT_PASS = "pass"
 VERDICT_BLOCK = "block"
 VERDICT_ERROR = "error"  # scoring failed; the fail policy decided
