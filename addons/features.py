@@ -72,11 +72,13 @@ class FeatureExtractor:
         req = flow.request
         if common.CLIENT_IP not in flow.metadata:
             self.requestheaders(flow)
+        # Not get_content(): it inflates a compressed body without bound; decode_body stops at the cap.
+        body = featurize.decode_body(req.raw_content or b"", req.headers.get("content-encoding", ""), self.limit)
         flow.metadata[common.FEATURES] = featurize.featurize(
             req.method,
             req.path,
             req.headers.items(multi=True),
-            req.get_content(strict=False) or b"",
+            body,
             header_names=self.header_names,
             limit=self.limit,
         )

@@ -16,6 +16,7 @@ import ipaddress
 import json
 import re
 import unicodedata
+import zlib
 from collections.abc import Iterable, Sequence
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -23,6 +24,7 @@ from urllib.parse import unquote_to_bytes
 
 MAX_CHARS = 16 * 1024
 DECODE_ROUNDS = 4
+MAX_PAIRS = 512  # name=value pairs taken from one query, form body or cookie header
 DEFAULT_HEADERS = ("user-agent", "referer", "cookie", "x-forwarded-for", "origin")
 
 # Sections of the feature string. An attacker can type these too; they only help the model align.
@@ -35,6 +37,8 @@ _HTML_COMMENT = re.compile(r"<!--(.*?)-->", re.S)
 _CTRL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _WS = re.compile(r"\s+")
 _JSON_HINT = re.compile(r"^\s*[\[{]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_PLAIN = re.compile(r"[A-Za-z0-9_.\-]*")  # text that normalise() would only lower-case
 
 
 def _bytes_to_text(b: bytes) -> str:
@@ -71,6 +75,8 @@ def _c_comment(m: re.Match) -> str:
 
 def normalise(s: str, plus: bool = False, limit: int = MAX_CHARS) -> str:
     """Return the canonical, lower-case form of one piece of request text."""
+    if len(s) <= 256 and _PLAIN.fullmatch(s):  # the common case (names, numbers, words): same result, faster
+        return s.lower()[:limit]
     s = s[: limit * 4]
     s = _percent_decode(s, plus)
     s = unicodedata.normalize("NFKC", s)
@@ -83,6 +89,7 @@ def normalise(s: str, plus: bool = False, limit: int = MAX_CHARS) -> str:
     if "<!--" in s:
         s = _HTML_COMMENT.sub(lambda m: " <!-- " + m.group(1) + " --> ", s)
     s = s.replace("\x00", " <nul> ").replace(SEP, " ")
+    s = _SURROGATE.sub("\ufffd", s)  # a lone surrogate (%uD800) cannot be encoded, e.g. into a record
     s = _CTRL.sub(" ", s)
     s = _WS.sub(" ", s).strip()
     return s[:limit]
@@ -92,9 +99,11 @@ def _pairs(raw: str, sep: str, limit: int) -> str:
     """Normalise a query string, a form body or a cookie header: `name=value` pairs, space separated."""
     out = []
     size = 0
-    for part in raw[: limit * 4].split(sep):
+    for part in raw[: limit * 4].split(sep, MAX_PAIRS * 4)[: MAX_PAIRS * 4]:
         if not part:
             continue
+        if len(out) >= MAX_PAIRS:
+            break
         name, eq, value = part.partition("=")
         text = normalise(name, plus=True, limit=limit) + ("=" + normalise(value, plus=True, limit=limit) if eq else "")
         out.append(text)
@@ -118,7 +127,7 @@ def _json_text(value, limit: int) -> str:
             stack.extend((key, x) for x in reversed(v[:1000]))
             continue
         if v is None or isinstance(v, bool):
-            text = str(v).lower()
+            text = json.dumps(v)  # null, true, false
         else:
             text = str(v)
         piece = normalise(text, limit=limit)
@@ -207,6 +216,32 @@ def body_text(body: bytes | str, content_type: str = "", limit: int = MAX_CHARS)
         return normalise(_bytes_to_text(raw[:limit]), limit=limit)
 
 
+def decode_body(raw: bytes, content_encoding: str = "", limit: int = MAX_CHARS) -> bytes:
+    """Undo a request body's Content-Encoding (gzip, deflate), keeping at most `limit * 8` bytes.
+
+    Bounded, unlike mitmproxy's `get_content()`, so a compression bomb costs no more than a capped
+    body. Bodies in other encodings (br, zstd, unknown) come back as sent: binary, so not featurized.
+    A body that is not what its header says comes back as sent too.
+    """
+    out = raw
+    cap = limit * 8
+    for coding in reversed([c.strip().lower() for c in content_encoding.split(",") if c.strip()]):
+        if coding == "identity":
+            continue
+        if coding not in ("gzip", "x-gzip", "deflate"):
+            return raw
+        # 47: zlib or gzip header, detected; -15: raw deflate (what some clients send as "deflate").
+        for wbits in (47, -15):
+            try:
+                out = zlib.decompressobj(wbits).decompress(out[: cap * 4], cap)
+                break
+            except zlib.error:
+                continue
+        else:
+            return raw
+    return out
+
+
 def featurize(
     method: str,
     target: str,
@@ -237,22 +272,43 @@ def _featurize(method, target, headers, body, header_names, limit) -> str:
     wanted = {h.lower() for h in header_names}
     content_type = ""
     hparts = []
+    hsize = 0
     for name, value in headers:
         lname = name.lower()
         if lname == "content-type":
             content_type = value
-        if lname not in wanted:
+        if lname not in wanted or hsize >= limit:
             continue
         if lname == "cookie":
-            hparts.append("cookie: " + _pairs(value.replace("; ", ";"), ";", limit))
+            text = "cookie: " + _pairs(value.replace("; ", ";"), ";", limit)
         else:
-            hparts.append(lname + ": " + normalise(value, limit=limit))
+            text = lname + ": " + normalise(value, limit=limit)
+        hparts.append(text)
+        hsize += len(text) + 1
     if hparts:
         parts.append(SEP + "h " + " ".join(hparts))
     btext = body_text(body, content_type, limit)
     if btext:
         parts.append(SEP + "b " + btext)
-    return " ".join(parts)[:limit]
+    return " ".join(_fit(parts, limit))[:limit]
+
+
+def _fit(parts: list[str], limit: int) -> list[str]:
+    """Cut the sections so that, joined by spaces, they fit in `limit`, each keeping a fair share.
+
+    A section shorter than its share keeps all of it and leaves the rest to the others, so a long
+    path or query cannot push the headers and body out of the feature string.
+    """
+    total = sum(len(p) for p in parts) + len(parts) - 1
+    if total <= limit:
+        return parts
+    budget = max(0, limit - (len(parts) - 1))
+    sizes = [0] * len(parts)
+    order = sorted(range(len(parts)), key=lambda i: len(parts[i]))
+    for k, i in enumerate(order):
+        sizes[i] = min(len(parts[i]), budget // (len(parts) - k))
+        budget -= sizes[i]
+    return [p[:n] for p, n in zip(parts, sizes)]
 
 
 def parse_networks(specs: Iterable[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -291,25 +347,29 @@ def _in(addr, nets) -> bool:
 def client_ip(peer: str, headers: Iterable[tuple[str, str]], trusted: Sequence = ()) -> str:
     """The client's address: the connection's peer, unless the peer is a trusted proxy.
 
-    From a trusted peer, X-Forwarded-For and Forwarded (for=) are walked from the right, skipping
-    trusted hops; the first untrusted hop is the client. Anything unparsable stops the walk.
+    From a trusted peer, X-Forwarded-For (or, when there is none, Forwarded `for=`) is walked from
+    the right, skipping trusted hops; the first untrusted hop is the client. Anything unparsable
+    stops the walk. The two headers are never mixed: a proxy that sets one passes the other through
+    from the client unchanged, so mixing them would let a client choose its address.
     """
     addr = _ip(peer)
     if addr is None:
         return peer
     if not trusted or not _in(addr, trusted):
         return str(addr)
-    hops: list[str] = []
+    xff: list[str] = []
+    fwd: list[str] = []
     for name, value in headers:
         lname = name.lower()
         if lname == "x-forwarded-for":
-            hops.extend(value.split(","))
+            xff.extend(value.split(","))
         elif lname == "forwarded":
             for element in value.split(","):
                 for pair in element.split(";"):
                     key, _, val = pair.strip().partition("=")
-                    if key.lower() == "for":
-                        hops.append(val)
+                    if key.strip().lower() == "for":
+                        fwd.append(val)
+    hops = xff or fwd
     for hop in reversed(hops):
         hop_addr = _ip(hop)
         if hop_addr is None:

@@ -7,6 +7,7 @@ records the sha256 of the joblib file; it is checked before unpickling, because 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -69,13 +70,30 @@ class LocalModel:
     path: Path
     version: str = field(init=False)
     operating_point: float = field(init=False)
+    attack_column: int = field(init=False)
+    _fast: Any = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.version = str(self.card.get("version", "unknown"))
         self.operating_point = float(self.card.get("operating_point", 0.5))
+        # The predict_proba column of the attack class: label 1 (or True, or "attack"), else the last.
+        classes = list(getattr(self.estimator, "classes_", [0, 1]))
+        self.attack_column = next(
+            (i for i, c in enumerate(classes) if (c == "attack" if isinstance(c, str) else c == 1)),
+            len(classes) - 1,
+        )
+        try:
+            import sklearn
+
+            # scikit-learn re-validates parameters and checks arrays for NaN on every call: for one
+            # short text that is a sizeable part of the time, and our inputs are always valid.
+            self._fast = lambda: sklearn.config_context(assume_finite=True, skip_parameter_validation=True)
+        except ImportError:
+            self._fast = contextlib.nullcontext
 
     def proba(self, features: list[str]) -> list[float]:
-        return [float(x) for x in self.estimator.predict_proba(features)[:, 1]]
+        with self._fast():
+            return [float(x) for x in self.estimator.predict_proba(features)[:, self.attack_column]]
 
     def score(self, features: str) -> tuple[int, float]:
         """Score one feature string: (1-10 score, attack probability)."""
@@ -116,7 +134,10 @@ def load(name_or_path: str, models_dir: Path = MODELS_DIR) -> LocalModel:
         raise ModelError(f"model {path} could not be loaded: {e}") from e
     if not hasattr(estimator, "predict_proba"):
         raise ModelError(f"model {path} has no predict_proba")
-    return LocalModel(estimator, card, path)
+    try:
+        return LocalModel(estimator, card, path)
+    except (TypeError, ValueError) as e:
+        raise ModelError(f"model card {card_path(path)} is invalid: {e}") from e
 
 
 def write_card(model_path: Path, card: dict) -> Path:

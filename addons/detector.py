@@ -1,0 +1,338 @@
+"""The estimator classes inside models/openflare-local.joblib. A plain module: no mitmproxy import.
+
+`Detector` combines two opinions on one feature string (from `addons.featurize.featurize`):
+
+* a supervised part: TF-IDF over hashed byte n-grams (1-5, 2**20 buckets) and a logistic regression, trained on
+  labelled attacks and benign requests. Prediction does not go through scikit-learn: n-grams are
+  hashed with a few vectorised numpy passes and dotted with float32 idf and weight arrays
+  (a Pipeline's per-call validation would cost more than the model itself);
+* an `AppProfile`: a positive-security profile learned from one application's benign traffic. Under
+  the path roots it learned (e.g. `/tienda1`), a request is an anomaly if its path, method, a
+  parameter name, or a value's characters or length were never seen there. Elsewhere it has no
+  opinion, and the supervised part decides alone.
+
+The attack probability is the supervised one, raised to `violation_p` when the profile finds an
+anomaly. Pickles refer to these classes as `addons.detector.*`: keep the names and attributes.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from addons import featurize
+
+NGRAMS = (1, 5)
+BITS = 20  # 2**20 hashed n-gram buckets
+SEP = featurize.SEP
+
+_P = np.uint64(0x100000001B3)  # FNV-1a prime: the rolling polynomial hash of an n-gram's bytes
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: the top BITS bits of h * MIX
+_SALT = [np.uint64(k * 0x2545F4914F6CDD1D) for k in range(NGRAMS[1] + 1)]  # n-grams of each length apart
+
+
+def hashed_ngrams(s: str, bits: int = BITS) -> np.ndarray:
+    """The bucket (0 .. 2**bits-1) of every byte n-gram (NGRAMS) of the UTF-8 text, as int64.
+
+    Vectorised with numpy: one pass per n-gram length, no Python loop over characters. Training
+    and prediction both use this function.
+    """
+    b = np.frombuffer(s.encode("utf-8", "surrogatepass"), dtype=np.uint8).astype(np.uint64)
+    n = len(b)
+    shift = np.uint64(64 - bits)
+    h = np.zeros(n, dtype=np.uint64)
+    out = []
+    for k in range(1, NGRAMS[1] + 1):
+        if n < k:
+            break
+        h = h[: n - k + 1] * _P + b[k - 1 :]
+        if k >= NGRAMS[0]:
+            out.append(((h + _SALT[k]) * _MIX) >> shift)
+    if not out:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate(out).astype(np.int64)
+
+
+def term_counts(s: str, bits: int = BITS) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted distinct buckets, their counts) of one feature string.
+
+    What np.unique(return_counts=True) returns, in fewer numpy calls (it is on the request path).
+    """
+    srt = np.sort(hashed_ngrams(s, bits))
+    if not len(srt):
+        return srt, np.zeros(0, dtype=np.int64)
+    starts = np.flatnonzero(np.concatenate(([True], srt[1:] != srt[:-1])))
+    counts = np.diff(np.append(starts, len(srt)))
+    return srt[starts], counts
+
+
+# ---- the feature string, taken apart again ------------------------------------------------------
+
+
+def parse(feature: str) -> tuple[str, str, list[tuple[str, str | None]]]:
+    """`get /p ?a=1 b=x y ‖h ... ‖b c=2` -> ("get", "/p", [("a", "1"), ("b", "x y"), ("c", "2")]).
+
+    Pairs come from the query and from a body section; a body that is not `name=value` pairs gives
+    one pair named "" (its text). Values keep their spaces: a token without "=" continues the value.
+    """
+    head, *sections = feature.split(SEP)
+    method, _, rest = head.partition(" ")
+    path, sep, query = rest.partition(" ?")
+    path = path.strip()
+    pairs = _pairs(query) if sep else []
+    for sec in sections:
+        if sec.startswith("b "):
+            body = sec[2:].strip()
+            if "=" in body.split(" ", 1)[0]:
+                pairs.extend(_pairs(body))
+            elif body:
+                pairs.append(("", body))
+    return method, path, pairs
+
+
+def _pairs(text: str) -> list[tuple[str, str | None]]:
+    out: list[list] = []
+    for tok in text.strip().split(" "):
+        if not tok:
+            continue
+        if "=" in tok:
+            name, _, value = tok.partition("=")
+            out.append([name, value])
+        elif out and out[-1][1] is not None:
+            out[-1][1] += " " + tok
+        else:
+            out.append([tok, None])
+    return [(n, v) for n, v in out]
+
+
+_DIGIT = re.compile(r"\d")
+
+
+_ALNUM = re.compile(r"[^\W_]+")  # letters and digits (Unicode)
+_LETTER = re.compile(r"[^\W\d_]")
+
+
+def char_classes(value: str) -> frozenset[str]:
+    """Letters -> 'a', digits -> '0', everything else (space, punctuation) stays itself."""
+    out = set(_ALNUM.sub("", value))
+    if _LETTER.search(value):
+        out.add("a")
+    if _DIGIT.search(value):
+        out.add("0")
+    return frozenset(out)
+
+
+_LETTERS = re.compile(r"[^\W\d_]+")
+_DIGITS = re.compile(r"\d+")
+
+
+def shape(value: str) -> str:
+    """`ab12@x-y.com` -> `a0@a-a.a`: character classes with runs collapsed."""
+    return _DIGITS.sub("0", _LETTERS.sub("a", value))
+
+
+def _root(path: str) -> str:
+    seg = path.lstrip("/").split("/", 1)[0]
+    return "/" + seg
+
+
+class AppProfile:
+    """What one application's benign traffic looks like, per path: methods, parameter names, values.
+
+    `check(feature)` returns None (no opinion: the path is under no learned root) or a list of
+    anomalies (empty: the request conforms).
+    """
+
+    def __init__(self, min_root: int = 50, length_slack: float = 1.5, max_enum: int = 16, min_enum_seen: int = 100,
+                 max_shapes: int = 64) -> None:
+        self.min_root = min_root
+        self.length_slack = length_slack
+        self.max_enum = max_enum
+        self.min_enum_seen = min_enum_seen
+        self.max_shapes = max_shapes
+        self.roots: tuple[str, ...] = ()  # sorted, so the pickle is the same in every process
+        self.paths: dict[str, dict] = {}
+        self.n_requests = 0
+
+    def fit(self, features: Iterable[str]) -> AppProfile:
+        per_root: Counter = Counter()
+        paths: dict[str, dict] = {}
+        for f in features:
+            method, path, pairs = parse(f)
+            per_root[_root(path)] += 1
+            p = paths.setdefault(path, {"methods": set(), "params": {}})
+            p["methods"].add(method)
+            for name, value in pairs:
+                prm = p["params"].setdefault(
+                    name, {"classes": set(), "max_len": 0, "min_len": 1 << 30, "valued": False, "bare": False,
+                           "n": 0, "values": set(), "shapes": set()})
+                if value is None:
+                    prm["bare"] = True
+                    continue
+                prm["valued"] = True
+                prm["n"] += 1
+                prm["classes"] |= char_classes(value)
+                prm["max_len"] = max(prm["max_len"], len(value))
+                prm["min_len"] = min(prm["min_len"], len(value))
+                if len(prm["values"]) <= self.max_enum:
+                    prm["values"].add(value)
+                if len(prm["shapes"]) <= self.max_shapes:
+                    prm["shapes"].add(shape(value))
+            self.n_requests += 1
+        self.roots = tuple(sorted(r for r, n in per_root.items() if n >= self.min_root and r != "/"))
+        self.paths = {
+            path: {
+                "methods": sorted(p["methods"]),
+                "params": {
+                    name: {
+                        "classes": "".join(sorted(prm["classes"])),
+                        "max_len": prm["max_len"],
+                        "min_len": prm["min_len"] if prm["valued"] else 0,
+                        "valued": prm["valued"],
+                        "bare": prm["bare"],
+                        # A closed set of values (seen often, few distinct): anything else is an anomaly.
+                        "values": (tuple(sorted(prm["values"]))
+                                   if len(prm["values"]) <= self.max_enum and prm["n"] >= self.min_enum_seen else None),
+                        # Value shapes (runs of letters/digits collapsed): checked unless too varied.
+                        "shapes": tuple(sorted(prm["shapes"])) if len(prm["shapes"]) <= self.max_shapes else None,
+                    }
+                    for name, prm in sorted(p["params"].items())
+                },
+            }
+            for path, p in sorted(paths.items())
+            if _root(path) in self.roots
+        }
+        return self
+
+    def check(self, feature: str) -> list[str] | None:
+        method, path, pairs = parse(feature)
+        if not self.in_scope(path):
+            return None
+        p = self.paths.get(path)
+        if p is None:
+            return ["unknown path"]
+        problems = []
+        if method not in p["methods"]:
+            problems.append(f"method {method} never seen on this path")
+        for name, value in pairs:
+            prm = p["params"].get(name)
+            if prm is None:
+                problems.append("unknown parameter")
+                continue
+            if value is None:
+                if not prm["bare"]:
+                    problems.append("parameter without value")
+                continue
+            if not prm["valued"]:
+                problems.append("value on a bare parameter")
+                continue
+            extra = char_classes(value) - set(prm["classes"])
+            if extra:
+                problems.append("unseen characters in a value")
+            limit = max(prm["max_len"] * self.length_slack, prm["max_len"] + 8)
+            if len(value) > limit:
+                problems.append("value longer than ever seen")
+            if len(value) < prm.get("min_len", 0):
+                problems.append("value shorter than ever seen")
+            if prm.get("values") is not None and value not in prm["values"]:
+                problems.append("value outside the closed set seen")
+            elif prm.get("shapes") is not None and shape(value) not in prm["shapes"]:
+                problems.append("value shape never seen")
+        return problems
+
+    def in_scope(self, path: str) -> bool:
+        """Under a learned root: `/tienda1/...`, and also `/tienda1.bak`, `/tienda1~` (same prefix)."""
+        if _root(path) in self.roots:
+            return True
+        return any(path.startswith(r) for r in self.roots)
+
+    def summary(self) -> dict:
+        return {
+            "requests": self.n_requests,
+            "roots": list(self.roots),
+            "paths": len(self.paths),
+            "parameters": sum(len(p["params"]) for p in self.paths.values()),
+        }
+
+
+class Detector:
+    """Supervised hashed-n-gram model plus an optional app profile; `predict_proba` like scikit-learn."""
+
+    classes_ = np.array([0, 1])
+
+    def __init__(self, idf: np.ndarray, coef: np.ndarray, intercept: float, bits: int = BITS,
+                 profile: AppProfile | None = None, violation_p: float = 0.99) -> None:
+        self.bits = bits
+        self.idf = np.asarray(idf, dtype=np.float32)  # 0 for buckets ignored (too rare in training)
+        self.coef = np.asarray(coef, dtype=np.float32)
+        self.intercept = float(intercept)
+        self.profile = profile
+        self.violation_p = float(violation_p)
+
+    def supervised_proba(self, feature: str) -> float:
+        """Sublinear-tf TF-IDF (l2-normalised) of the hashed n-grams, dotted with the weights."""
+        idx, counts = term_counts(feature, self.bits)
+        v = (1.0 + np.log(counts)) * self.idf[idx]
+        sq = float(v @ v)
+        z = self.intercept
+        if sq > 0.0:
+            z += float(v @ self.coef[idx]) / math.sqrt(sq)
+        if z >= 0:
+            return 1.0 / (1.0 + math.exp(-z))
+        e = math.exp(z)
+        return e / (1.0 + e)
+
+    def explain(self, feature: str) -> dict:
+        """Both opinions on one feature string (for eval and debugging)."""
+        p = self.supervised_proba(feature)
+        problems = self.profile.check(feature) if self.profile is not None else None
+        return {"supervised": p, "profile": problems}
+
+    def proba_one(self, feature: str) -> float:
+        p = self.supervised_proba(feature)
+        if self.profile is not None and p < self.violation_p:
+            problems = self.profile.check(feature)
+            if problems:
+                return self.violation_p
+        return p
+
+    def predict_proba(self, features: Sequence[str]) -> np.ndarray:
+        if len(features) == 1:  # the addon's case: one request, no per-call machinery
+            p1 = self.proba_one(features[0])
+            return np.array([[1.0 - p1, p1]])
+        p = np.fromiter((self.proba_one(f) for f in features), dtype=float, count=len(features))
+        return np.column_stack([1.0 - p, p])
+
+    def predict(self, features: Sequence[str]) -> np.ndarray:
+        return (self.predict_proba(features)[:, 1] >= 0.5).astype(int)
+
+
+def tfidf_matrix(features: Sequence[str], bits: int = BITS, min_df: int = 1, idf: np.ndarray | None = None):
+    """Training side of `Detector.supervised_proba`: (CSR matrix, idf). idf is fitted unless given.
+
+    idf = ln((1 + n) / (1 + df)) + 1 (scikit-learn's smooth idf); buckets in fewer than `min_df`
+    documents get idf 0, so they count for nothing in training and prediction alike.
+    """
+    from scipy import sparse
+
+    rows = [term_counts(f, bits) for f in features]
+    indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+    indptr[1:] = np.cumsum([len(r[0]) for r in rows])
+    indices = np.concatenate([r[0] for r in rows]) if rows else np.zeros(0, dtype=np.int64)
+    counts = np.concatenate([r[1] for r in rows]) if rows else np.zeros(0, dtype=np.int64)
+    if idf is None:
+        df = np.bincount(indices, minlength=1 << bits)
+        n = len(rows)
+        idf = (np.log((1.0 + n) / (1.0 + df)) + 1.0).astype(np.float32)
+        idf[df < min_df] = 0.0
+    data = (1.0 + np.log(counts)) * idf[indices].astype(np.float64)
+    X = sparse.csr_matrix((data, indices, indptr), shape=(len(rows), 1 << bits))
+    norms = np.sqrt(np.asarray(X.multiply(X).sum(axis=1)).ravel())
+    norms[norms == 0] = 1.0
+    X = sparse.diags(1.0 / norms) @ X
+    X.eliminate_zeros()
+    return X.tocsr(), idf

@@ -1,0 +1,106 @@
+"""mitm.conf: it loads with every addon registered, and it documents every openflare_* option.
+
+The addon modules are found, not listed: every addons/*.py that defines `addons = [...]`, so an
+addon added later is covered without touching this file.
+"""
+
+import importlib
+import logging
+import re
+from pathlib import Path
+
+import pytest
+from mitmproxy import optmanager
+from mitmproxy.test import taddons
+
+from conftest import MITM_CONF
+from conftest import REPO
+from conftest import make_confdir
+
+ADDON_MODULES = sorted(
+    p.stem
+    for p in (REPO / "addons").glob("*.py")
+    if re.search(r"^addons\s*=\s*\[", p.read_text(), re.M)
+)
+
+
+def register_all(tctx) -> list[str]:
+    """Register (load hook only) every addon of every addon module; returns their option names."""
+    before = set(tctx.options.keys())
+    for name in ADDON_MODULES:
+        module = importlib.import_module(f"addons.{name}")
+        for addon in module.addons:
+            tctx.master.addons.add(addon)
+    return sorted(set(tctx.options.keys()) - before)
+
+
+def test_addon_modules_found():
+    assert {"features", "scorer"} <= set(ADDON_MODULES)
+    assert "featurize" not in ADDON_MODULES and "common" not in ADDON_MODULES
+
+
+def test_every_addon_option_is_namespaced():
+    with taddons.context() as tctx:
+        added = register_all(tctx)
+    assert added
+    assert [k for k in added if not k.startswith("openflare_")] == []
+
+
+def test_mitm_conf_loads_with_nothing_left_over(model_conf, tmp_path):
+    assert MITM_CONF.is_file()  # load_paths silently skips a missing file
+    conf: Path = MITM_CONF
+    if model_conf:  # a model other than the shipped one (OPENFLARE_TEST_MODEL): mitm.conf with that line changed
+        conf = make_confdir(tmp_path, model_conf) / "config.yaml"
+    with taddons.context() as tctx:
+        register_all(tctx)
+        optmanager.load_paths(tctx.options, conf)
+        assert tctx.options.deferred, "mitm.conf should set mitmweb's web_columns"
+        assert [k for k in tctx.options.deferred if not k.startswith("web_")] == []
+
+
+def commented_options(text: str) -> dict:
+    """Options documented but left unset (so `--set` or an env var can give them): `# openflare_x: value`."""
+    found = {}
+    for m in re.finditer(r"^#\s*(openflare_\w+):(.*)$", text, re.M):
+        found[m.group(1)] = optmanager.parse(f"v: {m.group(2).strip() or 'null'}")["v"]
+    return found
+
+
+def test_mitm_conf_documents_every_option_with_its_default():
+    text = MITM_CONF.read_text()
+    data = optmanager.parse(text)
+    documented = {**commented_options(text), **data}
+    with taddons.context() as tctx:
+        names = register_all(tctx)
+        missing = [n for n in names if n not in documented]
+        assert missing == [], f"options missing from mitm.conf: {missing}"
+        for n in names:
+            default = tctx.options._options[n].default
+            value = documented[n]
+            if isinstance(default, (list, tuple)):
+                default, value = list(default), list(value)
+            if n not in data and default is None:
+                continue  # commented out with an example value: unset means the default (None)
+            assert value == default, f"mitm.conf sets {n}: {value!r}, but its default is {default!r}"
+    stale = [k for k in documented if k.startswith("openflare_") and k not in names]
+    assert stale == [], f"mitm.conf names options no addon registers (ignored silently): {stale}"
+
+
+def test_every_option_has_a_comment_in_mitm_conf():
+    """Each option line sits under a comment (options documented together may share one)."""
+    lines = MITM_CONF.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if re.match(r"openflare_\w+:", line):
+            j = i - 1
+            while j >= 0 and re.match(r"openflare_\w+:", lines[j]):
+                j -= 1
+            assert j >= 0 and lines[j].startswith("#"), f"mitm.conf: no comment above {line!r}"
+
+
+@pytest.mark.parametrize("name", ADDON_MODULES)
+def test_each_addon_loads_alone_as_a_script(name, model_conf, caplog):
+    with taddons.context() as tctx:
+        tctx.options.update_defer(**model_conf)
+        ns = tctx.script(str(REPO / "addons" / f"{name}.py"))
+        assert ns is not None and ns.addons
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []

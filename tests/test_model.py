@@ -1,0 +1,122 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from addons import detector
+from addons import featurize
+from addons import model
+
+UA = [("User-Agent", "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0 Safari/537.36")]
+JSON = UA + [("Content-Type", "application/json")]
+FORM = UA + [("Content-Type", "application/x-www-form-urlencoded")]
+
+# Everyday requests that a naive WAF blocks: SQL words in prose, apostrophes in names, JSON APIs, "<3".
+BENIGN = [
+    ("GET", "/search?q=select+a+size", UA, b""),
+    ("GET", "/search?q=how+to+select+the+best+running+shoes", UA, b""),
+    ("GET", "/search?q=union+square+hotels", UA, b""),
+    ("GET", "/search?q=european+union+news", UA, b""),
+    ("GET", "/search?q=drop+shipping+suppliers", UA, b""),
+    ("GET", "/products?category=drop-down+menu&page=2", UA, b""),
+    ("GET", "/users?name=O%27Brien", UA, b""),
+    ("GET", "/users?last_name=O'Neil&first_name=Sin%C3%A9ad", UA, b""),
+    ("POST", "/signup", FORM, b"name=Patrick+O%27Brien&email=pat%40example.com&city=Dublin"),
+    ("POST", "/api/v1/orders", JSON, b'{"customer": "Mary O\'Brien", "items": [{"sku": "A-1", "qty": 2}], "gift": false}'),
+    ("PUT", "/api/v1/users/42", JSON, b'{"name": "Ann", "bio": "I love drop shipping and union jobs", "age": 31}'),
+    ("GET", "/api/v1/items?limit=20&offset=40&sort=-created", UA, b""),
+    ("GET", "/search?q=%3C3", UA, b""),
+    ("GET", "/search?q=i+%3C3+this+shop", UA, b""),
+    ("POST", "/comments", FORM, b"comment=great+service+%3C3+will+order+again&post=17"),
+    ("GET", "/", UA, b""),
+    ("GET", "/static/css/site.css?v=3", UA, b""),
+]
+
+ATTACKS = [
+    ("GET", "/search?q=1%27+union+select+username,password+from+users--", UA, b""),
+    ("GET", "/search?q=%3Cscript%3Ealert(document.cookie)%3C/script%3E", UA, b""),
+    ("GET", "/download?file=../../../../etc/passwd", UA, b""),
+    ("GET", "/login?user=admin%27+or+%271%27=%271", UA, b""),
+    ("GET", "/ping?host=127.0.0.1;cat+/etc/passwd", UA, b""),
+    ("GET", "/", [("User-Agent", "<script>alert(1)</script>")], b""),
+    ("GET", "/", [("User-Agent", "' or 1=1 --")], b""),
+]
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return model.load(model.DEFAULT_MODEL)
+
+
+@pytest.mark.parametrize("method, target, headers, body", BENIGN)
+def test_benign_words_are_not_blocked(shipped, method, target, headers, body):
+    score, p = shipped.score(featurize.featurize(method, target, headers, body))
+    assert score <= 6, (target, body, score, p)
+
+
+@pytest.mark.parametrize("method, target, headers, body", ATTACKS)
+def test_plain_attacks_are_blocked(shipped, method, target, headers, body):
+    score, p = shipped.score(featurize.featurize(method, target, headers, body))
+    assert score > 6, (target, headers, score, p)
+
+
+def test_shipped_card(shipped):
+    card = shipped.card
+    assert isinstance(shipped.estimator, detector.Detector)
+    assert 0 < card["operating_point"] < 1 and card["threshold"] == 6
+    assert card["sha256"] == model.sha256_file(shipped.path)
+    assert {"version", "sklearn_version", "data_sources", "train_counts", "metrics_held_out"} <= set(card)
+    assert shipped.path.stat().st_size <= 50 * 1024 * 1024
+    probs = shipped.proba([featurize.featurize(*BENIGN[0]), featurize.featurize(*ATTACKS[0])])
+    assert probs[0] < shipped.operating_point <= probs[1]
+
+
+def test_load_refuses_a_tampered_model(tmp_path, shipped):
+    path = tmp_path / "m.joblib"
+    shutil.copy(shipped.path, path)
+    shutil.copy(model.card_path(shipped.path), model.card_path(path))
+    assert model.load(str(path)).version == shipped.version
+    with open(path, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(model.ModelError, match="does not match its card.*Refusing to unpickle"):
+        model.load(str(path))
+    model.card_path(path).unlink()
+    with pytest.raises(model.ModelError, match="model card not found"):
+        model.load(str(path))
+
+
+def test_profile_has_no_opinion_outside_its_roots():
+    prof = detector.AppProfile(min_root=2, max_enum=2, min_enum_seen=3).fit(
+        [featurize.featurize("GET", f"/app/a.jsp?id={i}&name=x{i}&mode={'view' if i % 2 else 'edit'}") for i in range(5)]
+        + [featurize.featurize("POST", "/app/b.jsp", [("Content-Type", "application/x-www-form-urlencoded")], b"q=hello+world")]
+    )
+    assert prof.roots == ("/app",)
+    assert prof.check(featurize.featurize("GET", "/other?id=1'")) is None
+    assert prof.check(featurize.featurize("GET", "/app/a.jsp?id=7&name=x3&mode=view")) == []
+    assert prof.check(featurize.featurize("GET", "/app/a.jsp?id=7%2F")) == ["unseen characters in a value", "value shape never seen"]
+    assert prof.check(featurize.featurize("GET", "/app/a.jsp?id=")) == ["value shorter than ever seen", "value shape never seen"]
+    assert prof.check(featurize.featurize("GET", "/app/a.jsp?name=x3y")) == ["value shape never seen"]
+    assert prof.check(featurize.featurize("GET", "/app/a.jsp?mode=drop")) == ["value outside the closed set seen"]
+    assert prof.check(featurize.featurize("GET", "/app.bak")) == ["unknown path"]  # same prefix as a root
+    assert prof.check(featurize.featurize("GET", "/app/a.jsp?ida=7")) == ["unknown parameter"]
+    assert prof.check(featurize.featurize("GET", "/app/a.jsp.bak")) == ["unknown path"]
+    assert prof.check(featurize.featurize("PUT", "/app/a.jsp?id=1")) == ["method put never seen on this path"]
+    assert prof.check(featurize.featurize("GET", "/app/a.jsp?id=" + "1" * 40)) == ["value longer than ever seen"]
+    form = [("Content-Type", "application/x-www-form-urlencoded")]
+    assert prof.check(featurize.featurize("POST", "/app/b.jsp", form, b"q=goodbye+world")) == []
+
+
+def test_parse_feature_string():
+    f = featurize.featurize("POST", "/p?flag&a=1&b=x+y", [("Cookie", "s=1"), ("Content-Type", "application/x-www-form-urlencoded")], b"c=2&d=4")
+    assert detector.parse(f) == ("post", "/p", [("flag", None), ("a", "1"), ("b", "x y"), ("c", "2"), ("d", "4")])
+    # A token without "=" continues the value before it: "d" is read as part of c's value.
+    assert detector.parse("post /p ‖b c=2 d")[2] == [("c", "2 d")]
+    assert detector.parse("get /") == ("get", "/", [])
+
+
+def test_predict_proba_shape():
+    det = detector.Detector(np.zeros(1 << detector.BITS), np.zeros(1 << detector.BITS), 0.0)
+    p = det.predict_proba(["get /", "get /x"])
+    assert p.shape == (2, 2) and np.allclose(p, 0.5)
+    assert json.dumps(float(p[0, 1]))  # plain floats for flow metadata

@@ -1,0 +1,99 @@
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from addons import dataset
+from addons import detector
+from addons import featurize
+from addons import model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(f"openflare_{name}", ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+train = _script("train")
+evalscript = _script("eval")
+
+ATTACKS = ["' or 1=1--", "<script>alert(1)</script>", "../../../etc/passwd", "1 union select null,version()--",
+           "; cat /etc/passwd", "<img src=x onerror=alert(1)>", "admin'--", "1; drop table users"]
+BENIGN = ["shoes", "red dress", "laptop bag", "coffee", "paris hotels", "blue jacket", "garden chair", "birthday cake"]
+
+
+def _corpus(path: Path) -> Path:
+    lines = []
+    n = 0
+    for split in ("train", "test"):
+        for i in range(6):
+            for a in ATTACKS:
+                n += 1
+                lines.append({"method": "GET", "target": f"/p{i}?s={split}&q=" + a.replace(" ", "+"), "headers": [["Host", "x"]],
+                              "label": "attack", "split": split, "source": "toy", "category": "sqli"})
+            for b in BENIGN:
+                n += 1
+                lines.append({"method": "GET", "target": f"/p{i}?s={split}&q={b.replace(' ', '+')}&page={i}", "headers": [["Host", "x"]],
+                              "label": "benign", "split": split, "source": "toy"})
+    # An app's own benign traffic, for the profile.
+    for i in range(60):
+        lines.append({"method": "GET", "target": f"/shop/item.jsp?id={i}&name=item{i % 7}", "label": "benign", "split": "train", "source": "app"})
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+ARGS = ["--bits", "16", "--synthetic", "40", "--min-df", "1", "--profile-sources", "app", "--version", "t1"]
+
+
+def test_train_end_to_end_and_deterministic(tmp_path, capsys):
+    data = _corpus(tmp_path / "toy.jsonl")
+    out1 = tmp_path / "a" / "m.joblib"
+    out2 = tmp_path / "b" / "m.joblib"
+    assert train.main(["--data", str(data), "--out", str(out1), *ARGS]) == 0
+    assert train.main(["--data", str(data), "--out", str(out2), *ARGS]) == 0
+    assert "operating point" in capsys.readouterr().err  # progress goes to stderr
+
+    assert out1.read_bytes() == out2.read_bytes()
+    card = json.loads(model.card_path(out1).read_text())
+    assert card["sha256"] == model.sha256_file(out1)
+    assert card["version"] == "t1" and 0 < card["operating_point"] < 1
+    assert card["train_counts"]["toy"] == {"attack": 48, "benign": 48}
+    assert card["profile"]["roots"] == ["/shop"] and card["data_sources"][0]["file"] == str(data)
+
+    lm = model.load(str(out1))
+    assert isinstance(lm.estimator, detector.Detector)
+    score, p = lm.score(featurize.featurize("GET", "/p9?q=%27+or+1%3D1--"))
+    assert score > 6 and p >= lm.operating_point
+    assert lm.score(featurize.featurize("GET", "/p9?q=red+shoes"))[0] <= 6
+    # The profile: an unknown parameter under /shop is an anomaly, a known one is not.
+    assert lm.score(featurize.featurize("GET", "/shop/item.jsp?id=3&name=item2"))[0] <= 6
+    assert lm.score(featurize.featurize("GET", "/shop/item.jsp?id=3&debug=1"))[0] > 6
+
+    recs = [r for r in dataset.read(data) if r.split == "test"]
+    result = evalscript.evaluate(recs, lm)
+    assert result["sources"]["toy"]["n"] == len(recs)
+    assert "toy" in evalscript.report(result)
+
+
+def test_train_refuses_one_label_and_bad_data(tmp_path, capsys):
+    data = tmp_path / "benign.jsonl"
+    data.write_text(json.dumps({"method": "GET", "target": "/", "label": "benign"}) + "\n")
+    assert train.main(["--data", str(data), "--out", str(tmp_path / "m.joblib")]) == 2
+    assert "both attack and benign" in capsys.readouterr().err
+    data.write_text("oops\n")
+    assert train.main(["--data", str(data), "--out", str(tmp_path / "m.joblib")]) == 2
+    assert f"{data}:1: not valid JSON" in capsys.readouterr().err
+
+
+def test_hashed_tfidf_matches_prediction():
+    feats = ["get /a ?q=1", "get /b ?q=<script>", "get /a ?q=2"]
+    X, idf = detector.tfidf_matrix(feats)
+    det = detector.Detector(idf, [0.5] * (1 << detector.BITS), -1.0)
+    for i, f in enumerate(feats):
+        z = float(X[i].sum()) * 0.5 - 1.0
+        assert det.supervised_proba(f) == pytest.approx(1 / (1 + pytest.importorskip("math").exp(-z)), rel=1e-5)
