@@ -1,0 +1,928 @@
+"""What a flow record is, and how it reaches the store. A plain module: no mitmproxy import.
+
+The Recorder addon, `scripts/export_records.py`, `scripts/verify_log.py`, the retraining script and the
+tests all use these functions, so what is written and what is read can never drift apart.
+
+Two tiers. A refused (or malicious) flow becomes a *full* record: time, client IP, method, target,
+headers as a list of [name, value] pairs, body up to a cap (base64 when it is not UTF-8), scores,
+verdict, category, model version, proxy instance. A passed flow becomes a *brief* record: time, client
+IP, verdict and score only. Secrets (Authorization, Cookie values, password-like fields...) are masked
+in every record.
+
+Tamper evidence: each proxy run writes one hash chain. Every record carries `chain` (instance name plus a
+run id), `seq` (0, 1, 2, ... within the chain), `prev` (the previous record's hash; 64 zeros for seq 0),
+`prev_time` (the previous record's time) and `hash`, the sha256 of the record's canonical BSON without
+`_id`, `hash` and the operator's `label*` fields (labels are annotations added later, outside the chain).
+`_id` is the hash, so a replayed record can never be stored twice. Retention removes the oldest records
+of a chain: a chain may start after seq 0 only where `prev_time` is older than the retention window.
+
+Delivery: `Writer` builds, chains and inserts records in batches (in a worker thread). When the store is
+unreachable the chained records are appended to a local spill file (JSON Lines) and replayed, in order,
+when it is back; records that reach the proxy while the queue is full go to an overflow file (unchained)
+and are chained and written by the writer later. Losses are counted and logged.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+import json
+import logging
+import os
+import re
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote_from_bytes, unquote_to_bytes
+
+import bson  # pymongo's BSON codec: the hash chain's canonical form
+
+logger = logging.getLogger(__name__)
+
+DB_NAME = "openflare"
+COLLECTION = "records"
+GENESIS = "0" * 64
+MASK = "*masked*"
+TIER_FULL = "full"
+TIER_BRIEF = "brief"
+
+# Caps on what one full record keeps (the body cap is an option).
+TARGET_CAP = 64 * 1024
+HEADERS_CAP = 1000  # header pairs
+HEADER_BYTES_CAP = 256 * 1024  # total bytes of names and values
+BODY_CAP_MAX = 8 * 1024 * 1024  # well under MongoDB's 16 MB document limit
+
+# Headers whose values are masked: cookies keep their names, the others lose the whole value.
+MASK_HEADERS = ("authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key", "x-auth-token")
+# Form, query and JSON fields whose values are masked: a field matches when its name, lower-cased and
+# without `-` and `_`, contains one of these, or equals one of MASK_FIELDS_EXACT.
+MASK_FIELDS = ("password", "passwd", "passphrase", "pwd", "secret", "token", "apikey", "credential", "cvv", "ssn", "cardnumber", "creditcard")
+MASK_FIELDS_EXACT = ("pass", "pw", "pin", "auth")
+
+STORE_TIMEOUT_MS = 2000
+RETRY_MIN_S = 1.0
+RETRY_MAX_S = 30.0
+EXPIRE_EVERY_S = 3600.0
+
+
+class StoreUnavailable(Exception):
+    """The store could not be reached (or refused the write for a reason that may pass)."""
+
+
+# --- time -----------------------------------------------------------------------------------------
+
+
+def to_time(ts: float) -> datetime.datetime:
+    """A Unix timestamp as the naive UTC datetime stored (BSON keeps milliseconds: cut to them here)."""
+    ms = int(ts * 1000)
+    return datetime.datetime(1970, 1, 1) + datetime.timedelta(milliseconds=ms)
+
+
+def time_text(t: datetime.datetime | None) -> str | None:
+    if t is None:
+        return None
+    if t.tzinfo is not None:
+        t = t.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+    return t.isoformat(timespec="milliseconds") + "Z"
+
+
+def utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+
+
+# --- bytes as stored text ---------------------------------------------------------------------------
+
+
+def _text(b: bytes) -> tuple[str, bool]:
+    """(text, is_base64): UTF-8 text when the bytes are UTF-8, else base64."""
+    try:
+        return b.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return base64.b64encode(b).decode("ascii"), True
+
+
+def _body_text(b: bytes) -> tuple[str, bool]:
+    """Like `_text`, but a UTF-8 character cut by the cap is dropped rather than forcing base64."""
+    try:
+        return b.decode("utf-8"), False
+    except UnicodeDecodeError as e:
+        if e.start >= len(b) - 3 and e.reason == "unexpected end of data":
+            return b[: e.start].decode("utf-8"), False
+        return base64.b64encode(b).decode("ascii"), True
+
+
+def raw(value: str, is_b64: bool) -> bytes:
+    """The bytes a stored text stands for."""
+    return base64.b64decode(value) if is_b64 else value.encode("utf-8")
+
+
+def header_pairs(record: dict) -> list[tuple[bytes, bytes]]:
+    """The stored headers of a full record as (name, value) bytes."""
+    out = []
+    for pair in record.get("headers") or []:
+        b64 = len(pair) > 2 and pair[2] == "b64"
+        out.append((raw(pair[0], b64), raw(pair[1], b64)))
+    return out
+
+
+# --- masking ----------------------------------------------------------------------------------------
+
+
+def _field_key(name: str) -> str:
+    return name.lower().replace("-", "").replace("_", "")
+
+
+class Masker:
+    """Decides which header and field values are secrets. `extra` adds names to both lists."""
+
+    def __init__(self, extra: Sequence[str] = ()) -> None:
+        extra = [e.strip() for e in extra if e.strip()]
+        self.headers = frozenset(MASK_HEADERS) | {e.lower() for e in extra}
+        self.fields = tuple(MASK_FIELDS) + tuple(_field_key(e) for e in extra)
+        self.exact = frozenset(MASK_FIELDS_EXACT)
+
+    def field(self, name: str) -> bool:
+        key = _field_key(name)
+        return bool(key) and (key in self.exact or any(f in key for f in self.fields if f))
+
+    def header(self, name: bytes, value: bytes) -> bytes:
+        lname = name.decode("latin-1").strip().lower()
+        if lname not in self.headers:
+            return value
+        if lname == "cookie":
+            parts = []
+            for part in value.split(b";"):
+                cname, eq, _ = part.strip().partition(b"=")
+                parts.append(cname + b"=" + MASK.encode() if eq else MASK.encode())
+            return b"; ".join(parts)
+        if lname == "set-cookie":  # the first pair is the cookie; attributes (Path, Expires...) stay
+            first, semi, attrs = value.partition(b";")
+            cname, eq, _ = first.partition(b"=")
+            return (cname + b"=" + MASK.encode() if eq else MASK.encode()) + semi + attrs
+        return MASK.encode()
+
+    def pairs(self, data: bytes, sep: bytes = b"&") -> bytes:
+        """Mask `name=value` pairs (query strings, form bodies); the rest stays byte for byte."""
+        if b"=" not in data:
+            return data
+        parts = data.split(sep)
+        changed = False
+        for i, part in enumerate(parts):
+            name, eq, _ = part.partition(b"=")
+            if eq and self.field(unquote_to_bytes(name.replace(b"+", b" ")).decode("utf-8", "replace")):
+                parts[i] = name + b"=" + MASK.encode()
+                changed = True
+        return sep.join(parts) if changed else data
+
+    def target(self, target: bytes) -> bytes:
+        path, q, query = target.partition(b"?")
+        if not q:
+            return target
+        return path + b"?" + self.pairs(query)
+
+    # "key": value, where value is a string (maybe cut by the cap) or a bare scalar; objects are walked into.
+    _JSON_PAIR = re.compile(rb'"((?:[^"\\]|\\.)*)"(\s*:\s*)("(?:[^"\\]|\\.)*"?|[^\s,{}\[\]"]+)', re.S)
+
+    def json(self, body: bytes) -> bytes:
+        """Mask scalar values of matching keys in JSON text, even JSON cut by the body cap."""
+
+        def sub(m: re.Match) -> bytes:
+            try:
+                key = json.loads(b'"' + m.group(1) + b'"')
+            except ValueError:
+                key = m.group(1).decode("utf-8", "replace")
+            if self.field(key):
+                return b'"' + m.group(1) + b'"' + m.group(2) + b'"' + MASK.encode() + b'"'
+            return m.group(0)
+
+        return self._JSON_PAIR.sub(sub, body)
+
+    def multipart(self, body: bytes, content_type: str) -> bytes:
+        m = re.search(r'boundary="?([^";]+)"?', content_type, re.I)
+        if not m:
+            return body
+        delim = b"--" + m.group(1).encode("latin-1", "replace")
+        parts = body.split(delim)
+        for i, part in enumerate(parts):
+            head, sep, content = part.partition(b"\r\n\r\n")
+            if not sep:
+                continue
+            name = re.search(rb'name="([^"]*)"', head, re.I)
+            if name and self.field(name.group(1).decode("utf-8", "replace")):
+                parts[i] = head + sep + MASK.encode() + (b"\r\n" if content.endswith(b"\r\n") else b"")
+        return delim.join(parts)
+
+    def body(self, body: bytes, content_type: str) -> bytes:
+        if not body:
+            return body
+        ctype = content_type.split(";", 1)[0].strip().lower()
+        if ctype.startswith("multipart/"):
+            return self.multipart(body, content_type)
+        if ctype == "application/x-www-form-urlencoded":
+            return self.pairs(body)
+        if ctype.endswith("json") or (not ctype and body.lstrip()[:1] in (b"{", b"[")):
+            return self.json(body)
+        if not ctype and b"=" in body and b" " not in body.strip() and b"\n" not in body.strip():
+            return self.pairs(body)
+        return body
+
+
+# --- building records ---------------------------------------------------------------------------------
+
+
+def _int(v: Any) -> int | None:
+    if v is None or isinstance(v, bool):
+        return None
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _str(v: Any, cap: int = 256) -> str | None:
+    if v is None:
+        return None
+    s = str(v)[:cap]
+    return s.encode("utf-8", "replace").decode("utf-8")  # no lone surrogates reach the store
+
+
+def build(capture: dict, masker: Masker) -> dict:
+    """A record (without its chain fields) from a capture made by the Recorder addon.
+
+    A capture is a plain dict: `time` (Unix seconds), `client_ip`, `verdict`, `score`, `full` (bool),
+    and for full records `method`, `target` (bytes), `headers` ((bytes, bytes) pairs), `body` (bytes,
+    already cut to the cap), `body_size`, `local_score`, `llm_score`, `category`, `model_version`,
+    `refused_by`, `status`, `error`, `sampled`.
+    """
+    rec: dict[str, Any] = {
+        "tier": TIER_FULL if capture.get("full") else TIER_BRIEF,
+        "time": to_time(float(capture["time"])),
+        "client_ip": _str(capture.get("client_ip")),
+        "verdict": _str(capture.get("verdict"), 32),
+        "score": _int(capture.get("score")),
+    }
+    if not capture.get("full"):
+        rec["label"] = None
+        return rec
+    target = bytes(capture.get("target") or b"")
+    rec["method"] = _str((capture.get("method") or b"").decode("latin-1"), 64)
+    target_truncated = len(target) > TARGET_CAP
+    rec["target"], rec["target_b64"] = _text(masker.target(target[:TARGET_CAP]))
+    headers = []
+    size = 0
+    content_type = ""
+    pairs = list(capture.get("headers") or ())
+    for name, value in pairs[:HEADERS_CAP]:
+        name, value = bytes(name), bytes(value)
+        size += len(name) + len(value)
+        if size > HEADER_BYTES_CAP:
+            break
+        if name.lower() == b"content-type":
+            content_type = value.decode("latin-1")
+        value = masker.header(name, value)
+        try:
+            headers.append([name.decode("utf-8"), value.decode("utf-8")])
+        except UnicodeDecodeError:
+            headers.append([base64.b64encode(name).decode(), base64.b64encode(value).decode(), "b64"])
+    rec["headers"] = headers
+    rec["headers_truncated"] = len(headers) < len(pairs)
+    body = masker.body(bytes(capture.get("body") or b""), content_type)
+    rec["body"], rec["body_b64"] = _body_text(body)
+    rec["body_size"] = _int(capture.get("body_size")) or 0
+    rec["body_truncated"] = rec["body_size"] > len(capture.get("body") or b"")
+    rec["target_truncated"] = target_truncated
+    rec["local_score"] = _int(capture.get("local_score"))
+    rec["llm_score"] = _int(capture.get("llm_score"))
+    rec["category"] = _str(capture.get("category"), 64)
+    rec["model_version"] = _str(capture.get("model_version"), 128)
+    rec["refused_by"] = _str(capture.get("refused_by"), 32)
+    rec["status"] = _int(capture.get("status"))
+    rec["error"] = _str(capture.get("error"), 512)
+    rec["sampled"] = bool(capture.get("sampled"))
+    rec["label"] = None
+    return rec
+
+
+# --- the hash chain -----------------------------------------------------------------------------------
+
+
+_UNHASHED = frozenset(("_id", "hash"))
+
+
+def _sorted(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _sorted(v[k]) for k in sorted(v)}
+    return v
+
+
+def record_hash(rec: dict) -> str:
+    """sha256 of the record's canonical form, without `_id`, `hash` and `label*` fields.
+
+    Canonical form: the BSON encoding (what MongoDB stores) of the record with its keys sorted. BSON is
+    exact for every value a record holds (str, int, bool, None, lists, datetimes in milliseconds), and
+    three times faster to make than canonical JSON.
+    """
+    body = {}
+    for k in sorted(rec):
+        if k in _UNHASHED or k[:5] == "label":
+            continue
+        v = rec[k]
+        body[k] = _sorted(v) if type(v) is dict else v
+    return hashlib.sha256(bson.encode(body)).hexdigest()
+
+
+def default_instance() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Chain:
+    """One run's hash chain. Not thread-safe: the one writer calls `link` in order."""
+
+    def __init__(self, instance: str) -> None:
+        self.instance = instance
+        run = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        self.id = f"{instance}/{run}-{uuid.uuid4().hex[:8]}"
+        self.seq = 0
+        self.prev = GENESIS
+        self.prev_time: datetime.datetime | None = None
+
+    def link(self, rec: dict) -> dict:
+        rec["instance"] = self.instance
+        rec["chain"] = self.id
+        rec["seq"] = self.seq
+        rec["prev"] = self.prev
+        rec["prev_time"] = self.prev_time
+        h = record_hash(rec)
+        rec["hash"] = h
+        rec["_id"] = h
+        self.seq += 1
+        self.prev = h
+        self.prev_time = rec["time"]
+        return rec
+
+
+def verify(records: Iterable[dict], days: int = 0, now: datetime.datetime | None = None) -> dict:
+    """Walk records sorted by (chain, seq). Returns {"chains", "records", "truncated", "broken"}.
+
+    `broken` is None or the first broken link: {"chain", "seq", "id", "reason"}. A chain may start
+    after seq 0 only when retention (`days`, 0 = none) explains it: its `prev_time` is older than the
+    window (with an hour's slack for MongoDB's TTL monitor, which runs once a minute).
+    """
+    now = now or utcnow()
+    cutoff = now - datetime.timedelta(days=days) + datetime.timedelta(hours=1) if days > 0 else None
+    out: dict[str, Any] = {"chains": 0, "records": 0, "truncated": [], "broken": None}
+    cur_chain = None
+    expect_seq = 0
+    expect_prev = GENESIS
+
+    def broken(rec: dict, reason: str) -> dict:
+        out["broken"] = {"chain": rec.get("chain"), "seq": rec.get("seq"), "id": rec.get("_id"), "reason": reason}
+        return out
+
+    for rec in records:
+        out["records"] += 1
+        h = record_hash(rec)
+        if rec.get("hash") != h:
+            return broken(rec, f"content changed: hash is {h}, record says {rec.get('hash')}")
+        if rec.get("_id") != h:
+            return broken(rec, "_id differs from the record's hash")
+        seq = rec.get("seq")
+        if rec.get("chain") != cur_chain:
+            cur_chain = rec.get("chain")
+            out["chains"] += 1
+            if seq != 0:
+                pt = rec.get("prev_time")
+                if cutoff is None or pt is None or pt >= cutoff:
+                    return broken(rec, f"records before seq {seq} are missing (deleted, not expired by retention)")
+                out["truncated"].append({"chain": cur_chain, "first_seq": seq})
+            elif rec.get("prev") != GENESIS:
+                return broken(rec, "first record of the chain does not start from the genesis hash")
+        else:
+            if seq != expect_seq:
+                if isinstance(seq, int) and seq > expect_seq:
+                    return broken(rec, f"records {expect_seq}..{seq - 1} are missing")
+                return broken(rec, f"seq {seq} out of order (expected {expect_seq})")
+            if rec.get("prev") != expect_prev:
+                return broken(rec, "prev does not match the previous record's hash")
+        expect_seq = (seq if isinstance(seq, int) else 0) + 1
+        expect_prev = h
+    return out
+
+
+# --- stores -------------------------------------------------------------------------------------------
+
+
+class Store:
+    """A pymongo-style collection plus what the recorder needs from it.
+
+    kind: "mongodb" (pymongo), "embedded" (montydb on SQLite) or "mongomock" (tests).
+    """
+
+    def __init__(self, collection, kind: str = "mongodb", client=None, description: str = "") -> None:
+        self.coll = collection
+        self.kind = kind
+        self.client = client
+        self.description = description or kind
+        self._sqlite: sqlite3.Connection | None = None
+
+    # writing
+    def insert(self, docs: list[dict]) -> tuple[int, int, list[dict]]:
+        """Insert unordered; (inserted, duplicates, rejected docs). Raises StoreUnavailable."""
+        if not docs:
+            return 0, 0, []
+        if self.kind == "embedded":
+            return self._insert_embedded(docs)
+        import pymongo.errors
+
+        try:
+            self.coll.insert_many(docs, ordered=False)
+            return len(docs), 0, []
+        except pymongo.errors.BulkWriteError as e:
+            errors = e.details.get("writeErrors", [])
+            dup = sum(1 for w in errors if w.get("code") == 11000)
+            rejected = [docs[w["index"]] for w in errors if w.get("code") != 11000]
+            return len(docs) - len(errors), dup, rejected
+        except pymongo.errors.PyMongoError as e:
+            raise StoreUnavailable(f"{type(e).__name__}: {e}") from e
+
+    def _insert_embedded(self, docs: list[dict]) -> tuple[int, int, list[dict]]:
+        # montydb 2.5.6's insert_many scans every stored key for every new document (O(stored x batch):
+        # 3.8 s for 10,000 records in 500-record batches, worse as the store grows). Write montydb's own
+        # row format (its id and BSON encoders) with INSERT OR IGNORE instead: one transaction per batch.
+        from montydb.storage import sqlite as monty_sqlite
+        from montydb.types import bson as monty_bson
+
+        try:
+            storage = self.coll._storage
+            sub = storage
+            for inst in self.coll._components:
+                sub = sub.contractor_cls(sub, inst)
+            if self._sqlite is None:
+                if not sub._database.collection_exists(sub._name):
+                    sub._database.collection_create(sub._name)
+                self._sqlite = sqlite3.connect(sub._col_path, check_same_thread=False, timeout=5.0)
+                self._sqlite.execute("PRAGMA journal_mode=WAL")
+                self._sqlite.execute("PRAGMA synchronous=NORMAL")
+            rows = [(monty_bson.id_encode(d["_id"]), sub._encode_doc(d, check_keys=True)) for d in docs]
+            sql = f"INSERT OR IGNORE INTO [{monty_sqlite.SQLITE_RECORD_TABLE}](k, v) VALUES (?, ?)"
+            with self._sqlite:
+                before = self._sqlite.total_changes
+                self._sqlite.executemany(sql, rows)
+                inserted = self._sqlite.total_changes - before
+        except (sqlite3.OperationalError, OSError) as e:
+            self._close_sqlite()
+            raise StoreUnavailable(f"{type(e).__name__}: {e}") from e
+        return inserted, len(docs) - inserted, []
+
+    def ensure_indexes(self, days: int) -> None:
+        """Indexes on time, client IP, verdict, (chain, seq); retention as a TTL index on time.
+
+        montydb has no indexes (its create_index does nothing): the embedded store is scanned, and
+        retention there is `expire`, run by the writer hourly.
+        """
+        if self.kind == "embedded":
+            return
+        import pymongo.errors
+
+        steps = (
+            lambda: self.coll.create_index([("client_ip", 1)]),
+            lambda: self.coll.create_index([("verdict", 1)]),
+            lambda: self.coll.create_index([("chain", 1), ("seq", 1)], unique=True),
+            lambda: self._ttl_index(days),
+        )
+        for step in steps:
+            try:
+                step()
+            except pymongo.errors.ConnectionFailure as e:
+                raise StoreUnavailable(f"{type(e).__name__}: {e}") from e
+            except pymongo.errors.OperationFailure as e:  # e.g. an index made by hand with other options
+                logger.warning("OpenFlare recorder: an index on %s could not be made: %s", self.description, e)
+
+    def _ttl_index(self, days: int) -> None:
+        import pymongo.errors
+
+        name = "time_1"
+        want = {"expireAfterSeconds": days * 86400} if days > 0 else {}
+        info = self.coll.index_information().get(name)
+        if info is not None and info.get("expireAfterSeconds") == want.get("expireAfterSeconds"):
+            return
+        if info is not None:
+            try:
+                if days > 0 and "expireAfterSeconds" in info:
+                    cmd = {"collMod": self.coll.name, "index": {"keyPattern": {"time": 1}, "expireAfterSeconds": days * 86400}}
+                    self.coll.database.command(cmd)
+                    return
+            except (pymongo.errors.OperationFailure, NotImplementedError):
+                pass  # no collMod (old server, mongomock): rebuild the index
+            self.coll.drop_index(name)
+        self.coll.create_index([("time", 1)], name=name, **want)
+
+    def expire(self, days: int, now: datetime.datetime | None = None) -> int:
+        """Delete records older than `days` (the embedded store's retention). Returns how many."""
+        if days <= 0:
+            return 0
+        cutoff = (now or utcnow()) - datetime.timedelta(days=days)
+        self._close_sqlite()
+        return self.coll.delete_many({"time": {"$lt": cutoff}}).deleted_count
+
+    def ping(self) -> None:
+        if self.kind != "mongodb":
+            return
+        import pymongo.errors
+
+        try:
+            self.client.admin.command("ping")
+        except pymongo.errors.PyMongoError as e:
+            raise StoreUnavailable(f"{type(e).__name__}: {e}") from e
+
+    # reading
+    def find(self, query: dict | None = None, sort: bool = True) -> Iterator[dict]:
+        cur = self.coll.find(query or {})
+        if sort:
+            cur = cur.sort([("chain", 1), ("seq", 1)])
+        return iter(cur)
+
+    def _close_sqlite(self) -> None:
+        if self._sqlite is not None:
+            self._sqlite.close()
+            self._sqlite = None
+
+    def close(self) -> None:
+        self._close_sqlite()
+        if self.client is not None and hasattr(self.client, "close"):
+            self.client.close()
+
+
+def open_store(uri: str | None = None, directory: str | os.PathLike | None = None) -> Store:
+    """MongoDB through pymongo when `uri` is given, else the embedded montydb (SQLite) in `directory`."""
+    if uri:
+        import pymongo
+        import pymongo.uri_parser
+
+        try:
+            parsed = pymongo.uri_parser.parse_uri(uri)
+        except Exception as e:  # noqa: BLE001 - InvalidURI, ConfigurationError, ValueError
+            raise ValueError(f"not a MongoDB URI: {type(e).__name__}") from e
+        opts = {k.lower() for k in parsed.get("options", {})}
+        # Short waits for an absent server (the writer then spills); a generous one for a big batch.
+        wanted = {"serverSelectionTimeoutMS": STORE_TIMEOUT_MS, "connectTimeoutMS": STORE_TIMEOUT_MS, "socketTimeoutMS": 30_000}
+        kwargs = {k: v for k, v in wanted.items() if k.lower() not in opts}
+        client = pymongo.MongoClient(uri, **kwargs)
+        db = client.get_default_database(default=DB_NAME)
+        hosts = ",".join(f"{h}:{p}" for h, p in parsed.get("nodelist", []))
+        return Store(db[COLLECTION], "mongodb", client, f"MongoDB {hosts}/{db.name}")
+    if directory is None:
+        raise ValueError("no MongoDB URI and no directory for the embedded store")
+    from montydb import MontyClient, set_storage
+
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    set_storage(str(path), storage="sqlite", use_bson=True)
+    client = MontyClient(str(path))
+    return Store(client[DB_NAME][COLLECTION], "embedded", client, f"embedded store {path}")
+
+
+# --- spill and overflow files --------------------------------------------------------------------------
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, datetime.datetime):
+        return {"$date": time_text(o)}
+    if isinstance(o, (bytes, bytearray)):
+        return {"$b64": base64.b64encode(bytes(o)).decode("ascii")}
+    raise TypeError(f"cannot serialise {type(o).__name__}")
+
+
+def _json_hook(d: dict) -> Any:
+    if len(d) == 1:
+        if "$date" in d:
+            return datetime.datetime.strptime(d["$date"], "%Y-%m-%dT%H:%M:%S.%fZ")
+        if "$b64" in d:
+            return base64.b64decode(d["$b64"])
+    return d
+
+
+def dumps_line(doc: dict) -> str:
+    return json.dumps(doc, separators=(",", ":"), default=_json_default) + "\n"
+
+
+def loads_line(line: str) -> dict:
+    return json.loads(line, object_hook=_json_hook)
+
+
+class SpillFile:
+    """Append-only JSON Lines of chained records waiting for the store; read back in order."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def pending(self) -> bool:
+        try:
+            return self.path.stat().st_size > 0
+        except FileNotFoundError:
+            return False
+
+    def append(self, docs: list[dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        data = "".join(dumps_line(d) for d in docs)
+        with open(self.path, "a", encoding="ascii") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read(self, batch: int) -> Iterator[list[dict]]:
+        """Batches in file order. A torn last line (a crash mid-append) is skipped with a warning."""
+        if not self.path.exists():
+            return
+        out: list[dict] = []
+        with open(self.path, encoding="ascii") as f:
+            for n, line in enumerate(f, 1):
+                if not line.endswith("\n"):
+                    logger.warning("OpenFlare recorder: torn line %d at the end of %s skipped", n, self.path)
+                    break
+                out.append(loads_line(line))
+                if len(out) >= batch:
+                    yield out
+                    out = []
+        if out:
+            yield out
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+# --- the writer ---------------------------------------------------------------------------------------
+
+
+class Writer:
+    """Builds, chains and delivers records. `write`, `maintain` and `close` run in one worker thread at
+    a time (a lock keeps them in order); `overflow` is called from the event loop when the queue is full.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        spill_path: str | os.PathLike,
+        instance: str,
+        masker: Masker | None = None,
+        batch: int = 500,
+        days: int = 30,
+    ) -> None:
+        self.store = store
+        self.spill = SpillFile(spill_path)
+        self.overflow_path = Path(str(spill_path) + ".overflow")
+        self.rejected_path = Path(str(spill_path) + ".rejected")
+        self.chain = Chain(instance)
+        self.masker = masker or Masker()
+        self.batch = batch
+        self.days = days
+        self.lock = threading.Lock()
+        self._overflow_lock = threading.Lock()
+        self._overflow_file = None
+        self._retry_at = 0.0
+        self._retry_delay = RETRY_MIN_S
+        self._down = False
+        self._indexed = False
+        self._expire_at = 0.0
+        self.stats = {"records": 0, "stored": 0, "spilled": 0, "replayed": 0, "duplicates": 0, "overflowed": 0, "rejected": 0, "lost": 0}
+
+    # called in the worker thread ----------------------------------------------------------------------
+    def write(self, captures: list[dict]) -> None:
+        """Chain and deliver `captures`; empties the list once they are delivered (or counted lost)."""
+        with self.lock:
+            self._write(captures)
+            captures.clear()
+
+    def _write(self, captures: list[dict]) -> None:
+        docs = []
+        for cap in captures:
+            try:
+                docs.append(self.chain.link(build(cap, self.masker)))
+            except Exception as e:  # noqa: BLE001 - one bad capture must not stop the others
+                self.stats["lost"] += 1
+                logger.error("OpenFlare recorder lost a record it could not build: %s: %s", type(e).__name__, e)
+        self.stats["records"] += len(docs)
+        for i in range(0, len(docs), self.batch):
+            self._deliver(docs[i : i + self.batch])
+
+    def _deliver(self, docs: list[dict]) -> None:
+        if self.spill.pending() or self._down:
+            self._replay_if_due()
+        if not (self.spill.pending() or self._down):
+            try:
+                self._ensure_indexes()
+                self._insert(docs, "stored")
+                return
+            except StoreUnavailable as e:
+                self._mark_down(e)
+            except Exception as e:  # noqa: BLE001 - a document the store cannot take: keep it aside
+                logger.error("OpenFlare recorder: the store failed on a batch (%s: %s)", type(e).__name__, e)
+                self._reject(docs)
+                return
+        self._spill(docs)
+
+    def _insert(self, docs: list[dict], counter: str) -> None:
+        inserted, dup, rejected = self.store.insert(docs)
+        self.stats[counter] += inserted
+        self.stats["duplicates"] += dup
+        if rejected:
+            self._reject(rejected)
+
+    def _reject(self, docs: list[dict]) -> None:
+        self.stats["rejected"] += len(docs)
+        logger.error("OpenFlare recorder: the store rejected %d records; kept in %s", len(docs), self.rejected_path)
+        try:
+            SpillFile(self.rejected_path).append(docs)
+        except (OSError, TypeError, ValueError) as e:
+            self.stats["lost"] += len(docs)
+            logger.error("OpenFlare recorder lost %d rejected records: %s", len(docs), e)
+
+    def _spill(self, docs: list[dict]) -> None:
+        try:
+            self.spill.append(docs)
+            self.stats["spilled"] += len(docs)
+        except (OSError, TypeError, ValueError) as e:
+            self.stats["lost"] += len(docs)
+            logger.error("OpenFlare recorder lost %d records: store down and spill file %s failed: %s", len(docs), self.spill.path, e)
+
+    def _mark_down(self, e: Exception) -> None:
+        if not self._down:
+            logger.warning("OpenFlare recorder: %s unreachable (%s); spilling to %s", self.store.description, e, self.spill.path)
+        self._down = True
+        self._retry_at = time.monotonic() + self._retry_delay
+        self._retry_delay = min(self._retry_delay * 2, RETRY_MAX_S)
+
+    def _ensure_indexes(self) -> None:
+        if not self._indexed:
+            self.store.ensure_indexes(self.days)
+            self._indexed = True
+
+    def _replay_if_due(self, force: bool = False) -> None:
+        if not force and time.monotonic() < self._retry_at:
+            return
+        try:
+            self.store.ping()
+            self._ensure_indexes()
+            if self.spill.pending():
+                n = 0
+                for docs in self.spill.read(self.batch):
+                    try:
+                        self._insert(docs, "replayed")
+                    except StoreUnavailable:
+                        raise
+                    except Exception as e:  # noqa: BLE001 - a batch the store cannot take: keep it aside
+                        logger.error("OpenFlare recorder: the store failed on a spilled batch (%s: %s)", type(e).__name__, e)
+                        self._reject(docs)
+                    n += len(docs)
+                self.spill.clear()
+                logger.info("OpenFlare recorder: %s is back; replayed %d spilled records", self.store.description, n)
+        except StoreUnavailable as e:
+            self._mark_down(e)
+            return
+        except (OSError, ValueError) as e:
+            logger.error("OpenFlare recorder: cannot replay %s: %s", self.spill.path, e)
+            self._mark_down(e)
+            return
+        self._down = False
+        self._retry_delay = RETRY_MIN_S
+
+    def maintain(self, force_replay: bool = False) -> None:
+        """Chain what overflowed, replay the spill file when due, apply retention to the embedded store."""
+        with self.lock:
+            self._take_overflow()
+            if self._down or self.spill.pending():
+                self._replay_if_due(force_replay)
+            if self.store.kind == "embedded" and self.days > 0 and not self._down and time.monotonic() >= self._expire_at:
+                self._expire_at = time.monotonic() + EXPIRE_EVERY_S
+                try:
+                    n = self.store.expire(self.days)
+                    if n:
+                        logger.info("OpenFlare recorder: retention removed %d records older than %d days", n, self.days)
+                except Exception as e:  # noqa: BLE001 - retention is retried next hour
+                    logger.warning("OpenFlare recorder: retention failed: %s", e)
+
+    def _take_overflow(self) -> None:
+        taking = Path(str(self.overflow_path) + ".taking")
+        with self._overflow_lock:
+            if self._overflow_file is not None:
+                self._overflow_file.close()
+                self._overflow_file = None
+            if not taking.exists() and self.overflow_path.exists():
+                os.replace(self.overflow_path, taking)
+        if not taking.exists():
+            return
+        captures = []
+        with open(taking, encoding="ascii") as f:
+            for line in f:
+                if line.endswith("\n"):
+                    captures.append(loads_line(line))
+                    if len(captures) >= self.batch:
+                        self._write(captures)
+                        captures = []
+        self._write(captures)
+        taking.unlink()
+
+    def close(self) -> None:
+        """The final flush: overflow, one replay attempt, then close the store."""
+        self.maintain(force_replay=True)
+        self.store.close()
+
+    # called on the event loop --------------------------------------------------------------------------
+    def overflow(self, capture: dict) -> None:
+        """The queue is full: append the capture to the overflow file instead of blocking."""
+        try:
+            line = dumps_line(capture)
+            with self._overflow_lock:
+                if self._overflow_file is None:
+                    self.overflow_path.parent.mkdir(parents=True, exist_ok=True)
+                    self._overflow_file = open(self.overflow_path, "a", encoding="ascii")
+                self._overflow_file.write(line)
+                self._overflow_file.flush()
+            self.stats["overflowed"] += 1
+        except (OSError, TypeError, ValueError) as e:
+            self.stats["lost"] += 1
+            logger.error("OpenFlare recorder lost a record: queue full and overflow file failed: %s", e)
+
+
+# --- export to the dataset format --------------------------------------------------------------------
+
+_TARGET_SAFE = b"!$&'()*+,/:;=?@-._~%"
+
+
+def wire_target(target: bytes) -> str:
+    """A request-target with every byte RFC 3986 does not allow raw percent-encoded (as the datasets)."""
+    out = quote_from_bytes(target, safe=_TARGET_SAFE)
+    # a `%` not starting a valid escape becomes %25
+    return re.sub(r"%(?![0-9A-Fa-f]{2})", "%25", out)
+
+
+def to_dataset(rec: dict, split: str = "train") -> dict | None:
+    """A full record as one line of ../shared/datasets format, plus record fields; None for brief ones."""
+    if rec.get("tier") != TIER_FULL:
+        return None
+    label = rec.get("label")
+    if label in ("attack", "benign"):
+        source = "operator"
+    else:
+        label = "attack" if rec.get("verdict") == "block" else "benign"
+        source = "verdict" if rec.get("local_score") is not None or rec.get("score") is not None else (rec.get("refused_by") or "verdict")
+    category = (rec.get("category") or "other") if label == "attack" else "benign"
+    target = wire_target(raw(rec.get("target") or "", bool(rec.get("target_b64"))))
+    headers = []
+    for name, value in header_pairs(rec):
+        if name.lower() == b"content-length":
+            continue
+        headers.append([name.decode("utf-8", "replace") if _is_utf8(name) else name.decode("latin-1"),
+                        value.decode("utf-8") if _is_utf8(value) else value.decode("latin-1")])
+    out = {
+        "id": f"openflare-{str(rec.get('_id'))[:20]}",
+        "source": "openflare",
+        "split": split,
+        "label": label,
+        "category": category,
+        "method": rec.get("method") or "GET",
+        "target": target or "/",
+        "headers": headers,
+        "body": rec.get("body") or "",
+    }
+    if rec.get("body_b64"):
+        out["body_b64"] = True
+    out.update(
+        verdict=rec.get("verdict"),
+        score=rec.get("score"),
+        local_score=rec.get("local_score"),
+        llm_score=rec.get("llm_score"),
+        model_version=rec.get("model_version"),
+        time=time_text(rec.get("time")),
+        client_ip=rec.get("client_ip"),
+        label_source=source,
+        meta={
+            "record_id": rec.get("_id"),
+            "chain": rec.get("chain"),
+            "seq": rec.get("seq"),
+            "refused_by": rec.get("refused_by"),
+            "sampled": rec.get("sampled"),
+            "body_truncated": rec.get("body_truncated"),
+        },
+    )
+    return out
+
+
+def _is_utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def store_from_args(uri: str | None, directory: str | None) -> Store:
+    """For scripts: --uri, else OPENFLARE_MONGO_URI, else the embedded store in --dir."""
+    uri = uri or os.environ.get("OPENFLARE_MONGO_URI") or None
+    return open_store(uri=uri, directory=None if uri else (directory or "data/records"))

@@ -1,0 +1,237 @@
+"""Benchmark the recorder: proxy throughput with and without it, and a 10,000-request burst.
+
+    .venv/bin/python scripts/bench_recorder.py [--requests 3000] [--rounds 3] [--burst 10000] [--concurrency 8]
+
+Starts the demo app (scripts/upstream.py) and real mitmdumps in reverse-proxy mode (features + scorer,
+then features + scorer + recorder on the embedded store in a temporary directory), drives them with
+keep-alive HTTP/1.1 clients (9 benign requests in 10, 1 SQL injection), and prints requests per second
+for each, alternating the two cases round by round so both see the same machine. Then it sends a burst
+through the recorder, stops mitmdump (its `done` flushes) and checks that the store holds exactly one
+record per request and that `verify` finds every hash chain intact. Exit status 1 if the burst check fails.
+`scripts/bench.py` runs the same functions as its recorder cases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+ATTACK = "/search?id=1%27%20OR%20%271%27=%271"
+BROWSER = ("User-Agent: Mozilla/5.0 (X11; Linux x86_64; rv:120.0) Gecko/20100101 Firefox/120.0\r\n"
+           "Accept: text/html,application/xhtml+xml\r\nAccept-Language: en-US,en;q=0.5\r\n")
+BASE_ADDONS = ["addons/features.py", "addons/scorer.py"]
+RECORDER = "addons/recorder.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port} after {timeout} s")
+
+
+def clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "OPENFLARE_"))}
+    return env
+
+
+class Proxy:
+    """A mitmdump in reverse mode with the given scripts and option overrides (written to its confdir)."""
+
+    def __init__(self, upstream: str, scripts: list[str], conf: dict, workdir: Path) -> None:
+        self.port = free_port()
+        confdir = Path(tempfile.mkdtemp(prefix="confdir-", dir=workdir))
+        lines = (REPO / "mitm.conf").read_text().splitlines()
+        lines = [x for x in lines if not any(x.startswith(f"{k}:") for k in conf)]
+        lines += [f"{k}: {json.dumps(v)}" for k, v in conf.items()]
+        (confdir / "config.yaml").write_text("\n".join(lines) + "\n")
+        args = [str(BIN / "mitmdump"), "--set", f"confdir={confdir}", "--listen-host", "127.0.0.1", "-p", str(self.port),
+                "--mode", f"reverse:{upstream}", "-q"]
+        for s in scripts:
+            args += ["-s", s]
+        self.log = open(workdir / f"mitmdump-{self.port}.log", "wb")
+        self.proc = subprocess.Popen(args, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, env=clean_env(), start_new_session=True)
+        wait_port(self.port, self.proc)
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) mitmdump has used so far."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(120)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+async def _client(port: int, n: int, offset: int, statuses: dict) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for i in range(offset, offset + n):
+            target = ATTACK if i % 10 == 9 else f"/search?q=item{i}"
+            writer.write(f"GET {target} HTTP/1.1\r\nHost: bench\r\n{BROWSER}\r\n".encode())
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head.split(b" ", 2)[1])
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            await reader.readexactly(length)
+            statuses[status] = statuses.get(status, 0) + 1
+    finally:
+        writer.close()
+
+
+async def _load(port: int, total: int, concurrency: int) -> tuple[float, dict]:
+    statuses: dict = {}
+    per = [total // concurrency + (1 if i < total % concurrency else 0) for i in range(concurrency)]
+    offsets = [sum(per[:i]) for i in range(concurrency)]
+    start = time.perf_counter()
+    await asyncio.gather(*(_client(port, n, o, statuses) for n, o in zip(per, offsets)))
+    return time.perf_counter() - start, statuses
+
+
+def load(port: int, total: int, concurrency: int) -> tuple[float, dict]:
+    """Send `total` requests over `concurrency` keep-alive connections: (seconds, {status: count})."""
+    return asyncio.run(_load(port, total, concurrency))
+
+
+def start_upstream(workdir: Path) -> subprocess.Popen:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "upstream.py"), "--port", str(port)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_port(port, proc)
+    proc.url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
+    return proc
+
+
+def recorder_conf(workdir: Path, name: str, model: str | None) -> dict:
+    d = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=workdir))
+    conf = {"openflare_record_dir": str(d / "records"), "openflare_record_spill": str(d / "spill.jsonl"), "openflare_instance": name}
+    if model:
+        conf["openflare_model"] = model
+    return conf
+
+
+def throughput(upstream: str, workdir: Path, requests: int, rounds: int, concurrency: int, model: str | None) -> dict:
+    """Requests per second without and with the recorder, alternating; medians and the cost in percent."""
+    base = {"openflare_model": model} if model else {}
+    figures: dict[str, list[float]] = {"without recorder": [], "with recorder (embedded store)": []}
+    cpu_ms: dict[str, list[float]] = {k: [] for k in figures}
+    for r in range(rounds):
+        for case, scripts, conf in (
+            ("without recorder", BASE_ADDONS, base),
+            ("with recorder (embedded store)", BASE_ADDONS + [RECORDER], recorder_conf(workdir, f"bench-{r}", model)),
+        ):
+            proxy = Proxy(upstream, scripts, conf, workdir)
+            try:
+                load(proxy.port, min(200, requests), concurrency)  # warm up
+                cpu0 = proxy.cpu_seconds()
+                secs, statuses = load(proxy.port, requests, concurrency)
+                cpu = proxy.cpu_seconds() - cpu0
+            finally:
+                proxy.stop()
+            figures[case].append(requests / secs)
+            cpu_ms[case].append(1000 * cpu / requests)
+            print(f"  round {r + 1}: {case}: {requests / secs:.0f} req/s, mitmdump CPU {1000 * cpu / requests:.2f} ms/request {statuses}", flush=True)
+    med = {k: statistics.median(v) for k, v in figures.items()}
+    a, b = med["without recorder"], med["with recorder (embedded store)"]
+    cpu = {k: round(statistics.median(v), 3) for k, v in cpu_ms.items()}
+    return {"req_per_s": med, "runs": figures, "cost_percent": round(100 * (a - b) / a, 2), "cpu_ms_per_request": cpu}
+
+
+def burst(upstream: str, workdir: Path, n: int, concurrency: int, model: str | None) -> dict:
+    """`n` requests through the recorder, then stop mitmdump and check records and hash chains."""
+    sys.path.insert(0, str(REPO))
+    from addons import records
+
+    conf = recorder_conf(workdir, "burst", model)
+    proxy = Proxy(upstream, BASE_ADDONS + [RECORDER], conf, workdir)
+    try:
+        secs, statuses = load(proxy.port, n, concurrency)
+    finally:
+        rc = proxy.stop()
+    start = time.perf_counter()
+    store = records.open_store(directory=conf["openflare_record_dir"])
+    try:
+        count = store.coll.count_documents({})
+        full = store.coll.count_documents({"tier": records.TIER_FULL})
+        result = records.verify(store.find())
+    finally:
+        store.close()
+    spill_left = Path(conf["openflare_record_spill"]).exists()
+    ok = count == n and result["broken"] is None and result["records"] == n and not spill_left
+    return {
+        "requests": n, "seconds": round(secs, 2), "statuses": statuses, "mitmdump_exit": rc, "records": count,
+        "full_records": full, "chains": result["chains"], "broken": result["broken"], "spill_left": spill_left,
+        "verify_seconds": round(time.perf_counter() - start, 2), "ok": ok,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=3000, help="requests per throughput run")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (median reported)")
+    ap.add_argument("--burst", type=int, default=10000, help="requests in the burst (0 skips it)")
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--model", help="openflare_model for the proxies (default: mitm.conf's)")
+    ap.add_argument("--json", help="write the results here as JSON")
+    args = ap.parse_args(argv)
+    workdir = Path(tempfile.mkdtemp(prefix="openflare-bench-recorder-"))
+    up = start_upstream(workdir)
+    out: dict = {}
+    try:
+        if args.requests > 0 and args.rounds > 0:
+            print(f"throughput: {args.requests} requests x {args.rounds} rounds, {args.concurrency} connections", flush=True)
+            out["throughput"] = throughput(up.url, workdir, args.requests, args.rounds, args.concurrency, args.model)
+            t = out["throughput"]
+            print(f"recorder cost: {t['cost_percent']} % ({', '.join(f'{k}: {v:.0f} req/s' for k, v in t['req_per_s'].items())})")
+        if args.burst > 0:
+            print(f"burst: {args.burst} requests through the recorder", flush=True)
+            out["burst"] = b = burst(up.url, workdir, args.burst, args.concurrency, args.model)
+            print(f"burst: {b['records']} records for {b['requests']} requests ({b['full_records']} full), "
+                  f"{b['chains']} chain(s), {'intact' if b['broken'] is None else 'BROKEN: ' + str(b['broken'])}: "
+                  f"{'OK' if b['ok'] else 'FAILED'}")
+    finally:
+        os.killpg(up.pid, signal.SIGTERM)
+        up.wait(10)
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=2, default=str) + "\n")
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0 if out.get("burst", {}).get("ok", True) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

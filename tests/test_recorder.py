@@ -1,0 +1,273 @@
+"""addons/recorder.py: options, which flows are recorded in which tier, queue, overflow, final flush."""
+
+import asyncio
+import logging
+import time
+
+import pytest
+from mitmproxy import exceptions
+from mitmproxy import optmanager
+from mitmproxy.test import taddons
+from mitmproxy.test import tflow
+from mitmproxy.test import tutils
+
+from addons import common
+from addons import recorder
+from addons import records
+from conftest import MITM_CONF
+
+
+def configure(tctx, r, tmp_path, **kw):
+    opts = dict(
+        openflare_record_dir=str(tmp_path / "store"),
+        openflare_record_spill=str(tmp_path / "spill.jsonl"),
+        openflare_instance="test-proxy",
+    )
+    opts.update(kw)
+    tctx.configure(r, **opts)
+
+
+def stored(tmp_path) -> list[dict]:
+    store = records.open_store(directory=tmp_path / "store")
+    try:
+        return list(store.find())
+    finally:
+        store.close()
+
+
+def passed_flow(path=b"/search?q=shoes", ip="203.0.113.7"):
+    f = tflow.tflow(req=tutils.treq(path=path), resp=True)
+    f.request.timestamp_start = time.time()  # tflow's default (2000) is past any retention window
+    f.client_conn.peername = (ip, 40000)
+    f.metadata.update({common.CLIENT_IP: ip, common.VERDICT: "pass", common.SCORE: 2, common.LOCAL_SCORE: 2})
+    return f
+
+
+def refused_flow(ip="198.51.100.9"):
+    f = tflow.tflow(
+        req=tutils.treq(
+            method=b"POST",
+            path=b"/login?id=1%27%20OR%20%271%27=%271",
+            headers=[(b"Authorization", b"Bearer t0ken"), (b"content-type", b"application/x-www-form-urlencoded")],
+            content=b"user=admin&password=hunter2",
+        )
+    )
+    f.response = tutils.tresp(status_code=common.BLOCK_STATUS, content=common.BLOCK_BODY)
+    f.request.timestamp_start = time.time()
+    f.client_conn.peername = (ip, 40000)
+    f.metadata.update(
+        {
+            common.CLIENT_IP: ip,
+            common.VERDICT: "block",
+            common.SCORE: 9,
+            common.LOCAL_SCORE: 8,
+            common.LLM_SCORE: 9,
+            common.CATEGORY: "sqli",
+            common.MODEL_VERSION: "m-7",
+        }
+    )
+    return f
+
+
+def test_options_validated(tmp_path):
+    r = recorder.Recorder()
+    with taddons.context(r) as tctx:
+        for bad in (
+            {"openflare_record_benign_one_in": -1},
+            {"openflare_record_days": -1},
+            {"openflare_record_body_cap": records.BODY_CAP_MAX + 1},
+            {"openflare_record_queue": 0},
+            {"openflare_record_batch": 0},
+            {"openflare_record_dir": " "},
+            {"openflare_record_spill": ""},
+            {"openflare_mongo_uri": "http://db:27017"},
+        ):
+            with pytest.raises(exceptions.OptionsError):
+                tctx.configure(r, **bad)
+        tctx.configure(r, openflare_mongo_uri="mongodb://u:p@db:27017/x", openflare_record_mask=["X-Token", " "])
+        assert r.uri == "mongodb://u:p@db:27017/x" and r.mask == ("X-Token",)
+
+
+def test_mitm_conf_sets_recorder_defaults():
+    r = recorder.Recorder()
+    with taddons.context(r) as tctx:
+        optmanager.load_paths(tctx.options, MITM_CONF)
+        mine = [k for k in tctx.options.deferred if k.startswith(("openflare_record", "openflare_mongo", "openflare_instance"))]
+        assert mine == []
+        assert (r.directory, r.one_in, r.days, r.body_cap, r.queue_size, r.batch) == ("data/records", 0, 30, 65536, 10000, 500)
+        assert r.uri is None and r.instance is None
+
+
+async def test_tiers_masking_and_once_only(tmp_path):
+    r = recorder.Recorder()
+    with taddons.context(r) as tctx:
+        configure(tctx, r, tmp_path)
+        r.running()
+        ok, bad = passed_flow(), refused_flow()
+        r.response(ok)
+        r.response(bad)
+        r.error(bad)  # a flow is recorded once, whatever fires after its response
+        r.response(ok)
+        r.done()
+    recs = stored(tmp_path)
+    assert len(recs) == 2
+    brief, full = recs
+    assert {k: brief[k] for k in ("tier", "client_ip", "verdict", "score")} == {"tier": "brief", "client_ip": "203.0.113.7", "verdict": "pass", "score": 2}
+    assert "target" not in brief and "headers" not in brief
+    assert full["tier"] == "full" and full["method"] == "POST" and full["target"] == "/login?id=1%27%20OR%20%271%27=%271"
+    assert (full["local_score"], full["llm_score"], full["score"], full["category"], full["model_version"]) == (8, 9, 9, "sqli", "m-7")
+    assert full["refused_by"] == "score" and full["status"] == 403 and full["instance"] == "test-proxy"
+    assert ["Authorization", records.MASK] in full["headers"]
+    assert full["body"] == "user=admin&password=*masked*"
+    assert records.verify(iter(recs))["broken"] is None
+
+
+async def test_bans_rate_limits_and_kills_are_refusals(tmp_path):
+    r = recorder.Recorder()
+    with taddons.context(r) as tctx:
+        configure(tctx, r, tmp_path)
+        r.running()
+        banned = passed_flow(ip="192.0.2.1")
+        banned.metadata = {common.CLIENT_IP: "192.0.2.1", common.BANNED: True}  # refused before scoring
+        limited = passed_flow(ip="192.0.2.2")
+        limited.metadata[common.RATE_LIMITED] = True
+        killed = passed_flow(ip="192.0.2.3")
+        killed.response = None
+        killed.kill()
+        assert not killed.live
+        for f in (banned, limited):
+            r.response(f)
+        r.error(killed)
+        r.done()
+    recs = {x["client_ip"]: x for x in stored(tmp_path)}
+    assert [(recs[ip]["tier"], recs[ip]["verdict"], recs[ip]["refused_by"]) for ip in ("192.0.2.1", "192.0.2.2", "192.0.2.3")] == [
+        ("full", "block", "ban"),
+        ("full", "block", "rate-limit"),
+        ("full", "block", "killed"),
+    ]
+
+
+async def test_flows_read_from_a_file_are_not_recorded(tmp_path):
+    r = recorder.Recorder()
+    with taddons.context(r) as tctx:
+        configure(tctx, r, tmp_path)
+        r.running()
+        old = refused_flow()
+        old.live = False
+        r.response(old)
+        old_killed = passed_flow()
+        old_killed.request.timestamp_start = 1_000_000.0
+        old_killed.kill()
+        r.error(old_killed)
+        r.done()
+    assert stored(tmp_path) == []
+
+
+async def test_benign_one_in_n_recorded_in_full(tmp_path):
+    r = recorder.Recorder()
+    with taddons.context(r) as tctx:
+        configure(tctx, r, tmp_path, openflare_record_benign_one_in=3)
+        r.running()
+        for i in range(9):
+            r.response(passed_flow(path=f"/p{i}?password=x".encode()))
+        r.done()
+    recs = stored(tmp_path)
+    fulls = [x for x in recs if x["tier"] == "full"]
+    assert len(recs) == 9 and len(fulls) == 3
+    assert all(x["sampled"] and x["verdict"] == "pass" and x["target"].endswith("password=*masked*") for x in fulls)
+
+
+async def test_body_cap(tmp_path):
+    r = recorder.Recorder()
+    with taddons.context(r) as tctx:
+        configure(tctx, r, tmp_path, openflare_record_body_cap=100)
+        r.running()
+        f = refused_flow()
+        f.request.headers["content-type"] = "text/plain"
+        f.request.content = b"A" * 5000
+        r.response(f)
+        r.done()
+    (rec,) = stored(tmp_path)
+    assert rec["body"] == "A" * 100 and rec["body_size"] == 5000 and rec["body_truncated"] is True
+
+
+async def test_background_writer_stores_while_running(tmp_path):
+    r = recorder.Recorder()
+    with taddons.context(r) as tctx:
+        configure(tctx, r, tmp_path)
+        r.running()
+        for i in range(50):
+            r.response(passed_flow(ip=f"10.0.0.{i}"))
+        for _ in range(200):  # the writer task drains the queue on its own
+            await asyncio.sleep(0.05)
+            if r.writer.stats["stored"] == 50:
+                break
+        assert r.writer.stats["stored"] == 50 and r.queue.empty()
+        r.done()
+    assert len(stored(tmp_path)) == 50
+
+
+async def test_full_queue_overflows_instead_of_blocking(tmp_path):
+    r = recorder.Recorder()
+    with taddons.context(r) as tctx:
+        configure(tctx, r, tmp_path, openflare_record_queue=5)
+        r.running()
+        for i in range(40):  # no await: the writer cannot run, so the queue fills
+            r.response(passed_flow(ip=f"10.1.0.{i}"))
+        assert r.queue.qsize() == 5 and r.writer.stats["overflowed"] == 35
+        r.done()
+        stats = r.writer.stats if r.writer else None
+    assert stats is None
+    recs = stored(tmp_path)
+    assert len(recs) == 40 and sorted(x["client_ip"] for x in recs) == sorted(f"10.1.0.{i}" for i in range(40))
+    assert records.verify(iter(recs))["broken"] is None
+
+
+async def test_done_flushes_to_spill_when_the_store_is_down(tmp_path, caplog):
+    from conftest import free_port
+
+    caplog.set_level(logging.INFO)
+    r = recorder.Recorder()
+    uri = f"mongodb://127.0.0.1:{free_port()}/openflare?serverSelectionTimeoutMS=200&connectTimeoutMS=200"
+    with taddons.context(r) as tctx:
+        configure(tctx, r, tmp_path, openflare_mongo_uri=uri)
+        r.running()
+        for i in range(20):
+            r.response(passed_flow(ip=f"10.2.0.{i}"))
+        r.response(refused_flow())
+        r.done()
+    spilled = [x for batch in records.SpillFile(tmp_path / "spill.jsonl").read(100) for x in batch]
+    assert len(spilled) == 21 and [x["seq"] for x in spilled] == list(range(21))
+    assert "21 spilled" in caplog.text and "0 lost" in caplog.text
+    # the next start with a working store replays them
+    r2 = recorder.Recorder()
+    with taddons.context(r2) as tctx:
+        configure(tctx, r2, tmp_path)
+        r2.running()
+        r2.done()
+    recs = stored(tmp_path)
+    assert len(recs) == 21 and records.verify(iter(recs))["broken"] is None
+    assert not (tmp_path / "spill.jsonl").exists()
+
+
+async def test_disabled_records_nothing(tmp_path):
+    r = recorder.Recorder()
+    with taddons.context(r) as tctx:
+        configure(tctx, r, tmp_path, openflare_record=False)
+        r.running()
+        r.response(refused_flow())
+        r.done()
+    assert not (tmp_path / "store").exists()
+
+
+async def test_done_writes_the_batch_the_writer_was_still_gathering(tmp_path):
+    r = recorder.Recorder()
+    with taddons.context(r) as tctx:
+        configure(tctx, r, tmp_path)
+        r.running()
+        for i in range(3):
+            r.response(passed_flow(ip=f"10.3.0.{i}"))
+        await asyncio.sleep(0.05)  # the task has taken the records and waits for more (LINGER_S)
+        assert len(r.inflight) == 1 and r.queue.qsize() == 2
+        r.done()
+    assert len(stored(tmp_path)) == 3
