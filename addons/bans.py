@@ -1,0 +1,337 @@
+"""IpBans: refuse banned client IPs before any scoring; strike the IPs the Scorer refuses; rate-limit.
+
+Runs after FeatureExtractor (which sets `openflare.client_ip` in `requestheaders`) and before the Scorer.
+A banned IP is refused in `requestheaders` by an in-memory lookup (no network); later addons see the
+response and return at once. Strikes are counted in `response`, after the Scorer's verdict, with at most
+50 ms spent on Redis. The Redis logic (Lua scripts, local view, allowlist, rate limit) is `addons.banstore`.
+"""
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Optional
+
+from mitmproxy import command
+from mitmproxy import exceptions
+from mitmproxy import http
+from mitmproxy.utils import asyncio_utils
+
+from addons import banstore
+from addons import common
+
+logger = logging.getLogger(__name__)
+
+REDIS_ENV = "OPENFLARE_REDIS_URL"
+FAIL_POLICIES = ("open", "closed")
+ACTIONS = ("refuse", "drop")
+RATE_STATUS = 429
+RATE_BODY = b"Too Many Requests\n"
+
+_POSITIVE = {
+    "openflare_strikes": (1, 1000),
+    "openflare_strike_window": (1, 30 * 86400),
+    "openflare_ban_seconds": (1, 365 * 86400),
+    "openflare_ban_max_seconds": (1, 365 * 86400),
+    "openflare_ban_memory": (1, 3650 * 86400),
+    "openflare_rate_limit": (0, 1_000_000),
+    "openflare_ipv6_prefix": (16, 128),
+}
+
+
+def _refuse(flow: http.HTTPFlow, status: int = common.BLOCK_STATUS, body: bytes = common.BLOCK_BODY) -> None:
+    flow.response = http.Response.make(status, body, common.BLOCK_HEADERS)
+
+
+class IpBans:
+    def __init__(self) -> None:
+        self.store: banstore.BanStore | None = None
+        self.limiter = banstore.RateLimiter(100)
+        self.policy = banstore.Policy()
+        self.v6_prefix = 128
+        self.drop = False
+        self.fail_closed = False
+        self.url: str | None = None
+        self.prefix = banstore.DEFAULT_PREFIX
+        self.static_allow: tuple[str, ...] = ()
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "openflare_redis_url",
+            Optional[str],
+            None,
+            f"Redis for bans, e.g. redis://127.0.0.1:6379/0. Put a URL holding a password in ${REDIS_ENV} "
+            "instead (used when this is unset). Neither: an in-process store, lost at restart.",
+        )
+        loader.add_option("openflare_redis_prefix", str, banstore.DEFAULT_PREFIX, "Prefix of every Redis key OpenFlare writes.")
+        loader.add_option(
+            "openflare_redis_fail",
+            str,
+            "open",
+            "While Redis is unreachable: 'open' serves requests (known bans still apply), 'closed' refuses all.",
+            choices=FAIL_POLICIES,
+        )
+        loader.add_option(
+            "openflare_ban_action",
+            str,
+            "refuse",
+            "What a banned IP gets: 'refuse' (the fixed 403) or 'drop' (the connection is closed, no answer).",
+            choices=ACTIONS,
+        )
+        loader.add_option("openflare_strikes", int, 3, "Refused requests within the strike window that ban an IP.")
+        loader.add_option("openflare_strike_window", int, 600, "Seconds in which strikes add up, from an IP's first strike.")
+        loader.add_option("openflare_ban_seconds", int, 3600, "Seconds of a first ban; each repeat ban doubles it.")
+        loader.add_option("openflare_ban_max_seconds", int, 7 * 86400, "Cap on a ban's seconds, however often it repeats.")
+        loader.add_option("openflare_ban_memory", int, 30 * 86400, "Seconds an IP's past bans are remembered for doubling.")
+        loader.add_option(
+            "openflare_allowlist",
+            Sequence[str],
+            [],
+            "IPs and CIDR ranges (IPv4, IPv6) never struck, banned or rate-limited. More can be added at run "
+            "time with the openflare.allow command (stored in Redis).",
+        )
+        loader.add_option(
+            "openflare_ipv6_prefix",
+            int,
+            128,
+            "IPv6 clients are struck and banned per network of this many bits: 128 per address, 64 per /64.",
+        )
+        loader.add_option(
+            "openflare_rate_limit",
+            int,
+            100,
+            "Requests per second one IP may send (per proxy process); more get 429 and a strike. 0: off.",
+        )
+
+    def configure(self, updated) -> None:
+        from mitmproxy import ctx
+
+        opts = ctx.options
+        for name, (lo, hi) in _POSITIVE.items():
+            if name in updated and not lo <= getattr(opts, name) <= hi:
+                raise exceptions.OptionsError(f"{name} must be between {lo} and {hi}, not {getattr(opts, name)}")
+        if "openflare_redis_fail" in updated:
+            if opts.openflare_redis_fail not in FAIL_POLICIES:
+                raise exceptions.OptionsError(f"openflare_redis_fail must be one of {', '.join(FAIL_POLICIES)}")
+            self.fail_closed = opts.openflare_redis_fail == "closed"
+        if "openflare_ban_action" in updated:
+            if opts.openflare_ban_action not in ACTIONS:
+                raise exceptions.OptionsError(f"openflare_ban_action must be one of {', '.join(ACTIONS)}")
+            self.drop = opts.openflare_ban_action == "drop"
+        if "openflare_rate_limit" in updated:
+            self.limiter.limit = opts.openflare_rate_limit
+        if "openflare_ipv6_prefix" in updated:
+            self.v6_prefix = opts.openflare_ipv6_prefix
+        if updated & {"openflare_strikes", "openflare_strike_window", "openflare_ban_seconds", "openflare_ban_max_seconds", "openflare_ban_memory"}:
+            self.policy = banstore.Policy(
+                strikes=opts.openflare_strikes,
+                window=opts.openflare_strike_window,
+                ban_seconds=opts.openflare_ban_seconds,
+                max_seconds=max(opts.openflare_ban_max_seconds, opts.openflare_ban_seconds),
+                memory=opts.openflare_ban_memory,
+            )
+            if self.store:
+                self.store.policy = self.policy
+        if "openflare_allowlist" in updated:
+            try:
+                banstore.Allowlist().set_static(opts.openflare_allowlist)
+            except ValueError as e:
+                raise exceptions.OptionsError(f"openflare_allowlist: {e}") from e
+            self.static_allow = tuple(opts.openflare_allowlist)
+            if self.store:
+                self.store.allowlist.set_static(self.static_allow)
+        if updated & {"openflare_redis_url", "openflare_redis_prefix"}:
+            url = opts.openflare_redis_url or os.environ.get(REDIS_ENV) or None
+            if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
+                raise exceptions.OptionsError("openflare_redis_url must start with redis://, rediss:// or unix://")
+            if url is None and not banstore.embedded_available():
+                raise exceptions.OptionsError(
+                    f"no Redis configured ({REDIS_ENV} or openflare_redis_url) and the in-process store needs "
+                    "the lupa package for its Lua scripts: pip install lupa, or configure a Redis"
+                )
+            if not opts.openflare_redis_prefix:
+                raise exceptions.OptionsError("openflare_redis_prefix must not be empty")
+            changed = (url, opts.openflare_redis_prefix) != (self.url, self.prefix)
+            self.url, self.prefix = url, opts.openflare_redis_prefix
+            if self.store and changed:
+                self._close_store()
+                self._open_store()
+
+    def running(self) -> None:
+        if self.store is None:
+            self._open_store()
+
+    def done(self) -> None:
+        self._close_store()
+
+    def _open_store(self) -> None:
+        if self.url is None:
+            logger.warning(
+                "OpenFlare bans: no Redis configured (%s or openflare_redis_url): using an in-process store; "
+                "bans do not survive a restart and are not shared with other proxy processes",
+                REDIS_ENV,
+            )
+        store = banstore.BanStore(banstore.make_client(self.url), self.prefix, self.policy)
+        store.allowlist.set_static(self.static_allow)
+        store.start()
+        self.store = store
+
+    def _close_store(self) -> None:
+        store, self.store = self.store, None
+        if store is not None:
+            try:
+                asyncio_utils.create_task(store.close(), name="openflare-bans-close", keep_ref=True)
+            except RuntimeError:  # no running loop: nothing left to close on
+                pass
+
+    def _key(self, flow: http.HTTPFlow) -> tuple[str, str | None]:
+        ip = flow.metadata.get(common.CLIENT_IP)
+        if ip is None:
+            ip = flow.client_conn.peername[0] if flow.client_conn.peername else ""
+        return ip, banstore.ip_key(ip, self.v6_prefix)
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live or self.store is None:
+            return
+        store = self.store
+        ip, key = self._key(flow)
+        if not store.healthy:
+            if self.fail_closed:
+                store.count("refused_redis_down")
+                flow.metadata[common.REASON] = "ban store unreachable (openflare_redis_fail=closed)"
+                self._mark(flow, "refused: ban store unreachable (openflare_redis_fail=closed)")
+                _refuse(flow)
+                return
+            store.count("served_redis_down")
+        if key is None:
+            return
+        ban = store.check(key)
+        if ban is not None and not store.allowlist.allowed(ip):
+            store.count("refused_banned")
+            flow.metadata[common.BANNED] = True
+            flow.metadata[common.REASON] = f"ip banned: {ban.reason}"
+            self._mark(flow, f"banned ({ban.reason}; {int(ban.remaining())} s left)")
+            logger.debug("openflare refused banned ip=%s", key)
+            if self.drop:
+                flow.kill()
+            else:
+                _refuse(flow)
+            return
+        limit = self.limiter.limit
+        if limit and self.limiter.hit(key) > limit and not store.allowlist.allowed(ip):
+            store.count("rate_limited")
+            flow.metadata[common.RATE_LIMITED] = True
+            flow.metadata[common.REASON] = f"rate limit: over {limit} requests/s"
+            self._mark(flow, f"rate-limited (over {limit} requests/s)")
+            _refuse(flow, RATE_STATUS, RATE_BODY)
+            if self.limiter.counts[key] == limit + 1:  # one strike per second over the limit
+                res = await store.strike(key, "rate limit", addr=ip)
+                self._note(flow, key, res)
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        if flow.error or not flow.live or self.store is None:
+            return
+        if flow.metadata.get(common.VERDICT) != common.VERDICT_BLOCK:
+            return
+        from mitmproxy import ctx
+
+        if getattr(ctx.options, "openflare_detect_only", False):
+            return
+        ip, key = self._key(flow)
+        if key is None:
+            return
+        seen_ms = int((flow.request.timestamp_start or 0) * 1000) or None
+        res = await self.store.strike(key, str(flow.metadata.get(common.REASON) or "refused"), seen_ms, addr=ip)
+        self._note(flow, key, res)
+
+    def _mark(self, flow: http.HTTPFlow, text: str) -> None:
+        flow.comment = f"openflare {text}"
+        flow.marked = common.BLOCK_MARKER
+
+    def _note(self, flow: http.HTTPFlow, key: str, res: banstore.StrikeResult) -> None:
+        if res.status == "banned":
+            flow.comment = (flow.comment + "; " if flow.comment else "") + f"strike {res.strikes}: {key} banned for {res.banned} s"
+        elif res.status == "counted":
+            flow.comment = (flow.comment + "; " if flow.comment else "") + f"strike {res.strikes}/{self.policy.strikes}"
+
+    # --- commands: applied to this process at once, written to Redis in the background ---
+    def _store(self) -> banstore.BanStore:
+        if self.store is None:
+            raise exceptions.CommandError("OpenFlare bans are not running yet")
+        return self.store
+
+    def _parse(self, ip: str) -> str:
+        try:
+            return banstore.parse_key(ip, self.v6_prefix)
+        except ValueError as e:
+            raise exceptions.CommandError(str(e)) from e
+
+    def _background(self, coro, what: str) -> None:
+        async def run():
+            try:
+                await coro
+            except Exception as e:  # noqa: BLE001 - a command's Redis write failed: say so
+                logger.warning("OpenFlare %s: %s", what, banstore.sanitise(e, 200))
+
+        asyncio_utils.create_task(run(), name=f"openflare-{what}", keep_ref=True)
+
+    @command.command("openflare.ban")
+    def ban(self, ip: str, seconds: int = 0) -> None:
+        """Ban an IP now, for `seconds` (0 or omitted: openflare_ban_seconds, doubled per repeat ban)."""
+        store = self._store()
+        key = self._parse(ip)
+        if seconds < 0:
+            raise exceptions.CommandError("seconds must be >= 0")
+        if store.allowlist.allowed(key):
+            raise exceptions.CommandError(f"{key} is allowlisted: remove it with openflare.disallow first")
+        store.bans[key] = banstore.Ban(banstore.time.monotonic() + (seconds or self.policy.ban_seconds), "manual")
+        self._background(store.ban(key, seconds, "manual"), "ban")
+
+    @command.command("openflare.unban")
+    def unban(self, ip: str) -> None:
+        """Lift an IP's ban and clear its strikes; strikes from requests made before now do not count."""
+        store = self._store()
+        key = self._parse(ip)
+        store.bans.pop(key, None)
+        self._background(store.unban(key), "unban")
+
+    @command.command("openflare.bans")
+    def bans(self) -> Sequence[str]:
+        """The bans in force: IP, reason, seconds left, strikes, ban count."""
+        store = self._store()
+        out = []
+        for key, ban in sorted(store.bans.items()):
+            left = ban.remaining()
+            if left > 0:
+                out.append(f"{key} reason={ban.reason or '-'} ttl={int(left)}s strikes={ban.strikes} bans={ban.level}")
+        return out
+
+    @command.command("openflare.allow")
+    def allow(self, cidr: str, seconds: int = 0) -> None:
+        """Allowlist an IP or CIDR range for `seconds` (0 or omitted: until openflare.disallow)."""
+        store = self._store()
+        if seconds < 0:
+            raise exceptions.CommandError("seconds must be >= 0")
+        try:
+            net = store.allowlist.add(cidr, banstore.time.monotonic() + seconds if seconds else None)
+        except ValueError as e:
+            raise exceptions.CommandError(f"not an IP address or CIDR range: {cidr!r}") from e
+        self._background(store.allow(net, seconds), "allow")
+
+    @command.command("openflare.disallow")
+    def disallow(self, cidr: str) -> None:
+        """Remove an IP or CIDR range added with openflare.allow."""
+        store = self._store()
+        try:
+            store.allowlist.remove(cidr)
+        except ValueError as e:
+            raise exceptions.CommandError(f"not an IP address or CIDR range: {cidr!r}") from e
+        self._background(store.disallow(cidr), "disallow")
+
+    @command.command("openflare.banstats")
+    def banstats(self) -> Sequence[str]:
+        """Counters of this process: strikes, bans, unbans, refusals, rate limits, Redis errors and outages."""
+        store = self._store()
+        return [f"{k}={v}" for k, v in sorted(store.stats.items())] + [f"redis={'up' if store.healthy else 'down'}"]
+
+
+addons = [IpBans()]

@@ -1,0 +1,408 @@
+"""The IpBans addon (addons/bans.py) in a taddons context, against the real Redis at 127.0.0.1:6379."""
+
+import asyncio
+import os
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from mitmproxy import eventsequence
+from mitmproxy import exceptions
+from mitmproxy import optmanager
+from mitmproxy.test import taddons
+from mitmproxy.test import tflow
+from mitmproxy.test import tutils
+
+from addons import common
+from addons import featurize
+from addons import model
+from addons.bans import IpBans
+from addons.features import FeatureExtractor
+from addons.scorer import Scorer
+from conftest import REPO, free_port
+
+REDIS_URL = os.environ.get("OPENFLARE_TEST_REDIS", "redis://127.0.0.1:6379/0")
+SQLI = b"/?id=1%27%20OR%20%271%27=%271"
+MY_OPTIONS = {
+    "openflare_redis_url": None,
+    "openflare_redis_prefix": "openflare:",
+    "openflare_redis_fail": "open",
+    "openflare_ban_action": "refuse",
+    "openflare_strikes": 3,
+    "openflare_strike_window": 600,
+    "openflare_ban_seconds": 3600,
+    "openflare_ban_max_seconds": 604800,
+    "openflare_ban_memory": 2592000,
+    "openflare_allowlist": [],
+    "openflare_ipv6_prefix": 128,
+    "openflare_rate_limit": 100,
+}
+
+
+def build_model(path: Path) -> Path:
+    """A tiny throwaway model (with a verified card) that scores obvious SQLi/XSS 10 and plain pages 1."""
+    import joblib
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    bad = ["/?id=1' or '1'='1", "/?q=<script>alert(1)</script>", "/?id=1 union select pass from users", "/?id=' or 1=1--"]
+    good = ["/", "/hello", "/search?q=blue shoes", "/?page=2", "/about", "/img/logo.png", "/a/b/c"]
+    texts, labels = [], []
+    for ip in ("198.51.100.10", "203.0.113.7", ""):
+        headers = [("user-agent", "Python-urllib/3.12")] + ([("x-forwarded-for", ip)] if ip else [])
+        for target, label in [(t, 1) for t in bad] + [(t, 0) for t in good]:
+            texts.append(featurize.featurize("GET", target, headers))
+            labels.append(label)
+    est = make_pipeline(CountVectorizer(analyzer="char_wb", ngram_range=(1, 2)), LogisticRegression(C=100, max_iter=2000))
+    est.fit(texts, labels)
+    joblib.dump(est, path)
+    model.write_card(path, {"version": "bans-test", "operating_point": 0.5})
+    return path
+
+
+@pytest.fixture(scope="module")
+def attack_model(tmp_path_factory) -> Path:
+    return build_model(tmp_path_factory.mktemp("model") / "bans-test.joblib")
+
+
+@pytest.fixture
+async def prefix():
+    p = f"oftest:{uuid.uuid4().hex[:12]}:"
+    yield p
+    r = aioredis.from_url(REDIS_URL)
+    keys = [k async for k in r.scan_iter(match=p + "*")]
+    if keys:
+        await r.delete(*keys)
+    await r.aclose()
+
+
+async def _stop(addon: IpBans) -> None:
+    store, addon.store = addon.store, None
+    if store is not None:
+        await store.close()
+
+
+@pytest.fixture
+async def bans(prefix, monkeypatch):
+    """(addon, tctx): IpBans on the shared Redis under this test's prefix, running."""
+    monkeypatch.delenv("OPENFLARE_REDIS_URL", raising=False)
+    addon = IpBans()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, openflare_redis_url=REDIS_URL, openflare_redis_prefix=prefix)
+        addon.running()
+        assert await addon.store.wait_synced(), "Redis not reachable: .ci/run starts redis-server on 127.0.0.1:6379"
+        yield addon, tctx
+        await _stop(addon)
+
+
+def flow(ip: str = "203.0.113.7", path: bytes = b"/", verdict: str | None = None):
+    f = tflow.tflow(req=tutils.treq(path=path))
+    f.client_conn.peername = (ip, 40000)
+    f.metadata[common.CLIENT_IP] = ip
+    if verdict:
+        f.metadata[common.VERDICT] = verdict
+        f.metadata[common.REASON] = "local score 10 > threshold 6"
+    return f
+
+
+async def attack(addon: IpBans, ip: str):
+    """One request refused by the Scorer: the 403 it set reaches IpBans.response."""
+    f = flow(ip, SQLI, common.VERDICT_BLOCK)
+    await addon.requestheaders(f)
+    if f.response is None:
+        f.response = tutils.tresp(status_code=403)
+        await addon.response(f)
+    return f
+
+
+async def served(addon: IpBans, ip: str) -> bool:
+    f = flow(ip)
+    await addon.requestheaders(f)
+    return f.response is None and f.error is None
+
+
+# --- options ---
+
+
+def test_mitm_conf_sets_every_option_with_its_default():
+    addon = IpBans()
+    with taddons.context(addon, FeatureExtractor()) as tctx:
+        optmanager.load_paths(tctx.options, str(REPO / "mitm.conf"))
+        for name, default in MY_OPTIONS.items():
+            assert name not in tctx.options.deferred
+            assert getattr(tctx.options, name) == default, name
+        text = (REPO / "mitm.conf").read_text()
+        for name in MY_OPTIONS:
+            assert f"\n{name}:" in text or f"\n# {name}:" in text, f"{name} missing from mitm.conf"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"openflare_strikes": 0},
+        {"openflare_strike_window": 0},
+        {"openflare_ban_seconds": -5},
+        {"openflare_rate_limit": -1},
+        {"openflare_ipv6_prefix": 129},
+        {"openflare_redis_fail": "maybe"},
+        {"openflare_ban_action": "tarpit"},
+        {"openflare_allowlist": ["10.0.0.0/8", "not-a-net"]},
+        {"openflare_redis_url": "http://127.0.0.1:6379"},
+        {"openflare_redis_prefix": ""},
+    ],
+)
+def test_bad_options_are_refused(bad):
+    addon = IpBans()
+    with taddons.context(addon) as tctx:
+        with pytest.raises(exceptions.OptionsError):
+            tctx.configure(addon, **bad)
+
+
+async def test_without_redis_the_embedded_store_is_used_with_a_warning(monkeypatch, caplog):
+    monkeypatch.delenv("OPENFLARE_REDIS_URL", raising=False)
+    addon = IpBans()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, openflare_strikes=1)
+        addon.running()
+        try:
+            assert "do not survive a restart" in caplog.text
+            assert await addon.store.wait_synced()
+            await attack(addon, "198.51.100.1")
+            assert not await served(addon, "198.51.100.1")
+        finally:
+            await _stop(addon)
+
+
+async def test_the_url_comes_from_the_environment(monkeypatch, prefix):
+    monkeypatch.setenv("OPENFLARE_REDIS_URL", REDIS_URL)
+    addon = IpBans()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, openflare_redis_prefix=prefix)
+        assert addon.url == REDIS_URL
+    monkeypatch.setenv("OPENFLARE_REDIS_URL", "redis://:secret@127.0.0.1:1/0")
+    addon = IpBans()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, openflare_redis_url=REDIS_URL)
+        assert addon.url == REDIS_URL  # the option wins over the environment
+
+
+def test_the_script_loads_as_mitmdump_loads_it():
+    with taddons.context() as tctx:
+        module = tctx.script(str(REPO / "addons" / "bans.py"))
+        assert [type(a).__name__ for a in module.addons] == ["IpBans"]
+
+
+# --- bans and strikes ---
+
+
+async def test_three_refusals_ban_the_ip_and_the_ban_refuses_at_once(bans, prefix):
+    addon, tctx = bans
+    for i in range(3):
+        f = await attack(addon, "198.51.100.10")
+    assert "banned for 3600 s" in f.comment
+    f = flow("198.51.100.10")
+    await addon.requestheaders(f)
+    assert f.response.status_code == common.BLOCK_STATUS
+    assert f.response.content == common.BLOCK_BODY
+    assert dict(f.response.headers) == common.BLOCK_HEADERS | {"content-length": str(len(common.BLOCK_BODY))}
+    assert f.metadata[common.BANNED] is True and f.marked == common.BLOCK_MARKER
+    assert "banned" in f.comment and "local score" in f.metadata[common.REASON]
+    assert await served(addon, "198.51.100.11")
+    # A refused banned request does not strike again (no response hook work for BANNED flows).
+    f.metadata[common.VERDICT] = None
+    await addon.response(f)
+    assert addon.store.stats["strikes"] == 3
+
+
+async def test_drop_action_kills_the_connection(bans):
+    addon, tctx = bans
+    tctx.configure(addon, openflare_ban_action="drop", openflare_strikes=1)
+    await attack(addon, "198.51.100.12")
+    f = flow("198.51.100.12")
+    await addon.requestheaders(f)
+    assert f.response is None and f.error is not None and f.error.msg == "Connection killed."
+
+
+async def test_passed_errored_and_detect_only_flows_do_not_strike(bans):
+    addon, tctx = bans
+    tctx.configure(addon, openflare_strikes=1)
+    f = flow("198.51.100.13", verdict=common.VERDICT_PASS)
+    f.response = tutils.tresp()
+    await addon.response(f)
+    f = flow("198.51.100.13", verdict=common.VERDICT_ERROR)
+    f.response = tutils.tresp(status_code=403)
+    await addon.response(f)
+    assert await served(addon, "198.51.100.13")
+    f = flow("unknown-peer", verdict=common.VERDICT_BLOCK)
+    f.response = tutils.tresp(status_code=403)
+    await addon.response(f)  # an unparsable client address is never struck
+    assert addon.store.stats.get("strikes", 0) == 0
+
+
+async def test_ipv6_clients_grouped_by_64(bans):
+    addon, tctx = bans
+    tctx.configure(addon, openflare_ipv6_prefix=64, openflare_strikes=2)
+    await attack(addon, "2001:db8:1:2::1")
+    await attack(addon, "2001:db8:1:2:ffff::2")
+    assert not await served(addon, "2001:db8:1:2::3")
+    assert await served(addon, "2001:db8:1:3::1")
+    assert "2001:db8:1:2::/64" in addon.bans()[0]
+
+
+async def test_allowlist_option_never_strikes_bans_or_limits(bans):
+    addon, tctx = bans
+    tctx.configure(addon, openflare_allowlist=["10.0.0.0/8", "2001:db8:9::/48"], openflare_strikes=1, openflare_rate_limit=2)
+    for ip in ("10.1.2.3", "2001:db8:9::5"):
+        await attack(addon, ip)
+        assert all([await served(addon, ip) for _ in range(5)])
+    with pytest.raises(exceptions.CommandError, match="allowlisted"):
+        tctx.command(addon.ban, "10.9.9.9")
+    assert addon.store.stats.get("strikes", 0) == 0
+
+
+async def test_rate_limit_answers_429_and_strikes_once_per_second(bans):
+    addon, tctx = bans
+    tctx.configure(addon, openflare_rate_limit=3, openflare_strikes=5)
+    statuses = []
+    for _ in range(6):
+        f = flow("198.51.100.14")
+        await addon.requestheaders(f)
+        statuses.append(f.response.status_code if f.response else 200)
+    assert statuses == [200, 200, 200, 429, 429, 429]
+    assert f.response.content == b"Too Many Requests\n" and f.metadata[common.RATE_LIMITED] is True
+    assert addon.store.stats["strikes"] == 1 and addon.store.stats["rate_limited"] == 3
+    assert await served(addon, "198.51.100.15")  # per IP
+    tctx.configure(addon, openflare_rate_limit=0)
+    assert all([await served(addon, "198.51.100.14") for _ in range(10)])
+
+
+# --- commands ---
+
+
+async def test_commands_ban_list_unban_allow(bans, prefix):
+    addon, tctx = bans
+    tctx.command(addon.ban, "198.51.100.20", "60")
+    assert not await served(addon, "198.51.100.20")  # at once, before Redis answers
+    r = aioredis.from_url(REDIS_URL)
+    try:
+        deadline = time.monotonic() + 2
+        while not await r.exists(prefix + "ban:198.51.100.20") and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert 0 < await r.ttl(prefix + "ban:198.51.100.20") <= 60
+        [line] = tctx.command(addon.bans)
+        assert line.startswith("198.51.100.20 reason=manual ttl=") and "strikes=" in line
+        await attack(addon, "198.51.100.21")
+        tctx.command(addon.unban, "198.51.100.20")
+        assert await served(addon, "198.51.100.20")
+        tctx.command(addon.allow, "198.51.100.0/24", "60")
+        deadline = time.monotonic() + 2
+        while not await r.exists(prefix + "allow:198.51.100.0/24") and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert 0 < await r.ttl(prefix + "allow:198.51.100.0/24") <= 60
+        tctx.configure(addon, openflare_strikes=1)
+        await attack(addon, "198.51.100.21")
+        assert await served(addon, "198.51.100.21")
+        tctx.command(addon.disallow, "198.51.100.0/24")
+        assert any(x.startswith("strikes=") for x in tctx.command(addon.banstats))
+    finally:
+        await r.aclose()
+    for bad in (("ban", "example.com"), ("ban", "10.0.0.0/8"), ("unban", "x"), ("allow", "10.0.0.0/33"), ("ban", "1.2.3.4", "-1")):
+        with pytest.raises(exceptions.CommandError):
+            tctx.command(getattr(addon, bad[0]), *bad[1:])
+
+
+async def test_commands_are_registered_under_their_names(bans):
+    addon, tctx = bans
+    names = set(tctx.master.commands.commands)
+    assert {"openflare.ban", "openflare.unban", "openflare.bans", "openflare.allow", "openflare.disallow"} <= names
+    tctx.master.commands.call_strings("openflare.ban", ["198.51.100.22"])
+    assert not await served(addon, "198.51.100.22")
+
+
+# --- Redis unreachable ---
+
+
+@pytest.mark.parametrize("policy", ["open", "closed"])
+async def test_unreachable_redis_fail_policy(policy, monkeypatch, caplog):
+    monkeypatch.delenv("OPENFLARE_REDIS_URL", raising=False)
+    addon = IpBans()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, openflare_redis_url=f"redis://127.0.0.1:{free_port()}/0", openflare_redis_fail=policy,
+                       openflare_strikes=1)  # fmt: skip
+        addon.running()
+        try:
+            deadline = time.monotonic() + 3
+            while "Redis unreachable" not in caplog.text and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            f = flow("198.51.100.30")
+            await addon.requestheaders(f)
+            if policy == "open":
+                assert f.response is None
+                assert addon.store.stats["served_redis_down"] == 1
+            else:
+                assert f.response.status_code == 403 and f.response.content == common.BLOCK_BODY
+                assert addon.store.stats["refused_redis_down"] == 1
+            f = await attack(addon, "198.51.100.31")  # a strike that cannot be counted is dropped, not raised
+            if policy == "open":
+                assert addon.store.stats["strikes_lost"] == 1
+            else:
+                assert f.response.status_code == 403 and addon.store.stats["refused_redis_down"] == 2
+        finally:
+            await _stop(addon)
+
+
+# --- the whole chain in real order ---
+
+
+async def test_chain_strikes_the_resolved_client_not_a_spoofed_one(prefix, attack_model, monkeypatch):
+    monkeypatch.delenv("OPENFLARE_REDIS_URL", raising=False)
+    features, addon, scorer = FeatureExtractor(), IpBans(), Scorer()
+    with taddons.context(features, addon, scorer) as tctx:
+        tctx.configure(addon, openflare_redis_url=REDIS_URL, openflare_redis_prefix=prefix, openflare_strikes=2)
+        tctx.configure(scorer, openflare_model=str(attack_model))
+        addon.running()
+        try:
+            assert await addon.store.wait_synced()
+
+            async def send(peer: str, xff: str, path: bytes = SQLI):
+                f = tflow.tflow(req=tutils.treq(path=path, headers=[(b"x-forwarded-for", xff.encode())]), resp=False)
+                f.client_conn.peername = (peer, 40000)
+                for e in eventsequence.iterate(f):
+                    await tctx.master.addons.handle_lifecycle(e)
+                return f
+
+            # Untrusted peer: its X-Forwarded-For is ignored, the strikes land on the peer.
+            for xff in ("192.0.2.1", "192.0.2.2"):
+                f = await send("203.0.113.50", xff)
+                assert f.response.status_code == 403 and f.metadata[common.VERDICT] == common.VERDICT_BLOCK
+            assert addon.store.check("203.0.113.50") is not None
+            assert addon.store.check("192.0.2.1") is None and addon.store.check("192.0.2.2") is None
+            f = await send("203.0.113.50", "192.0.2.3", b"/hello")
+            assert f.metadata[common.BANNED] and common.VERDICT not in f.metadata  # refused before scoring
+            # Trusted proxy: the forwarded client is struck, the proxy is not.
+            tctx.configure(features, openflare_trusted_proxies=["127.0.0.1"])
+            await send("127.0.0.1", "192.0.2.9")
+            await send("127.0.0.1", "192.0.2.9")
+            assert addon.store.check("192.0.2.9") is not None and addon.store.check("127.0.0.1") is None
+            f = await send("127.0.0.1", "192.0.2.10", b"/hello")
+            assert f.response is None and f.metadata[common.VERDICT] == common.VERDICT_PASS
+            # Detect-only: the Scorer forwards, so nothing is struck.
+            tctx.configure(scorer, openflare_detect_only=True)
+            await send("127.0.0.1", "192.0.2.11")
+            await send("127.0.0.1", "192.0.2.11")
+            assert addon.store.check("192.0.2.11") is None
+        finally:
+            await _stop(addon)
+
+
+def test_the_embedded_store_without_lupa_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("OPENFLARE_REDIS_URL", raising=False)
+    monkeypatch.setattr("addons.banstore.embedded_available", lambda: False)
+    addon = IpBans()
+    with taddons.context(addon) as tctx:
+        with pytest.raises(exceptions.OptionsError, match="lupa"):
+            tctx.configure(addon, openflare_redis_prefix="oftest:nolupa:")
+        tctx.configure(addon, openflare_redis_url=REDIS_URL)  # a configured Redis needs no lupa

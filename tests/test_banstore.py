@@ -1,0 +1,420 @@
+"""addons/banstore.py against the real Redis at 127.0.0.1:6379 (OPENFLARE_TEST_REDIS to change it).
+
+Each test works under its own key prefix and deletes only its own keys. A private redis-server, started
+on a free port, is killed, paused and restarted to check the outage behaviour.
+"""
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from addons import banstore
+from conftest import REPO, free_port, wait_listening
+
+REDIS_URL = os.environ.get("OPENFLARE_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+async def _delete_prefix(url: str, prefix: str) -> None:
+    r = aioredis.from_url(url)
+    try:
+        keys = [k async for k in r.scan_iter(match=prefix + "*", count=1000)]
+        if keys:
+            await r.delete(*keys)
+    finally:
+        await r.aclose()
+
+
+@pytest.fixture
+async def prefix():
+    p = f"oftest:{uuid.uuid4().hex[:12]}:"
+    yield p
+    await _delete_prefix(REDIS_URL, p)
+
+
+@pytest.fixture
+async def stores(prefix):
+    """Factory: a started BanStore on the shared Redis under this test's prefix; all closed at the end."""
+    made = []
+
+    async def make(policy=None, url=REDIS_URL, client=None, **kw):
+        store = banstore.BanStore(client or banstore.make_client(url), prefix, policy or banstore.Policy(), **kw)
+        store.start()
+        made.append(store)
+        assert await store.wait_synced(), "Redis not reachable: .ci/run starts redis-server on 127.0.0.1:6379"
+        return store
+
+    yield make
+    for store in made:
+        await store.close()
+
+
+async def until(pred, timeout: float = 3.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        await asyncio.sleep(0.01)
+    return pred()
+
+
+# --- pure helpers ---
+
+
+def test_ip_key_normalises_and_groups_ipv6():
+    assert banstore.ip_key("203.0.113.7") == "203.0.113.7"
+    assert banstore.ip_key(" 2001:DB8:0:0::1 ") == "2001:db8::1"
+    assert banstore.ip_key("::ffff:198.51.100.1") == "198.51.100.1"
+    assert banstore.ip_key("2001:db8:1:2:3:4:5:6", 64) == "2001:db8:1:2::/64"
+    assert banstore.ip_key("2001:db8:1:2:ffff::9", 64) == "2001:db8:1:2::/64"
+    assert banstore.ip_key("203.0.113.7", 64) == "203.0.113.7"
+    assert banstore.ip_key("not-an-ip") is None
+    assert banstore.ip_key("") is None
+
+
+def test_parse_key_accepts_ips_and_the_grouping_network_only():
+    assert banstore.parse_key("198.51.100.4") == "198.51.100.4"
+    assert banstore.parse_key("198.51.100.4/32") == "198.51.100.4"
+    assert banstore.parse_key("2001:db8:1:2::/64", 64) == "2001:db8:1:2::/64"
+    assert banstore.parse_key("2001:db8:1:2::77", 64) == "2001:db8:1:2::/64"
+    with pytest.raises(ValueError, match="not an IP"):
+        banstore.parse_key("example.com")
+    with pytest.raises(ValueError, match="per IP"):
+        banstore.parse_key("10.0.0.0/8")
+
+
+def test_sanitise_removes_controls_and_quotes():
+    assert banstore.sanitise('a\tb\nc"d\x1b[31m') == "a_b_c_d_[31m"
+    assert banstore.sanitise("x" * 500, 10) == "x" * 10
+    assert banstore.sanitise("") == "-"
+
+
+def test_allowlist_cidr_ipv4_ipv6_and_expiry():
+    allow = banstore.Allowlist()
+    allow.set_static(["10.0.0.0/8", "2001:db8:abcd::/48", "192.0.2.5"])
+    assert allow.allowed("10.200.3.4")
+    assert not allow.allowed("11.0.0.1")
+    assert allow.allowed("2001:db8:abcd:12::1")
+    assert not allow.allowed("2001:db8:abce::1")
+    assert allow.allowed("192.0.2.5") and not allow.allowed("192.0.2.6")
+    assert allow.allowed("::ffff:10.1.1.1")
+    assert allow.allowed("2001:db8:abcd:1::/64")  # a grouped key inside the range
+    assert not allow.allowed("garbage")
+    now = time.monotonic()
+    allow.add("198.51.100.0/24", now + 10)
+    assert allow.allowed("198.51.100.9", now)
+    assert not allow.allowed("198.51.100.9", now + 11)
+    allow.add("198.51.100.0/24")  # re-added without expiry
+    assert allow.allowed("198.51.100.9", now + 11)
+    assert allow.remove("198.51.100.0/24") and not allow.allowed("198.51.100.9")
+    with pytest.raises(ValueError, match="not an IP"):
+        allow.set_static(["10.0.0.0/33"])
+
+
+def test_rate_limiter_counts_per_ip_per_second():
+    rl = banstore.RateLimiter(3)
+    assert [rl.hit("a", 100.1) for _ in range(4)] == [1, 2, 3, 4]
+    assert rl.hit("b", 100.9) == 1
+    assert rl.hit("a", 101.0) == 1  # a new second starts afresh and forgets the old one
+    assert "b" not in rl.counts
+
+
+# --- strikes, bans, escalation, TTL expiry ---
+
+
+async def test_three_strikes_ban_and_ttl_expiry(stores, prefix):
+    store = await stores(banstore.Policy(strikes=3, window=60, ban_seconds=1, max_seconds=10))
+    r1 = await store.strike("198.51.100.1", "sqli")
+    r2 = await store.strike("198.51.100.1", "sqli")
+    assert (r1.strikes, r1.status, r2.strikes) == (1, "counted", 2)
+    assert store.check("198.51.100.1") is None
+    r3 = await store.strike("198.51.100.1", "sqli")
+    assert (r3.status, r3.strikes, r3.banned, r3.level) == ("banned", 3, 1, 1)
+    ban = store.check("198.51.100.1")
+    assert ban is not None and ban.reason == "sqli" and ban.strikes == 3
+    assert (await store.strike("198.51.100.1", "sqli")).status == "already-banned"
+    raw = await store.client.hgetall(prefix + "ban:198.51.100.1")
+    assert raw[b"reason"] == b"sqli" and raw[b"seconds"] == b"1"
+    assert 0 < await store.client.pttl(prefix + "ban:198.51.100.1") <= 1000
+    assert await store.client.exists(prefix + "strikes:198.51.100.1") == 0
+    assert store.stats["strikes"] == 3 and store.stats["bans"] == 1
+    await asyncio.sleep(1.1)
+    assert store.check("198.51.100.1") is None  # the local view expires by itself...
+    assert await store.client.exists(prefix + "ban:198.51.100.1") == 0  # ...and so does Redis, by TTL
+
+
+async def test_strike_window_expires(stores, prefix):
+    store = await stores(banstore.Policy(strikes=3, window=1, ban_seconds=60))
+    await store.strike("198.51.100.2", "x")
+    await store.strike("198.51.100.2", "x")
+    assert 0 < await store.client.pttl(prefix + "strikes:198.51.100.2") <= 1000
+    await asyncio.sleep(1.1)
+    r = await store.strike("198.51.100.2", "x")
+    assert (r.strikes, r.status) == (1, "counted")
+
+
+async def test_repeat_bans_double_up_to_the_cap_and_are_remembered(stores, prefix):
+    store = await stores(banstore.Policy(strikes=1, window=60, ban_seconds=1, max_seconds=3, memory=1000))
+    assert (await store.strike("198.51.100.3", "x")).banned == 1
+    assert 900_000 < await store.client.pttl(prefix + "level:198.51.100.3") <= 1_000_000
+    await asyncio.sleep(1.1)
+    second = await store.strike("198.51.100.3", "x")
+    assert (second.banned, second.level) == (2, 2)
+    assert 1000 < await store.client.pttl(prefix + "ban:198.51.100.3") <= 2000
+    assert await store.ban("198.51.100.3") == 3  # 4 s, capped at 3
+    assert await store.ban("198.51.100.3", 30) == 30  # an explicit duration is used as given
+    assert store.check("198.51.100.3").level == 4
+
+
+async def test_unban_clears_strikes_and_ignores_strikes_in_flight(stores, prefix):
+    store = await stores(banstore.Policy(strikes=2, window=60, ban_seconds=60))
+    before = int(time.time() * 1000)
+    await store.strike("198.51.100.4", "x", seen_ms=before)
+    await store.strike("198.51.100.4", "x", seen_ms=before)
+    assert store.check("198.51.100.4")
+    await asyncio.sleep(0.01)
+    assert await store.unban("198.51.100.4") is True
+    assert store.check("198.51.100.4") is None
+    for kind in ("ban", "strikes", "level"):
+        assert await store.client.exists(f"{prefix}{kind}:198.51.100.4") == 0
+    # Requests that arrived before the unban and are answered after it do not strike again.
+    for _ in range(3):
+        assert (await store.strike("198.51.100.4", "x", seen_ms=before)).status == "after-unban"
+    assert store.check("198.51.100.4") is None
+    # New requests do.
+    assert (await store.strike("198.51.100.4", "x")).strikes == 1
+    assert (await store.strike("198.51.100.4", "x")).banned == 60  # escalation was forgotten too
+    assert store.stats["unbans"] == 1
+
+
+async def test_allowlisted_ips_are_never_struck_or_banned(stores, prefix):
+    store = await stores(banstore.Policy(strikes=1, window=60, ban_seconds=60))
+    store.allowlist.set_static(["203.0.113.0/24", "2001:db8:aaaa::/48"])
+    assert (await store.strike("203.0.113.50", "x")).status == "allowed"
+    assert (await store.strike("2001:db8:aaaa:1::/64", "x", addr="2001:db8:aaaa:1::5")).status == "allowed"
+    with pytest.raises(ValueError, match="allowlisted"):
+        await store.ban("203.0.113.50", 10)
+    assert [k async for k in store.client.scan_iter(match=prefix + "*")] == []
+
+
+async def test_redis_allowlist_with_expiry_reaches_other_processes(stores, prefix):
+    a = await stores()
+    b = await stores()
+    assert await a.allow("192.0.2.0/24", 1) == "192.0.2.0/24"
+    assert await until(lambda: b.allowlist.allowed("192.0.2.77"), 1.0)
+    assert 0 < await a.client.pttl(prefix + "allow:192.0.2.0/24") <= 1000
+    await a.allow("2001:db8:5::/48")
+    assert await until(lambda: b.allowlist.allowed("2001:db8:5:1::1"), 1.0)
+    await asyncio.sleep(1.1)
+    assert not a.allowlist.allowed("192.0.2.77") and not b.allowlist.allowed("192.0.2.77")
+    assert await a.client.exists(prefix + "allow:192.0.2.0/24") == 0
+    # A process started later reads the allowlist from Redis.
+    c = await stores()
+    assert c.allowlist.allowed("2001:db8:5:ffff::1")
+    assert await c.disallow("2001:db8:5::/48") is True
+    assert await until(lambda: not a.allowlist.allowed("2001:db8:5:1::1"), 1.0)
+
+
+async def test_a_ban_by_one_process_reaches_the_other_within_a_second(stores):
+    policy = banstore.Policy(strikes=2, window=60, ban_seconds=60)
+    a = await stores(policy)
+    b = await stores(policy)
+    await a.strike("198.51.100.5", "x")
+    await a.strike("198.51.100.5", "x")
+    assert await until(lambda: b.check("198.51.100.5") is not None, 1.0)
+    assert b.check("198.51.100.5").reason == "x"
+    await b.unban("198.51.100.5")
+    assert await until(lambda: a.check("198.51.100.5") is None, 1.0)
+    await b.ban("198.51.100.6", 5)
+    assert await until(lambda: a.check("198.51.100.6") is not None, 1.0)
+    assert 4 < a.check("198.51.100.6").remaining() <= 5
+    # A process started later loads the bans in force.
+    c = await stores(policy)
+    assert c.check("198.51.100.6") is not None and c.check("198.51.100.5") is None
+
+
+async def test_malformed_events_are_ignored(stores, caplog):
+    store = await stores()
+    await store.client.publish(store.channel, "ban\tonly-two")
+    await store.client.publish(store.channel, "ban\t198.51.100.9\tnot-a-number\t1\t1\tx")
+    await store.client.publish(store.channel, "ban\t198.51.100.10\t5000\t1\t3\tok")
+    assert await until(lambda: store.check("198.51.100.10") is not None, 1.0)
+    assert store.check("198.51.100.9") is None
+    assert "malformed event" in caplog.text
+
+
+async def test_embedded_fakeredis_runs_the_same_code(prefix):
+    store = banstore.BanStore(banstore.make_client(None), prefix, banstore.Policy(strikes=2, ban_seconds=60))
+    store.start()
+    try:
+        assert await store.wait_synced()
+        await store.strike("198.51.100.11", "x")
+        assert (await store.strike("198.51.100.11", "x")).status == "banned"
+        assert store.check("198.51.100.11") is not None
+        await store.unban("198.51.100.11")
+        assert store.check("198.51.100.11") is None
+    finally:
+        await store.close()
+
+
+# --- exact counting across processes ---
+
+CHILD = r"""
+import asyncio, json, sys, time
+from addons import banstore
+
+async def main(url, prefix, ip, n, threshold, start_at):
+    store = banstore.BanStore(banstore.make_client(url), prefix,
+                              banstore.Policy(strikes=threshold, window=60, ban_seconds=60), timeout=10)
+    store.start()
+    assert await store.wait_synced(10)
+    await asyncio.sleep(max(0, start_at - time.time()))
+    results = await asyncio.gather(*(store.strike(ip, "race") for _ in range(n)))
+    print(json.dumps([[r.status, r.strikes] for r in results]))
+    await store.close()
+
+asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])))
+"""
+
+
+def _race(prefix: str, ip: str, procs: int, each: int, threshold: int) -> list[list]:
+    start_at = time.time() + 2.5  # every child is connected by then, so they strike at the same time
+    args = [sys.executable, "-c", CHILD, REDIS_URL, prefix, ip, str(each), str(threshold), str(start_at)]
+    children = [subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(procs)]
+    out = []
+    for child in children:
+        stdout, stderr = child.communicate(timeout=60)
+        assert child.returncode == 0, stderr
+        out.extend(json.loads(stdout.strip().splitlines()[-1]))
+    return out
+
+
+async def test_strikes_are_counted_exactly_across_processes(prefix):
+    loop = asyncio.get_running_loop()
+    counted = await loop.run_in_executor(None, _race, prefix, "198.51.100.20", 4, 50, 1_000_000)
+    assert all(status == "counted" for status, _ in counted)
+    assert sorted(n for _, n in counted) == list(range(1, 201))  # every number handed out exactly once
+    r = aioredis.from_url(REDIS_URL)
+    try:
+        assert int(await r.get(prefix + "strikes:198.51.100.20")) == 200
+    finally:
+        await r.aclose()
+
+
+async def test_the_threshold_bans_exactly_once_under_concurrency(prefix):
+    loop = asyncio.get_running_loop()
+    results = await loop.run_in_executor(None, _race, prefix, "198.51.100.21", 4, 10, 5)
+    statuses = [s for s, _ in results]
+    assert statuses.count("banned") == 1
+    assert sorted(n for s, n in results if s in ("counted", "banned")) == [1, 2, 3, 4, 5]
+    assert statuses.count("already-banned") == 35
+    r = aioredis.from_url(REDIS_URL)
+    try:
+        assert int(await r.get(prefix + "level:198.51.100.21")) == 1
+        assert await r.exists(prefix + "ban:198.51.100.21") == 1
+    finally:
+        await r.aclose()
+
+
+# --- a private redis-server killed, paused and restarted ---
+
+
+class PrivateRedis:
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.dir = workdir
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        # appendfsync always: what a killed server had acknowledged is there after its restart.
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.dir)]  # fmt: skip
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert wait_listening(self.port, self.proc, 10), "private redis-server did not start"
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is not installed (.ci/run installs it)")
+    server = PrivateRedis(tmp_path)
+    server.start()
+    yield server
+    server.kill()
+
+
+async def test_outage_fail_fast_reconnect_and_bans_resume(private_redis, caplog):
+    policy = banstore.Policy(strikes=2, window=60, ban_seconds=60)
+    health = []
+    store = banstore.BanStore(banstore.make_client(private_redis.url), "of:", policy, on_health=health.append)
+    other = banstore.BanStore(banstore.make_client(private_redis.url), "of:", policy)
+    store.start()
+    other.start()
+    try:
+        assert await store.wait_synced() and await other.wait_synced()
+        await store.strike("198.51.100.30", "x")
+        await store.strike("198.51.100.30", "x")
+        assert store.check("198.51.100.30")
+
+        private_redis.kill()
+        assert await until(lambda: not store.healthy, 3.0)
+        start = time.monotonic()
+        lost = await store.strike("198.51.100.31", "x")
+        elapsed = time.monotonic() - start
+        assert lost.status == "redis-down" and elapsed < 1.0  # a hang check; the 50 ms budget is benchmarked
+        assert store.check("198.51.100.30") is not None  # known bans are still enforced during the outage
+        with pytest.raises(ConnectionError):
+            await store.unban("198.51.100.99")
+        assert "Redis unreachable" in caplog.text
+
+        private_redis.start()  # same port, same AOF: the ban was persisted
+        assert await until(lambda: store.healthy and other.healthy, 10.0)
+        assert store.check("198.51.100.30") is not None and other.check("198.51.100.30") is not None
+        await store.strike("198.51.100.32", "x")
+        assert (await store.strike("198.51.100.32", "x")).status == "banned"
+        assert await until(lambda: other.check("198.51.100.32") is not None, 1.0)
+        assert health[:3] == [True, False, True]
+        assert store.stats["redis_outages"] == 1 and store.stats["strikes_lost"] >= 1
+    finally:
+        await store.close()
+        await other.close()
+
+
+async def test_a_hung_redis_costs_a_strike_no_more_than_the_budget(private_redis):
+    store = banstore.BanStore(banstore.make_client(private_redis.url), "of:", banstore.Policy())
+    store.start()
+    try:
+        assert await store.wait_synced()
+        private_redis.proc.send_signal(signal.SIGSTOP)  # accepts nothing, answers nothing: no RST, no EOF
+        start = time.monotonic()
+        res = await store.strike("198.51.100.40", "x")
+        elapsed = time.monotonic() - start
+        assert res.status == "redis-down" and elapsed < 1.0
+        assert store.stats["redis_timeouts"] == 1
+        assert await until(lambda: not store.healthy, 3.0)  # the PING probe got no answer either
+        assert (await store.strike("198.51.100.40", "x")).status == "redis-down"  # skipped, no wait at all
+        assert store.stats["redis_skipped"] >= 1
+        private_redis.proc.send_signal(signal.SIGCONT)
+        assert await until(lambda: store.healthy, 10.0)
+        assert (await store.strike("198.51.100.40", "x")).status == "counted"
+    finally:
+        await store.close()
