@@ -1,0 +1,267 @@
+#!/usr/bin/env python3
+"""Retrain the local model on the base corpora plus labelled recorded flows; promote it only if not worse.
+
+    scripts/retrain.py [--uri URI | --dir data/records] [--data a.jsonl.gz,...] [--model models/openflare-local.joblib]
+
+1. Labels stream out of the record store (MongoDB: --uri / OPENFLARE_MONGO_URI, else the embedded store
+   in --dir): operator labels (`openflare.label`) > LLM verdicts > confident local verdicts, merged per
+   feature string, weighted by source and recency, capped (addons/retraining.py).
+2. The app's labelled strings split 80/10/10 by hash: training, threshold calibration, held-out gate.
+3. A candidate is trained with scripts/train.py's code (same augmentation, features, classifier) on the
+   base corpora's train splits plus the weighted app strings; the app profile is refreshed from the app's
+   benign strings when that does not raise FPR on the calibration slice.
+4. Its threshold is calibrated for --target-app-fpr on the app's benign calibration strings.
+5. Candidate and current model are scored on the same held-out data (base test splits + the app's gate
+   slice); the table is printed either way; the candidate is promoted (history kept, parent recorded,
+   files replaced atomically) only if the gate passes. Exit 0: promoted (or --dry-run), 3: refused, 2: error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import importlib.util
+import json
+import os
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from addons import dataset  # noqa: E402
+from addons import detector  # noqa: E402
+from addons import model  # noqa: E402
+from addons import records  # noqa: E402
+from addons import retraining  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("openflare_train", ROOT / "scripts" / "train.py")
+train = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train)
+
+_T0 = time.perf_counter()
+REFUSED = 3  # exit code: the gate refused the candidate (1 stays Python's own for a crash)
+
+
+
+
+def log(msg: str) -> None:
+    print(f"[retrain {time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+class Progress:
+    """A progress bar on stderr, redrawn at most twice a second (total may be unknown: a counter)."""
+
+    def __init__(self, label: str, total: int | None = None) -> None:
+        self.label, self.total, self.n, self._last = label, total, 0, 0.0
+
+    def __call__(self, k: int = 1) -> None:
+        self.n += k
+        now = time.perf_counter()
+        if now - self._last >= 0.5:
+            self._last = now
+            self._draw()
+
+    def _draw(self, end: str = "") -> None:
+        if self.total:
+            frac = min(self.n / self.total, 1.0)
+            bar = "#" * int(30 * frac)
+            print(f"\r  {self.label} [{bar:30}] {self.n}/{self.total}", end=end, file=sys.stderr, flush=True)
+        else:
+            print(f"\r  {self.label}: {self.n}", end=end, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self._draw("\n")
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Also every option of scripts/train.py "
+                                 "(--data, --bits, --min-df, --C, --synthetic, --seed, --version, ...), same defaults.")
+    ap.add_argument("--uri", help="MongoDB URI (default: OPENFLARE_MONGO_URI; without either the embedded store)")
+    ap.add_argument("--dir", default="data/records", help="embedded store directory (default data/records)")
+    ap.add_argument("--model", default=str(ROOT / "models" / (model.DEFAULT_MODEL + model.MODEL_SUFFIX)),
+                    help="the current model, replaced on promotion (default models/openflare-local.joblib)")
+    ap.add_argument("--candidate", type=Path, default=None, help="where the candidate is written (default models/candidate.joblib)")
+    ap.add_argument("--dry-run", action="store_true", help="train and compare, never promote")
+    ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="processes reading the embedded store (default 2)")
+    ap.add_argument("--cap", type=int, default=50_000, help="most distinct machine-labelled feature strings kept: bounds training memory (default 50000)")
+    ap.add_argument("--fixed-fpr", type=float, default=0.01, help="the gate compares base TPR at this FPR (default 0.01)")
+    ap.add_argument("--tolerance", type=float, default=0.005, help="TPR the candidate may lose to noise (default 0.005)")
+    ap.add_argument("--target-app-fpr", type=float, default=0.01, help="threshold calibration: FPR on the app's benign flows (default 0.01)")
+    ap.add_argument("--calibration-min", type=int, default=100, help="app benign strings needed to calibrate the threshold; fewer: 6 (default 100)")
+    ap.add_argument("--app-carried", type=float, default=0.5, help="attack payloads carried in the app's benign requests, per app benign string (default 0.5)")
+    ap.add_argument("--profile-min", type=int, default=200, help="app benign strings needed to refresh the app profile (default 200)")
+    ap.add_argument("--weight-operator", type=float, default=10.0)
+    ap.add_argument("--weight-llm", type=float, default=3.0)
+    ap.add_argument("--weight-local", type=float, default=0.5)
+    ap.add_argument("--half-life-days", type=float, default=7.0, help="recency: labels this old count half (default 7)")
+    ap.add_argument("--local-attack", type=int, default=9, help="local score taken as a confident attack (default 9)")
+    ap.add_argument("--local-benign", type=int, default=2, help="local score taken as confidently benign (default 2)")
+    ap.add_argument("--json", type=Path, help="also write the comparison as JSON here")
+    args, rest = ap.parse_known_args(argv)
+    # Every option of scripts/train.py (--data, --bits, --synthetic, --seed, --version, ...) with its defaults:
+    # the candidate is trained exactly as `make train` trains, plus the recorded flows.
+    targs = train.parser().parse_args(rest)
+    for k, v in vars(targs).items():
+        if k != "out":
+            setattr(args, k, v)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    current_path = Path(args.model)
+    candidate_path = args.candidate or current_path.with_name("candidate" + model.MODEL_SUFFIX)
+    policy = retraining.Policy(local_attack=args.local_attack, local_benign=args.local_benign,
+                               weight_operator=args.weight_operator, weight_llm=args.weight_llm,
+                               weight_local=args.weight_local, half_life_days=args.half_life_days)
+    try:
+        current = model.load(str(current_path))
+        files = dataset.parse_data_arg(args.data)
+        store = records.store_from_args(args.uri, args.dir)
+    except (model.ModelError, dataset.DatasetError, ValueError, OSError) as e:
+        print(f"retrain: {e}", file=sys.stderr)
+        return 2
+    log(f"current model {current.version} ({current_path}); reading labels from {store.description}")
+    bar = Progress("records read")
+    t_read = time.perf_counter()
+    try:
+        col = retraining.collect(store, policy, cap=args.cap, progress=bar, workers=args.workers)
+    except Exception as e:  # noqa: BLE001 - pymongo errors, an unreadable store
+        print(f"retrain: cannot read {store.description}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    finally:
+        bar.close()
+        store.close()
+    log(f"labels: {col.stats}; {len(col)} distinct labelled strings; store read in {time.perf_counter() - t_read:.1f} s")
+    app = {"train": [], "calibrate": [], "gate": []}
+    for f, lab, src, w in col.examples():
+        app[retraining.held_slice(f)].append((f, int(lab == "attack"), src, w))
+    if not app["train"]:
+        print("retrain: no labelled recorded flows (label some with openflare.label, or record full flows)", file=sys.stderr)
+        return 2
+
+    log("reading base corpora " + ", ".join(str(f) for f in files))
+    recs = dataset.load(files)
+    split = dataset.honest_split(recs)
+    del recs
+    base_test = retraining.base_rows(split.test)
+    in_test = {f for f, _ in base_test}
+    dropped = sum(1 for r in app["train"] if r[0] in in_test)
+    app["train"] = [r for r in app["train"] if r[0] not in in_test]  # no request in both train and test
+    if dropped:
+        log(f"{dropped} recorded strings also in a base test split left out of training")
+    rng = random.Random(args.seed)
+    sup = train.build_supervised(split.train, rng, args)
+    held = [r for r in sup if int(train._key(r)[:8], 16) % 10 == 0]
+    fit = [r for r in sup if int(train._key(r)[:8], 16) % 10 != 0]
+    features = [r.feature() for r in fit] + [f for f, *_ in app["train"]]
+    y = [int(r.attack) for r in fit] + [lab for _, lab, *_ in app["train"]]
+    weights = [1.0] * len(fit) + [w for *_, w in app["train"]]
+    # Base attack payloads carried in the app's own benign requests (as train.py does with base carriers).
+    payloads = [p for p in (train.payload_of(r) for r in split.train if r.attack) if p]
+    app_benign_train = [f for f, lab, *_ in app["train"] if not lab]
+    carried = 0
+    if payloads and app_benign_train:
+        for _ in range(min(int(len(app_benign_train) * args.app_carried), args.cap)):
+            f = retraining.carry(rng.choice(app_benign_train), rng.choice(payloads), rng)
+            if f is not None:
+                features.append(f)
+                y.append(1)
+                weights.append(1.0)
+                carried += 1
+    log(f"{carried} base attack payloads carried in the app's benign requests")
+    log(f"fitting on {len(fit)} base + {len(app['train'])} app strings ({sum(1 for r in app['train'] if r[1])} attack)")
+    det = train.fit_supervised(features, y, args, sample_weight=weights)
+    hy = [int(r.attack) for r in held]
+    op = train.choose_operating_point(hy, [det.supervised_proba(r.feature()) for r in held], args.target_fpr)
+    det.violation_p = op + (1 - op) / 2
+
+    prof_sources = [s.strip() for s in args.profile_sources.split(",") if s.strip()]
+    base_prof = [r.feature() for r in split.train if r.source in prof_sources and not r.attack]
+    app_benign = [f for f, lab, *_ in app["train"] if not lab]
+    calib_benign = [f for f, lab, *_ in app["calibrate"] if not lab]
+    candidates = [("no profile", None)]
+    if base_prof:
+        candidates.append(("base sources only", detector.AppProfile().fit(base_prof)))
+    if len(app_benign) >= args.profile_min and len(calib_benign) >= 20:  # only when its FPR can be checked
+        candidates.append(("base sources + the app's benign flows", detector.AppProfile().fit(base_prof + app_benign)))
+    best = None
+    for name, prof in candidates:
+        det.profile = prof
+        probe = model.LocalModel(det, {"operating_point": op, "version": "probe"}, candidate_path)
+        fpr = retraining.calibrate_threshold(probe, calib_benign, 0.0, 6, 6)[1] if calib_benign else 0.0
+        log(f"app profile: {name} {prof.summary() if prof else ''}; app benign calibration FPR at 6: {fpr}")
+        if best is None or (fpr is not None and fpr <= best[2]):
+            best = (name, prof, fpr if fpr is not None else 0.0)
+    det.profile, profile_note = best[1], best[0]
+
+    probe = model.LocalModel(det, {"operating_point": op, "version": "probe"}, candidate_path)
+    threshold, calib_fpr = retraining.calibrate_threshold(probe, calib_benign, args.target_app_fpr, min_benign=args.calibration_min)
+    log(f"operating point {op:.4f}; threshold {threshold} (app benign calibration FPR {calib_fpr})")
+
+    version = args.version or f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%SZ}-{hashlib.sha256(repr(sorted(col.stats.items())).encode()).hexdigest()[:6]}"
+    import joblib
+
+    candidate_path.parent.mkdir(parents=True, exist_ok=True)
+    joblib.dump(det, candidate_path, compress=3)
+    card = {
+        "name": current_path.name[: -len(model.MODEL_SUFFIX)],
+        "version": version,
+        "parent_version": current.version,
+        "parent_sha256": current.card.get("sha256"),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created_by": "scripts/retrain.py",
+        "estimator": "addons.detector.Detector",
+        "operating_point": op,
+        "violation_p": det.violation_p,
+        "threshold": threshold,
+        "threshold_calibration": {"target_app_fpr": args.target_app_fpr, "app_benign_calibration": len(calib_benign), "fpr": calib_fpr},
+        "data_sources": [{"file": str(f), "sha256": model.sha256_file(f)} for f in files],
+        "train_counts": dataset.counts(split.train),
+        "test_counts": dataset.counts(split.test),
+        "recorded": {"store": store.description, "stats": col.stats, "distinct": len(col),
+                     "slices": {k: {"n": len(v), "attack": sum(1 for r in v if r[1])} for k, v in app.items()},
+                     "policy": {k: v for k, v in vars(policy).items() if k != "now"}, "cap": args.cap},
+        "app_carried_attacks": carried,
+        "profile": {"from": profile_note, **det.profile.summary()} if det.profile else None,
+        "target_fpr": args.target_fpr,
+        "seed": args.seed,
+    }
+    model.write_card(candidate_path, card)
+    candidate = model.load(str(candidate_path))
+    gate_rows = [(f, lab) for f, lab, *_ in app["gate"]]
+    log(f"evaluating both on {len(base_test)} base test + {len(gate_rows)} app held-out strings")
+    res = {}
+    for name, lm in (("current", current), ("candidate", candidate)):
+        bar = Progress(f"scoring {name}", len(base_test) + len(gate_rows))
+        res[name] = retraining.evaluate(lm, base_test, gate_rows, args.fixed_fpr, progress=bar)
+        bar.close()
+    decision = retraining.gate(res["current"], res["candidate"], args.tolerance)
+    card["metrics"] = {"held_out": res["candidate"], "parent_held_out": res["current"]}
+    model.write_card(candidate_path, card)
+    print(f"current {current.version} vs candidate {version} (rates in %, fixed FPR {100 * args.fixed_fpr:g} %)")
+    print(retraining.table(res["current"], res["candidate"]))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.json:
+        args.json.write_text(json.dumps({"current": res["current"], "candidate": res["candidate"], "promote": decision.promote,
+                                         "reasons": decision.reasons, "version": version, "threshold": threshold,
+                                         "stats": col.stats, "peak_rss_mb": rss}, indent=2) + "\n")
+    log(f"peak RSS {rss:.0f} MB")
+    if not decision.promote:
+        print("REFUSED: " + "; ".join(decision.reasons) + f" (candidate kept in {candidate_path})")
+        return REFUSED
+    if args.dry_run:
+        print(f"PASSES the gate (dry run: not promoted; candidate in {candidate_path})")
+        return 0
+    retraining.install(candidate_path, current_path)
+    print(f"PROMOTED {version} (parent {current.version}) to {current_path}; `make rollback` returns to {current.version}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

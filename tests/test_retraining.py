@@ -1,0 +1,256 @@
+"""addons/retraining.py: label precedence, bounded dedupe, streaming from both stores, gate, threshold, versions."""
+
+import datetime
+import json
+import time
+
+import joblib
+import mongomock
+import numpy as np
+import pytest
+
+from addons import detector
+from addons import model
+from addons import records
+from addons import retraining
+
+NOW = datetime.datetime(2026, 11, 21, 12, 0, 0)
+
+
+def cap(i, target=b"/app?q=hello", verdict="pass", local=2, llm=None, label=None, body=b"", t=None):
+    c = {"time": t if t is not None else time.time() - 60 + i * 0.001, "client_ip": "198.51.100.9", "verdict": verdict,
+         "score": local, "full": True, "method": b"GET", "target": target, "headers": ((b"Host", b"app"),), "body": body,
+         "body_size": len(body), "local_score": local, "llm_score": llm, "category": None, "model_version": "m-1",
+         "refused_by": "score" if verdict == "block" else None, "status": 200, "error": None, "sampled": verdict == "pass"}
+    return c
+
+
+def rec(**kw):
+    r = records.build(cap(0, **kw), records.Masker())
+    if kw.get("label"):
+        r["label"] = kw["label"]
+    return r
+
+
+def test_label_precedence_and_confidence():
+    pol = retraining.Policy()
+    assert retraining.label_of(rec(label="benign", verdict="block", local=10, llm=9), pol) == ("benign", "operator")
+    assert retraining.label_of(rec(verdict="block", local=10, llm=2), pol) == ("benign", "llm")
+    assert retraining.label_of(rec(verdict="block", local=5, llm=8), pol) == ("attack", "llm")
+    assert retraining.label_of(rec(verdict="pass", local=5, llm=5), pol) is None  # the LLM was unsure
+    assert retraining.label_of(rec(verdict="block", local=9), pol) == ("attack", "local")
+    assert retraining.label_of(rec(verdict="block", local=7), pol) is None  # not confident
+    assert retraining.label_of(rec(verdict="pass", local=2), pol) == ("benign", "local")
+    assert retraining.label_of(rec(verdict="pass", local=4), pol) is None
+    brief = records.build({"time": 1.0, "client_ip": "x", "verdict": "pass", "score": 1, "full": False}, records.Masker())
+    col = retraining.Collector(pol)
+    col.add_record(brief)
+    assert col.stats["full"] == 0 and len(col) == 0
+
+
+def test_operator_wins_and_duplicates_merge():
+    pol = retraining.Policy(now=NOW)
+    col = retraining.Collector(pol)
+    for _ in range(1000):
+        col.add("get /a ?q=select a size", "attack", "local", NOW)
+    col.add("get /a ?q=select a size", "benign", "operator", NOW)
+    col.add("get /b ?q=x", "attack", "llm", NOW)
+    col.add("get /b ?q=x", "benign", "local", NOW)  # weaker: ignored
+    for _ in range(1000):
+        col.add("get /c ?q=y", "benign", "local", NOW)
+    ex = {f: (lab, src, w) for f, lab, src, w in col.examples()}
+    assert ex["get /a ?q=select a size"] == ("benign", "operator", 10.0)
+    assert ex["get /b ?q=x"][:2] == ("attack", "llm")
+    lab, src, w = ex["get /c ?q=y"]
+    assert (lab, src) == ("benign", "local") and 0.5 < w < 0.5 * 9  # damped: 1000 copies weigh ~8x one copy
+    # Operator relabels replace; recency halves per half-life.
+    col.add("get /a ?q=select a size", "attack", "operator", NOW)
+    assert dict((f, lab) for f, lab, *_ in col.examples())["get /a ?q=select a size"] == "attack"
+    assert pol.recency(NOW - datetime.timedelta(days=7)) == pytest.approx(0.5)
+
+
+def test_cap_is_a_deterministic_reservoir():
+    def run(order):
+        col = retraining.Collector(retraining.Policy(now=NOW), cap=50)
+        for i in order:
+            col.add(f"get /p{i}", "benign", "local", NOW)
+            col.add(f"get /p{i}", "benign", "local", NOW)  # a kept string keeps its copies
+        return {f: w for f, _, _, w in col.examples()}, col.stats["dropped_by_cap"]
+
+    a, dropped = run(range(500))
+    b, _ = run(reversed(range(500)))
+    assert len(a) == 50 and a == b and dropped >= 450
+    keep = sorted(range(500), key=lambda i: retraining._priority(f"get /p{i}"))[:50]
+    assert set(a) == {f"get /p{i}" for i in keep}
+
+
+@pytest.mark.parametrize("kind", ["embedded", "mongomock"])
+def test_collect_streams_records_and_labels(kind, tmp_path):
+    if kind == "embedded":
+        store = records.open_store(directory=tmp_path / "store")
+    else:
+        store = records.Store(mongomock.MongoClient().openflare.records, "mongomock")
+    w = records.Writer(store, tmp_path / "spill.jsonl", "t")
+    caps = [cap(i, target=b"/app?q=one") for i in range(20)]
+    caps += [cap(i, target=b"/app?q=%27%20or%201=1--", verdict="block", local=10) for i in range(5)]
+    caps += [{"time": time.time(), "client_ip": "x", "verdict": "pass", "score": 1, "full": False} for _ in range(30)]
+    w.write(caps)
+    labelled = records.build(cap(0, target=b"/app?q=union+square", verdict="block", local=10), records.Masker())
+    labelled.update(_id="flow-1", label="benign", label_source="operator", label_time=records.utcnow())
+    retraining.labels_store(store).coll.insert_one(labelled)
+    seen = []
+    col = retraining.collect(store, retraining.Policy(), progress=seen.append)
+    assert col.stats["full"] == 26 and col.stats["operator"] == 1  # brief records are skipped unread
+    ex = {f: (lab, src) for f, lab, src, _ in col.examples()}
+    assert len(ex) == 3 and sum(seen) >= 26
+    assert ex[next(f for f in ex if "union square" in f)] == ("benign", "operator")
+    assert ex[next(f for f in ex if "one" in f)] == ("benign", "local")
+    assert sorted(lab for lab, _ in ex.values()) == ["attack", "benign", "benign"]
+    store.close()
+
+
+def _det(weight_on: str) -> detector.Detector:
+    """A Detector whose only weight is on the n-grams of `weight_on` (attack when present)."""
+    idf = np.ones(1 << 12, dtype=np.float32)
+    coef = np.zeros(1 << 12, dtype=np.float32)
+    idx, _ = detector.term_counts(weight_on, 12)
+    neutral, _ = detector.term_counts("get /x /app ?q=tea hello world recipe", 12)
+    coef[np.setdiff1d(idx, neutral)] = 40.0
+    return detector.Detector(idf, coef, -4.0, bits=12)
+
+
+def _save(det, path, **card):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    joblib.dump(det, path)
+    model.write_card(path, {"operating_point": 0.5, **card})
+    return model.load(str(path))
+
+
+def test_gate_calibration_and_table(tmp_path):
+    cur = _save(_det("zzqq"), tmp_path / "cur.joblib", version="a", threshold=6)
+    base = [("get /x ?q=zzqq", 1), ("get /x ?q=hello", 0), ("get /x ?q=zzqq zzqq", 1), ("get /x ?q=world", 0)]
+    app = [("get /app ?q=zzqq recipe", 0), ("get /app ?q=tea", 0)]
+    m = retraining.evaluate(cur, base, app, 0.01)
+    assert m["base_tpr_at_fpr"] == 1.0 and m["app"]["fpr"] == 0.5
+    worse = dict(m, base_tpr_at_fpr=0.5)
+    assert not retraining.gate(m, worse).promote
+    assert "drops" in retraining.gate(m, worse).reasons[0]
+    higher_fpr = json.loads(json.dumps(m))
+    higher_fpr["app"]["fpr"] = 0.9
+    assert not retraining.gate(m, higher_fpr).promote
+    assert retraining.gate(m, m).promote
+    assert "app benign FPR" in retraining.table(m, m)
+    # Calibration: the lowest threshold meeting the target FPR on the app's benign strings.
+    t, fpr = retraining.calibrate_threshold(cur, ["get /app ?q=zzqq"] + ["get /app ?q=tea"] * 9, 0.2)
+    assert (t, fpr) == (6, 0.1)
+    t, fpr = retraining.calibrate_threshold(cur, ["get /app ?q=zzqq"] * 5 + ["get /app ?q=tea"] * 5, 0.01)
+    assert t == 9 and fpr == 0.5  # never reached: the highest threshold, and its FPR said
+
+
+def test_install_history_and_rollback(tmp_path):
+    cur_path = tmp_path / "models" / "openflare-local.joblib"
+    _save(_det("aaa"), cur_path, version="v1")
+    cand = tmp_path / "models" / "candidate.joblib"
+    _save(_det("bbb"), cand, version="v2", parent_version="v1")
+    retraining.install(cand, cur_path)
+    assert model.load(str(cur_path)).version == "v2"
+    assert retraining.archived(cur_path, "v1").is_file() and retraining.archived(cur_path, "v2").is_file()
+    assert [c["version"] for c in retraining.versions(cur_path)] == ["v1", "v2"] or len(retraining.versions(cur_path)) == 2
+    restored = retraining.rollback(cur_path)
+    assert restored["version"] == "v1" and model.load(str(cur_path)).version == "v1"
+    with pytest.raises(retraining.RetrainError, match="no parent"):
+        retraining.rollback(cur_path)
+    # A tampered archive is refused.
+    _save(_det("ccc"), cand, version="v3", parent_version="v1")
+    retraining.install(cand, cur_path)
+    old = retraining.archived(cur_path, "v1")
+    old.write_bytes(old.read_bytes() + b"x")
+    with pytest.raises(retraining.RetrainError, match="does not match"):
+        retraining.rollback(cur_path)
+    assert model.load(str(cur_path)).version == "v3"
+
+
+async def test_scorer_reload_verifies_and_swaps_and_uses_the_card_threshold(tmp_path, caplog):
+    from mitmproxy.test import taddons
+
+    from addons import scorer
+
+    cur_path = tmp_path / "models" / "openflare-local.joblib"
+    _save(_det("aaa"), cur_path, version="v1", threshold=6)
+    sc = scorer.Scorer()
+    with taddons.context(sc) as tctx:
+        tctx.configure(sc, openflare_model=str(cur_path), openflare_llm_enabled=False)
+        assert sc.model.version == "v1" and sc.threshold == 6
+        cand = tmp_path / "models" / "candidate.joblib"
+        _save(_det("bbb"), cand, version="v2", parent_version="v1", threshold=8)
+        retraining.install(cand, cur_path)
+        taken = sc.model
+        assert await sc.reload() is True
+        assert sc.model.version == "v2" and sc.threshold == 8  # the card's calibrated threshold
+        assert taken.version == "v1"  # a request holding the old model finishes on it
+        tctx.configure(sc, openflare_threshold=7)  # pinned by the user: wins over the card
+        assert sc.threshold == 7
+        tctx.configure(sc, openflare_threshold=None)
+        assert sc.threshold == 8
+        # A model file that does not match its card is never swapped in.
+        cur_path.write_bytes(cur_path.read_bytes() + b"tampered")
+        assert await sc.reload() is False
+        assert sc.model.version == "v2"
+        assert any(r.levelname == "WARNING" and "kept model v2" in r.getMessage() for r in caplog.records)
+        assert not any(r.levelname == "ERROR" for r in caplog.records)
+
+
+async def test_scorer_file_watch_picks_up_a_promotion(tmp_path):
+    import asyncio
+
+    from mitmproxy.test import taddons
+
+    from addons import scorer
+
+    cur_path = tmp_path / "models" / "openflare-local.joblib"
+    _save(_det("aaa"), cur_path, version="v1")
+    sc = scorer.Scorer()
+    with taddons.context(sc) as tctx:
+        tctx.configure(sc, openflare_model=str(cur_path), openflare_llm_enabled=False, openflare_model_watch=1)
+        sc.running()
+        try:
+            cand = tmp_path / "models" / "candidate.joblib"
+            _save(_det("bbb"), cand, version="v2", parent_version="v1")
+            retraining.install(cand, cur_path)
+            for _ in range(100):
+                if sc.model.version == "v2":
+                    break
+                await asyncio.sleep(0.1)
+            assert sc.model.version == "v2"
+        finally:
+            sc.done()
+
+
+def test_parallel_collection_equals_serial(tmp_path):
+    store = records.open_store(directory=tmp_path / "store")
+    w = records.Writer(store, tmp_path / "spill.jsonl", "t")
+    caps = []
+    for i in range(300):
+        caps.append(cap(i, target=f"/app?q=item{i % 40}".encode()))
+        caps.append(cap(i, target=f"/app?id={i % 25}%27%20or%201=1--".encode(), verdict="block", local=10))
+    w.write(caps)
+    labelled = records.build(cap(0, target=b"/app?q=item3"), records.Masker())
+    labelled.update(_id="op-1", label="attack", label_source="operator", label_time=NOW)
+    retraining.labels_store(store).coll.insert_one(labelled)
+    pol = retraining.Policy(now=NOW)
+    serial = retraining.collect(store, pol, cap=30)
+    parallel = retraining.collect(store, pol, cap=30, workers=2)
+    assert [e[:3] for e in serial.examples()] == [e[:3] for e in parallel.examples()]
+    assert [e[3] for e in serial.examples()] == pytest.approx([e[3] for e in parallel.examples()])
+    assert len(serial) == 31 and serial.stats["operator"] == parallel.stats["operator"] == 1
+    store.close()
+
+
+def test_carry_puts_a_payload_into_one_value():
+    import random
+
+    f = "post /pantry/comments ‖h user-agent: x ‖b comment=select a pan name=zoë recipe=12"
+    out = {retraining.carry(f, "1' OR '1'='1", random.Random(s)) for s in range(20)}
+    assert "post /pantry/comments ‖h user-agent: x ‖b comment=1' or '1'='1 name=zoë recipe=12" in out
+    assert "post /pantry/comments ‖h user-agent: x ‖b comment=select a pan name=zoë recipe=1' or '1'='1" in out
+    assert retraining.carry("get /pantry/img ‖h user-agent: x", "x", random.Random(0)) is None
