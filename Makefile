@@ -14,10 +14,10 @@ UPSTREAM ?=
 DATA ?=
 CONFDIR := .mitmproxy
 # One documented order: features first, then the scorer (later: bans before features, recorder last).
-ADDONS := -s addons/features.py -s addons/scorer.py
+ADDONS := -s addons/features.py -s addons/bans.py -s addons/scorer.py -s addons/recorder.py -s addons/labels.py
 MODE := $(if $(UPSTREAM),--mode reverse:$(UPSTREAM),)
 
-.PHONY: install run web test train eval bench clean
+.PHONY: install run web test train eval bench clean verify-log export retrain rollback bench-retrain
 
 install: $(STAMP)
 
@@ -50,6 +50,28 @@ eval: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py
+	# the recorder's burst: 10,000 requests -> exactly 10,000 records, hash chain intact
+	$(BIN)/python scripts/bench_recorder.py --requests 0
+
+# Walk the records' hash chains (OPENFLARE_MONGO_URI, else the embedded store in data/records).
+verify-log: $(STAMP)
+	$(BIN)/python scripts/verify_log.py
+
+# Export full records as dataset JSON Lines: make export OUT=flows.jsonl
+export: $(STAMP)
+	$(BIN)/python scripts/export_records.py $(if $(OUT),--out $(OUT),)
+
+# Retrain on the base corpora + labelled recorded flows; promote only if not worse (ARGS: more options).
+retrain: $(STAMP)
+	$(BIN)/python scripts/retrain.py $(if $(DATA),--data $(DATA),) $(ARGS)
+
+# Return the current model to its parent version (running proxies follow within a second).
+rollback: $(STAMP)
+	$(BIN)/python scripts/rollback.py
+
+# Retrain on 1,000,000 synthetic recorded flows: wall time and peak memory (FLOWS=... to change).
+bench-retrain: $(STAMP)
+	$(BIN)/python scripts/bench_retrain.py $(if $(FLOWS),--flows $(FLOWS),) $(if $(DATA),--data $(DATA),)
 
 clean:
 	rm -rf $(VENV) $(CONFDIR) .pytest_cache .hypothesis

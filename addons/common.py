@@ -28,6 +28,12 @@ CATEGORY = "openflare.category"  # str: attack category when known (sqli, xss, .
 BANNED = "openflare.banned"  # bool: refused because the client IP is banned
 RATE_LIMITED = "openflare.rate_limited"  # bool: refused by the per-IP rate limit
 
+# Written by Recorder (issue 4: addons/recorder.py).
+RECORDED = "openflare.recorded"  # bool: this flow's record is queued (a flow is recorded once)
+
+# Written by Labeler (issue 6: addons/labels.py).
+LABEL = "openflare.label"  # str: the operator's label of this flow ("benign" or "attack"), once labelled
+
 VERDICT_PASS = "pass"
 VERDICT_BLOCK = "block"
 VERDICT_ERROR = "error"  # scoring failed; the fail policy decided
@@ -42,4 +48,4 @@ BLOCK_HEADERS = {"content-type": "text/plain; charset=utf-8", "cache-control": "
 BLOCK_MARKER = ":no_entry:"
 
 # The documented order in which the addons are loaded (`-s` order).
-ADDON_ORDER = ("addons/features.py", "addons/scorer.py")
+ADDON_ORDER = ("addons/features.py", "addons/bans.py", "addons/scorer.py")

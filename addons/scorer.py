@@ -3,20 +3,48 @@
 Reads `openflare.features` (FeatureExtractor) and writes score, verdict, model version and scoring
 time to flow metadata, `flow.comment` and `flow.marked`, so mitmweb shows them. The refusal is the
 one fixed 403 from `addons.common`: it never carries the score or the reason.
+
+The ensemble's LLM half (`addons.llm`): when an endpoint is configured, requests whose local score
+falls in the uncertain band get a second opinion within a hard budget; `llm.combine` merges the two.
+Requests outside the band never wait for it.
+
+The threshold is `openflare_threshold` when set, else the model card's (calibrated by `make retrain`).
+A promoted or rolled-back model is picked up without a restart: the model file and card are polled
+every `openflare_model_watch` seconds (or `openflare.reload` now), loaded in a worker thread, and
+swapped in (one attribute) only if the file's sha256 matches the card.
 """
 
+import asyncio
+import json
 import logging
+import os
 import time
+from typing import Optional
 
+from mitmproxy import command
 from mitmproxy import exceptions
 from mitmproxy import http
+from mitmproxy.utils import asyncio_utils
 
 from addons import common
+from addons import llm
 from addons import model
 
 logger = logging.getLogger(__name__)
 
 FAIL_POLICIES = ("open", "closed")
+
+
+def model_signature(path) -> tuple:
+    """(mtime, size) of a model file and its card: changes when either is replaced."""
+    out = []
+    for p in (path, model.card_path(path)):
+        try:
+            st = os.stat(p)
+            out.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        except OSError:
+            out.append(None)
+    return tuple(out)
 
 
 def refuse(flow: http.HTTPFlow) -> None:
@@ -27,8 +55,15 @@ class Scorer:
     def __init__(self) -> None:
         self.model: model.LocalModel | None = None
         self.threshold: int = 6
+        self.pinned_threshold: int | None = None  # openflare_threshold; None: the model card's threshold
+        self.watch_seconds: int = 1
+        self.watch_task: asyncio.Task | None = None
+        self.model_sig: tuple = ()
         self.fail_closed: bool = False
         self.detect_only: bool = False
+        self.llm_config: llm.Config | None = None
+        self.judge: llm.Judge | None = None
+        self.started: bool = False
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -40,9 +75,17 @@ class Scorer:
         )
         loader.add_option(
             "openflare_threshold",
+            Optional[int],
+            None,
+            "Requests scoring above this (1-10) are refused with 403. 6 refuses scores 7-10. Unset (null): the "
+            "model card's threshold (calibrated by `make retrain` on your app's benign flows; 6 without one).",
+        )
+        loader.add_option(
+            "openflare_model_watch",
             int,
-            6,
-            "Requests scoring above this (1-10) are refused with 403. 6 refuses scores 7-10.",
+            1,
+            "Seconds between checks of the model file and card for a new (promoted or rolled back) model, "
+            "loaded without a restart once its sha256 matches the card. 0: only the openflare.reload command.",
         )
         loader.add_option(
             "openflare_fail",
@@ -57,16 +100,25 @@ class Scorer:
             False,
             "Score and mark flows but never refuse (detection-only mode, for trying OpenFlare on live traffic).",
         )
+        for name, typ, default, help_ in llm.OPTIONS:
+            loader.add_option(name, typ, default, help_)
 
     def configure(self, updated) -> None:
         from mitmproxy import ctx
 
         if "openflare_threshold" in updated:
-            if not 1 <= ctx.options.openflare_threshold <= 10:
+            if ctx.options.openflare_threshold is not None and not 1 <= ctx.options.openflare_threshold <= 10:
                 raise exceptions.OptionsError(
                     f"openflare_threshold must be between 1 and 10, not {ctx.options.openflare_threshold}"
                 )
-            self.threshold = ctx.options.openflare_threshold
+            self.pinned_threshold = ctx.options.openflare_threshold
+            self._set_threshold()
+        if "openflare_model_watch" in updated:
+            if not 0 <= ctx.options.openflare_model_watch <= 3600:
+                raise exceptions.OptionsError("openflare_model_watch must be between 0 and 3600 seconds")
+            self.watch_seconds = ctx.options.openflare_model_watch
+            if self.started and self.watch_seconds and self.watch_task is None:
+                self.watch_task = asyncio_utils.create_task(self._watch(), name="openflare-model-watch", keep_ref=True)
         if "openflare_fail" in updated:
             if ctx.options.openflare_fail not in FAIL_POLICIES:
                 raise exceptions.OptionsError(f"openflare_fail must be one of {', '.join(FAIL_POLICIES)}")
@@ -78,9 +130,103 @@ class Scorer:
                 self.model = model.load(ctx.options.openflare_model)
             except model.ModelError as e:
                 raise exceptions.OptionsError(f"openflare_model: {e}") from e
+            self._set_threshold()
+            self.model_sig = model_signature(self.model.path)
             logger.info("OpenFlare local model %s loaded from %s", self.model.version, self.model.path)
+        if any(k.startswith("openflare_llm_") for k in updated):
+            values = {name: getattr(ctx.options, name) for name, *_ in llm.OPTIONS}
+            try:
+                self.llm_config = llm.config_from_options(values, os.environ)
+            except ValueError as e:
+                raise exceptions.OptionsError(str(e)) from e
+            if self.started:
+                self._start_judge()
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    def running(self) -> None:
+        self.started = True
+        self._start_judge()
+        if self.watch_seconds and self.watch_task is None:
+            self.watch_task = asyncio_utils.create_task(self._watch(), name="openflare-model-watch", keep_ref=True)
+
+    def done(self) -> None:
+        self.started = False
+        self._stop_judge()
+        if self.watch_task is not None:
+            self.watch_task.cancel()
+            self.watch_task = None
+
+    # ---- model reload (a promoted or rolled-back model, without a restart) ----
+
+    def _set_threshold(self) -> None:
+        card = self.model.card.get("threshold") if self.model else None
+        self.threshold = self.pinned_threshold or (card if isinstance(card, int) and 1 <= card <= 10 else 6)
+
+    async def reload(self) -> bool:
+        """Load the model file again in a worker thread; swap only if its sha256 matches its card."""
+        if self.model is None:
+            return False
+        path = self.model.path
+        try:
+            new = await asyncio.to_thread(model.load, str(path))
+        except model.ModelError as e:
+            logger.warning("OpenFlare kept model %s: the new one was not loaded: %s", self.model.version, e)
+            return False
+        old, self.model = self.model, new  # one attribute: requests in flight finish on the model they took
+        self._set_threshold()
+        logger.info("OpenFlare local model %s -> %s (threshold %d) from %s", old.version, new.version, self.threshold, path)
+        return True
+
+    async def _watch(self) -> None:
+        """Poll the model file and card; reload once a change has settled (the same for one whole poll)."""
+        pending = None
+        while True:
+            await asyncio.sleep(self.watch_seconds or 1)
+            if not self.watch_seconds or self.model is None:
+                continue
+            sig = model_signature(self.model.path)
+            if sig == self.model_sig:
+                pending = None
+            elif sig != pending:
+                pending = sig  # changed: wait one more poll, the card may follow the model file
+            else:
+                pending = None
+                self.model_sig = sig
+                await self.reload()
+
+    @command.command("openflare.reload")
+    def reload_command(self) -> None:
+        """Load the model file again now (verified against its card's sha256 before the swap)."""
+        if self.model is None:
+            raise exceptions.CommandError("no model loaded")
+        self.model_sig = model_signature(self.model.path)
+        asyncio_utils.create_task(self.reload(), name="openflare-model-reload", keep_ref=True)
+
+    def _start_judge(self) -> None:
+        if self.judge is not None and self.judge.config == self.llm_config:
+            return
+        self._stop_judge()
+        if self.llm_config is not None:
+            self.judge = llm.Judge(self.llm_config)
+            cfg = self.llm_config
+            logger.info("OpenFlare LLM second opinion: model %s at %s for local scores %d-%d, budget %d ms",
+                        cfg.model, cfg.base_url or "OpenAI", cfg.band_low, cfg.band_high, cfg.budget_ms)  # fmt: skip
+
+    def _stop_judge(self) -> None:
+        judge, self.judge = self.judge, None
+        if judge is not None:
+            logger.info("OpenFlare LLM counters: %s", json.dumps(judge.stats.as_dict()))
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                return  # no event loop (a synchronous harness): the client never opened a connection here
+            asyncio_utils.create_task(judge.aclose(), name="openflare-llm-close", keep_ref=True)
+
+    @command.command("openflare.llm.stats")
+    def llm_stats(self) -> str:
+        """The LLM counters (calls, cache hits, failures by kind, latency, tokens, cost) as JSON."""
+        return json.dumps(self.judge.stats.as_dict() if self.judge else {"llm": "off"})
+
+    async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
         start = time.perf_counter()
@@ -95,26 +241,57 @@ class Scorer:
             logger.warning("OpenFlare could not score a request (%s); failing %s", e, "closed" if self.fail_closed else "open")
             self._decide(flow, None, time.perf_counter() - start, reason=f"error: {type(e).__name__}")
             return
-        self._decide(flow, score, time.perf_counter() - start)
+        judge = self.judge
+        result = llm.Result(llm.OFF if judge is None else llm.SKIPPED)
+        if judge is not None and judge.config.in_band(score):
+            try:
+                result = await judge.judge(features, flow.metadata.get(common.CLIENT_IP) or "")
+            except Exception as e:  # noqa: BLE001 - the judge catches its own failures; this is a last resort
+                logger.warning("OpenFlare LLM judge failed: %s", llm.sanitise(repr(e)))
+                result = llm.Result(llm.ERROR)
+            if flow.response or flow.error or not flow.live:
+                return  # killed or answered by someone else while we waited
+        self._decide(flow, score, time.perf_counter() - start, llm_result=result, cfg=judge.config if judge else None)
 
-    def _decide(self, flow: http.HTTPFlow, score: int | None, elapsed: float, reason: str = "") -> None:
+    def _decide(
+        self, flow: http.HTTPFlow, local: int | None, elapsed: float, reason: str = "",
+        llm_result: llm.Result | None = None, cfg: llm.Config | None = None,
+    ) -> None:  # fmt: skip
         ms = round(elapsed * 1000, 3)
+        res = llm_result or llm.Result(llm.SKIPPED)
+        v = res.verdict if cfg else None
+        score = local if local is None or v is None else llm.combine(local, v.score, self.threshold, cfg.max_lower)
         if score is None:
             verdict = common.VERDICT_ERROR
             blocked = self.fail_closed
+        elif cfg and res.status in llm.FAILED and cfg.fail != "local":
+            blocked = cfg.fail == "closed"
+            verdict = common.VERDICT_BLOCK if blocked else common.VERDICT_PASS
+            reason = f"llm {res.status}, openflare_llm_fail {cfg.fail} (local score {local})"
         else:
             blocked = score > self.threshold
             verdict = common.VERDICT_BLOCK if blocked else common.VERDICT_PASS
-            reason = reason or f"local score {score} {'>' if blocked else '<='} threshold {self.threshold}"
+            what = "local score" if v is None else f"ensemble score (local {local}, llm {v.score})"
+            reason = reason or f"{what} {score} {'>' if blocked else '<='} threshold {self.threshold}"
         version = self.model.version if self.model else None
-        flow.metadata[common.LOCAL_SCORE] = score
+        llm_reason = llm.sanitise(v.reason) if v else None
+        flow.metadata[common.LOCAL_SCORE] = local
         flow.metadata[common.SCORE] = score
+        flow.metadata[common.LLM_SCORE] = v.score if v else None
+        flow.metadata[common.LLM_CATEGORY] = v.category if v else None
+        flow.metadata[common.LLM_REASON] = llm_reason
+        flow.metadata[common.LLM_STATUS] = res.status
+        flow.metadata[common.LLM_MS] = res.ms
+        flow.metadata[common.CATEGORY] = v.category if v and v.category != "benign" else None
         flow.metadata[common.VERDICT] = verdict
         flow.metadata[common.MODEL_VERSION] = version
         flow.metadata[common.SCORE_MS] = ms
         flow.metadata[common.REASON] = reason
         shown = f"{score}/10" if score is not None else "unscored"
         flow.comment = f"openflare {verdict} {shown} ({reason}; model {version}; {ms} ms)"
+        if res.status not in (llm.OFF, llm.SKIPPED):
+            said = f" {v.score}/10 {v.category}: {llm_reason}" if v else ""
+            flow.comment += f" [llm {res.status}{said}; {res.ms} ms]"
         if blocked:
             flow.marked = common.BLOCK_MARKER
             if self.detect_only:

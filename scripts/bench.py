@@ -1,0 +1,602 @@
+"""`make bench`: what OpenFlare costs. Throughput and latency of mitmdump with and without our addons,
+plus a micro-benchmark of the per-request work (featurize + local model score).
+
+One run, loopback only: the demo upstream (scripts/upstream.py), then one reverse-proxy mitmdump per
+case in CASES, all started up front. The SAME request mix (sampled from the TEST splits of the shared
+datasets, else a built-in mix) goes through every case in interleaved rounds, so machine noise hits
+all cases alike: a load phase (bounded concurrency, keep-alive connections) for throughput, then a
+sequential phase for latency. Requests and time are both bounded.
+
+    .venv/bin/python scripts/bench.py [--duration 4] [--rounds 2] [--concurrency 16] [--model NAME]
+
+A later case (bans, recorder, LLM...) is one more `Case(...)` in CASES: extra `-s` scripts, `--set`
+options and environment variables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # `addons` when run without `pip install -e .`
+
+from addons import banstore  # noqa: E402
+from addons import dataset  # noqa: E402
+from addons import featurize  # noqa: E402
+from addons import llm  # noqa: E402
+from addons import model  # noqa: E402
+
+MITMDUMP = Path(sys.executable).parent / "mitmdump"
+FEATURES = "addons/features.py"
+SCORER = "addons/scorer.py"
+BANS = "addons/bans.py"
+# The bans case: the shared Redis (OPENFLARE_BENCH_REDIS), its own key prefix, BENCH_BANS bans of other IPs
+# present. The bench client (127.0.0.1) is never banned: strikes expire after 1 s, 1000 are needed, and the
+# rate limit is out of reach; every attack still costs a strike in Redis. Keys are deleted at the end.
+BENCH_REDIS = os.environ.get("OPENFLARE_BENCH_REDIS", "redis://127.0.0.1:6379/0")
+BENCH_PREFIX = f"openflare-bench-{os.getpid()}:"
+BENCH_BANS = 10_000
+
+
+@dataclass
+class Case:
+    """One mitmdump configuration. `scripts` None means no proxy at all (the upstream, directly)."""
+
+    name: str
+    scripts: list[str] | None
+    options: dict[str, object] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+# The baseline is the case named "plain": ratios and added latency are against it.
+CASES = [
+    Case("direct (no proxy)", None),
+    Case("plain", []),
+    Case("openflare", [FEATURES, SCORER]),
+    Case("openflare+bans", [FEATURES, BANS, SCORER],
+         {"openflare_strikes": 1000, "openflare_strike_window": 1, "openflare_rate_limit": 1_000_000,
+          "openflare_redis_prefix": BENCH_PREFIX}, {"OPENFLARE_REDIS_URL": BENCH_REDIS}),
+    # The refusal path: the first attack bans the client (in-process store), then every request gets 403.
+    Case("banned client", [FEATURES, BANS, SCORER], {"openflare_strikes": 1, "openflare_rate_limit": 0},
+         {"OPENFLARE_REDIS_URL": ""}),
+]
+CASES.append(
+    # The LLM second opinion: tests/llm_server.py answering after LLM_DELAY_MS, cache off so every in-band
+    # request waits for it; caps out of reach. The base URL is set once the server runs.
+    Case(LLM_CASE := "openflare+llm", [FEATURES, SCORER],
+         {"openflare_llm_model": "bench", "openflare_llm_cache_seconds": 0, "openflare_llm_per_minute": 1_000_000,
+          "openflare_llm_ip_per_minute": 1_000_000, "openflare_llm_max_inflight": 256})
+)  # fmt: skip
+LLM_DELAY_MS = 500
+LLM_EXTRA_ROUNDS = 4  # extra interleaved sequential rounds of openflare vs openflare+llm, for a steadier p99
+# The recorder on the embedded store (a fresh temporary directory, removed at the end), against "openflare".
+# The 10,000-request burst check (count + hash chain) is scripts/bench_recorder.py (`make bench` runs it).
+RECORDER = "addons/recorder.py"
+RECORDER_CASE = "openflare+recorder"
+RECORD_DIR = Path(tempfile.gettempdir()) / f"openflare-bench-{os.getpid()}-records"
+CASES.append(
+    Case(RECORDER_CASE, [FEATURES, SCORER, RECORDER],
+         {"openflare_record_dir": str(RECORD_DIR / "store"), "openflare_record_spill": str(RECORD_DIR / "spill.jsonl"),
+          "openflare_instance": "bench"}, {"OPENFLARE_MONGO_URI": ""})
+)  # fmt: skip
+BASELINE = "plain"
+
+# Used when no dataset is found: (label, method, target, headers, body).
+BUILTIN_MIX = [
+    ("benign", "GET", "/", [("User-Agent", "Mozilla/5.0")], b""),
+    ("benign", "GET", "/search?q=blue+shoes&page=2", [("User-Agent", "Mozilla/5.0"), ("Cookie", "sid=abc123")], b""),
+    ("benign", "GET", "/products/42?ref=home", [("User-Agent", "curl/8.5.0")], b""),
+    ("benign", "POST", "/login", [("Content-Type", "application/x-www-form-urlencoded")], b"user=alice&password=correct+horse"),
+    ("benign", "POST", "/api/cart", [("Content-Type", "application/json")], b'{"item": "shoes", "qty": 2}'),
+    ("benign", "GET", "/static/app.js?v=3", [("User-Agent", "Mozilla/5.0"), ("Referer", "http://shop/")], b""),
+    ("attack", "GET", "/?id=1%27%20OR%20%271%27=%271", [], b""),
+    ("attack", "GET", "/search?q=%3Cscript%3Ealert(1)%3C/script%3E", [], b""),
+    ("attack", "GET", "/download?file=..%2F..%2F..%2Fetc%2Fpasswd", [], b""),
+    ("attack", "POST", "/login", [("Content-Type", "application/x-www-form-urlencoded")], b"user=admin%27--&password=x"),
+]
+
+HOP_HEADERS = {"host", "connection", "keep-alive", "proxy-connection", "content-length", "transfer-encoding", "te", "upgrade", "expect"}
+
+
+@dataclass
+class Req:
+    label: str
+    method: str
+    target: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def wire(self, host: str) -> bytes:
+        lines = [f"{self.method} {self.target} HTTP/1.1", f"Host: {host}"]
+        lines += [f"{k}: {v}" for k, v in self.headers if k.lower() not in HOP_HEADERS and "\r" not in v and "\n" not in v]
+        if self.body or self.method in ("POST", "PUT", "PATCH"):
+            lines.append(f"Content-Length: {len(self.body)}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "replace") + self.body
+
+
+def load_mix(data: str | None, n: int, attack_share: float, seed: int) -> tuple[list[Req], str]:
+    """`n` requests from the datasets' test splits (`attack_share` of them attacks), else the built-in mix."""
+    try:
+        files = dataset.parse_data_arg(data)
+    except dataset.DatasetError as e:
+        print(f"no dataset ({e}): using the built-in mix of {len(BUILTIN_MIX)} requests")
+        return [Req(*r) for r in BUILTIN_MIX] * max(1, n // len(BUILTIN_MIX)), "built-in"
+    rnd = random.Random(seed)
+    want = {"attack": round(n * attack_share), "benign": n - round(n * attack_share)}
+    pools: dict[str, list[Req]] = {"attack": [], "benign": []}
+    seen = {"attack": 0, "benign": 0}
+    for path in files:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8") as fh:
+            # Parse a random tenth of the lines only: reading every record takes longer than the benchmark.
+            lines = [(i, line) for i, line in enumerate(fh, 1) if rnd.random() < 0.1]
+        for i, line in lines:
+            try:
+                r = dataset.parse_record(json.loads(line), f"{path}:{i}", path.name.split(".", 1)[0])
+            except (ValueError, dataset.DatasetError) as e:
+                print(f"bench: skipping a bad record: {e}", file=sys.stderr)
+                continue
+            if r.split != "test" or r.method not in ("GET", "POST", "PUT", "HEAD", "DELETE", "PATCH", "OPTIONS"):
+                continue
+            req = Req(r.label, r.method, r.target, r.headers, r.body)
+            seen[r.label] += 1
+            pool = pools[r.label]
+            if len(pool) < want[r.label]:  # reservoir sample per label
+                pool.append(req)
+            else:
+                j = rnd.randrange(seen[r.label])
+                if j < want[r.label]:
+                    pool[j] = req
+    mix = pools["attack"] + pools["benign"]
+    if not mix:
+        return [Req(*r) for r in BUILTIN_MIX], "built-in"
+    rnd.shuffle(mix)
+    return mix, ", ".join(p.name for p in files) + " (test splits)"
+
+
+# --- processes ---
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with code {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
+
+
+class Procs:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, name: str, args: list[str], port: int, env: dict[str, str] | None = None) -> subprocess.Popen:
+        log = open(self.workdir / f"{name}.log", "wb")
+        proc = subprocess.Popen(
+            args, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})}, start_new_session=True,
+        )
+        log.close()
+        self.procs.append(proc)
+        try:
+            wait_listening(port, proc)
+        except RuntimeError as e:
+            out = (self.workdir / f"{name}.log").read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{name} did not start: {e}\n{out}") from e
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    continue
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+
+
+def start_case(procs: Procs, case: Case, upstream_port: int, confdir: Path) -> int:
+    if case.scripts is None:
+        return upstream_port
+    port = free_port()
+    if case.options:  # the file beats --set for the same key: this case gets a copy without its keys
+        own = confdir.parent / ("confdir-" + "".join(c if c.isalnum() else "_" for c in case.name))
+        own.mkdir(exist_ok=True)
+        lines = (confdir / "config.yaml").read_text().splitlines()
+        kept = [line for line in lines if line.split(":", 1)[0].strip() not in case.options]
+        (own / "config.yaml").write_text("\n".join(kept) + "\n")
+        confdir = own
+    args = [str(MITMDUMP), "--set", f"confdir={confdir}", "--listen-host", "127.0.0.1", "-p", str(port),
+            "--mode", f"reverse:http://127.0.0.1:{upstream_port}", "-q"]
+    for key, value in case.options.items():
+        args += ["--set", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
+    for script in case.scripts:
+        args += ["-s", script]
+    procs.start("mitmdump-" + case.name.replace(" ", "_"), args, port, case.env)
+    return port
+
+
+# --- the HTTP client ---
+
+
+@dataclass
+class Result:
+    latencies: list[float] = field(default_factory=list)  # seconds
+    indices: list[int] = field(default_factory=list)  # which request of the mix, per latency
+    statuses: dict[int, int] = field(default_factory=dict)
+    errors: int = 0
+    elapsed: float = 0.0
+
+    @property
+    def done(self) -> int:
+        return len(self.latencies)
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
+    """(status, connection stays open). Bodies: content-length, chunked, or up to close."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split(b" ", 2)[1])
+    headers = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(b":")
+        headers[k.strip().lower()] = v.strip().lower()
+    keep = headers.get(b"connection") != b"close"
+    if b"chunked" in headers.get(b"transfer-encoding", b""):
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            await reader.readexactly(size + 2)
+            if size == 0:
+                break
+    elif b"content-length" in headers:
+        await reader.readexactly(int(headers[b"content-length"]))
+    elif status >= 200 and status not in (204, 304):
+        await reader.read()
+        keep = False
+    return status, keep
+
+
+async def drive(port: int, wires: list[bytes], concurrency: int, duration: float, max_requests: int) -> Result:
+    """Send requests round-robin from `wires` over `concurrency` keep-alive connections, for at most
+    `duration` seconds or `max_requests` requests."""
+    res = Result()
+    counter = iter(range(max_requests))
+    deadline = time.perf_counter() + duration
+
+    async def worker() -> None:
+        reader = writer = None
+        for i in counter:
+            if time.perf_counter() > deadline:
+                break
+            wire = wires[i % len(wires)]
+            try:
+                if writer is None:
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 22)
+                t = time.perf_counter()
+                writer.write(wire)
+                status, keep = await asyncio.wait_for(read_response(reader), 30)
+                res.latencies.append(time.perf_counter() - t)
+                res.indices.append(i % len(wires))
+                res.statuses[status] = res.statuses.get(status, 0) + 1
+                if not keep:
+                    writer.close()
+                    reader = writer = None
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, ValueError, IndexError):
+                res.errors += 1
+                if writer is not None:
+                    writer.close()
+                reader = writer = None
+        if writer is not None:
+            writer.close()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    res.elapsed = time.perf_counter() - start
+    return res
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q / 100 * len(s)))]
+
+
+# --- the bans case's Redis keys ---
+
+
+async def seed_bans(url: str, prefix: str, n: int) -> bool:
+    """Ban n addresses (not the bench client's) under prefix, as openflare.ban does. False if Redis is down."""
+    # memory=3600: should the run die before forget_bans, every key it made expires within the hour.
+    store = banstore.BanStore(banstore.make_client(url), prefix, banstore.Policy(memory=3600), timeout=5)
+    store.start()
+    try:
+        if not await store.wait_synced(3):
+            return False
+        for i in range(0, n, 500):
+            await asyncio.gather(*(store.ban(f"10.{j >> 16 & 255}.{j >> 8 & 255}.{j & 255}", 3600, "bench")
+                                   for j in range(i, min(n, i + 500))))
+        return True
+    finally:
+        await store.close()
+
+
+async def forget_bans(url: str, prefix: str) -> None:
+    client = banstore.make_client(url)
+    try:
+        await banstore.delete_prefix(client, prefix)
+    except Exception as e:  # noqa: BLE001 - Redis gone: the keys expire by themselves within the hour
+        print(f"bench: could not delete the {prefix}* keys: {e}", file=sys.stderr)
+    finally:
+        await client.aclose()
+
+
+# --- micro-benchmark ---
+
+
+def micro(mix: list[Req], model_name: str, repeat: int) -> dict[str, list[float]]:
+    """Per-request µs of featurize, of LocalModel.score, and of both, over the mix."""
+    m = model.load(model_name)
+    feats = [featurize.featurize(r.method, r.target, r.headers, r.body) for r in mix[:50]]
+    for f in feats:  # warm up caches and lazy imports
+        try:
+            m.score(f)
+        except Exception:  # noqa: BLE001 - counted below
+            pass
+    out: dict[str, list[float]] = {"featurize": [], "score": [], "featurize+score": [], "ban check": []}
+    # The banned-IP check of addons/bans.py: parse the client IP (uncached), look it up among BENCH_BANS
+    # bans in the local view, count it in the rate limiter. No network.
+    store = banstore.BanStore(banstore.make_client(None))
+    for j in range(BENCH_BANS):
+        store.bans[f"10.{j >> 16 & 255}.{j >> 8 & 255}.{j & 255}"] = banstore.Ban(time.monotonic() + 3600, "bench")
+    limiter = banstore.RateLimiter(100)
+    parse = banstore.ip_key.__wrapped__
+    for _ in range(repeat):
+        for i, r in enumerate(mix):
+            t0 = time.perf_counter()
+            key = parse(f"192.0.2.{i & 255}")
+            store.check(key)
+            limiter.hit(key)
+            out["ban check"].append((time.perf_counter() - t0) * 1e6)
+            t0 = time.perf_counter()
+            f = featurize.featurize(r.method, r.target, r.headers, r.body)
+            t1 = time.perf_counter()
+            try:
+                m.score(f)
+            except Exception as e:  # noqa: BLE001 - in mitmdump this request would go to the fail policy
+                out.setdefault("score errors", []).append(repr(e))
+                continue
+            t2 = time.perf_counter()
+            out["featurize"].append((t1 - t0) * 1e6)
+            out["score"].append((t2 - t1) * 1e6)
+            out["featurize+score"].append((t2 - t0) * 1e6)
+    return out
+
+
+def llm_report(mix, model_path, data, samples: dict[str, list[tuple[float, int]]], results) -> None:
+    """The LLM case against plain openflare: p99 of requests outside the band, and who reaches the LLM."""
+    lm = model.load(str(model_path))
+    low, high = llm.OPTION_DEFAULTS["openflare_llm_band_low"], llm.OPTION_DEFAULTS["openflare_llm_band_high"]
+
+    def scores(reqs) -> list[int | None]:  # None: the model raised (mitmdump applies the fail policy, no LLM)
+        out: list[int | None] = []
+        feats = [featurize.featurize(r.method, r.target, r.headers, r.body) for r in reqs]
+        for i in range(0, len(feats), 4000):
+            try:
+                out += [model.proba_to_score(p, lm.operating_point) for p in lm.proba(feats[i:i + 4000])]
+            except Exception:  # noqa: BLE001
+                for f in feats[i:i + 4000]:
+                    try:
+                        out.append(lm.score(f)[0])
+                    except Exception:  # noqa: BLE001
+                        out.append(None)
+        return out
+
+    band = [s is not None and low <= s <= high for s in scores(mix)]
+    out = {n: [t for t, i in samples[n] if not band[i]] for n in ("openflare", LLM_CASE)}
+    inb = [t for t, i in samples[LLM_CASE] if band[i]]
+    p_off, p_on = pct(out["openflare"], 99) * 1000, pct(out[LLM_CASE], 99) * 1000
+    rps = {n: statistics.median(r.done / r.elapsed for r in results[n]) for n in ("openflare", LLM_CASE)}
+    print(f"LLM case (test server answering in {LLM_DELAY_MS} ms, band {low}-{high}, cache off): "
+          f"{sum(band)} of {len(mix)} mix requests in the band; throughput {rps[LLM_CASE] / rps['openflare']:.1%} of openflare")
+    print(f"  outside the band: p99 {p_on:.2f} ms with the LLM vs {p_off:.2f} ms without "
+          f"({len(out[LLM_CASE])} / {len(out['openflare'])} samples); in the band: p50 {pct(inb, 50) * 1000:.0f} ms ({len(inb)} samples)")
+    try:
+        benign = [r for path in dataset.parse_data_arg(data) for r in dataset.read(path) if r.split == "test" and not r.attack]
+    except dataset.DatasetError:
+        benign = [r for r in mix if r.label == "benign"]  # the built-in mix
+    share = sum(s is not None and low <= s <= high for s in scores(benign)) / max(1, len(benign))
+    print(f"targets: outside-band p99 within 10 % of LLM off: {p_on / p_off - 1:+.1%} ({'met' if p_on <= 1.1 * p_off else 'NOT met'}); "
+          f"benign test requests reaching the LLM <= 1 %: {share:.2%} of {len(benign)} ({'met' if share <= 0.01 else 'NOT met'})")
+
+
+# --- main ---
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Benchmark mitmdump with and without the OpenFlare addons.")
+    ap.add_argument("--data", help="comma-separated JSONL files (default: every file in the shared datasets)")
+    ap.add_argument("--requests", type=int, default=2000, help="size of the request mix (default 2000)")
+    ap.add_argument("--attack-share", type=float, default=0.3, help="share of attacks in the mix (default 0.3)")
+    ap.add_argument("--duration", type=float, default=4.0, help="seconds of load per case per round (default 4)")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds over all cases (default 2)")
+    ap.add_argument("--concurrency", type=int, default=16, help="connections in the load phase (default 16)")
+    ap.add_argument("--latency-requests", type=int, default=200, help="sequential requests per case per round (default 200)")
+    ap.add_argument("--model", default=model.DEFAULT_MODEL, help="the model (name in models/ or path) for every case and the micro-benchmark")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--cases", help="comma-separated case names to run (plain and openflare always run; default: all)")
+    args = ap.parse_args(argv)
+    if args.cases:
+        wanted = {c.strip() for c in args.cases.split(",") if c.strip()} | {BASELINE, "openflare"}
+        unknown = wanted - {c.name for c in CASES}
+        if unknown:
+            print(f"bench: unknown case(s) {', '.join(sorted(unknown))}; cases: {', '.join(c.name for c in CASES)}", file=sys.stderr)
+            return 2
+        CASES[:] = [c for c in CASES if c.name in wanted]
+
+    if not MITMDUMP.exists():
+        print(f"mitmdump not found at {MITMDUMP}: run `make install`", file=sys.stderr)
+        return 1
+    try:
+        model_path = model.resolve(args.model)
+        model.read_card(model_path)
+    except model.ModelError as e:
+        print(f"bench: {e} (train one with `make train`, or pass --model)", file=sys.stderr)
+        return 1
+
+    mix, source = load_mix(args.data, args.requests, args.attack_share, args.seed)
+    n_attack = sum(r.label == "attack" for r in mix)
+    print(f"mix: {len(mix)} requests ({n_attack} attacks, {len(mix) - n_attack} benign) from {source}")
+
+    work = Path(tempfile.mkdtemp(prefix="openflare-bench-"))
+    confdir = work / "confdir"
+    confdir.mkdir()
+    conf = (REPO / "mitm.conf").read_text().splitlines()
+    conf = [f"openflare_model: {model_path}" if line.startswith("openflare_model:") else line for line in conf]
+    set_keys = {k for c in CASES for k in c.options}  # the file beats --set: drop the keys a case sets
+    conf = [line for line in conf if line.partition(":")[0] not in set_keys]
+    for var in ("OPENAI_API_KEY", "OPENAI_BASE_URL"):  # the bench never talks to a real LLM
+        os.environ.pop(var, None)
+    (confdir / "config.yaml").write_text("\n".join(conf) + "\n")
+
+    procs = Procs(work)
+    results: dict[str, list[Result]] = {c.name: [] for c in CASES}
+    latencies: dict[str, list[float]] = {c.name: [] for c in CASES}
+    lat_index: dict[str, list[int]] = {c.name: [] for c in CASES}
+    llm_lat: dict[str, list[tuple[float, int]]] = {"openflare": [], LLM_CASE: []}
+    statuses: dict[str, dict[int, int]] = {c.name: {} for c in CASES}
+    errors: dict[str, int] = {c.name: 0 for c in CASES}
+    t_start = time.perf_counter()
+    try:
+        if any(BANS in (c.scripts or []) and c.env.get("OPENFLARE_REDIS_URL") for c in CASES):
+            seeded = asyncio.run(seed_bans(BENCH_REDIS, BENCH_PREFIX, BENCH_BANS))
+            print(f"bans case: {BENCH_BANS} bans present in Redis under {BENCH_PREFIX}" if seeded else
+                  f"bans case: Redis at {BENCH_REDIS} unreachable: that case runs without Redis (fail-open)")
+        up_port = free_port()
+        procs.start("upstream", [sys.executable, str(REPO / "scripts" / "upstream.py"), "--port", str(up_port)], up_port)
+        if any(c.name == LLM_CASE for c in CASES):
+            llm_port = free_port()
+            procs.start("llm-server", [sys.executable, str(REPO / "tests" / "llm_server.py"), "--port", str(llm_port),
+                                       "--mode", "ok", "--delay-ms", str(LLM_DELAY_MS)], llm_port)  # fmt: skip
+            next(c for c in CASES if c.name == LLM_CASE).options["openflare_llm_base_url"] = f"http://127.0.0.1:{llm_port}/v1"
+        ports = {}
+        for case in CASES:
+            ports[case.name] = start_case(procs, case, up_port, confdir)
+        print(f"started {len(CASES) - 1} mitmdump(s) in {time.perf_counter() - t_start:.1f} s; "
+              f"{args.rounds} rounds x {args.duration:g} s load (concurrency {args.concurrency}) "
+              f"+ {args.latency_requests} sequential requests per case")
+        wires = {name: [r.wire(f"127.0.0.1:{port}") for r in mix] for name, port in ports.items()}
+        for rnd in range(args.rounds):
+            for case in CASES if rnd % 2 == 0 else list(reversed(CASES)):
+                name = case.name
+                asyncio.run(drive(ports[name], wires[name], args.concurrency, 1.0, 500))  # warm-up
+                res = asyncio.run(drive(ports[name], wires[name], args.concurrency, args.duration, 10**7))
+                results[name].append(res)
+                lat = asyncio.run(drive(ports[name], wires[name], 1, 30.0, args.latency_requests))
+                latencies[name] += lat.latencies
+                lat_index[name] += lat.indices
+                for st, c in list(res.statuses.items()) + list(lat.statuses.items()):
+                    statuses[name][st] = statuses[name].get(st, 0) + c
+                errors[name] += res.errors + lat.errors
+                print(f"  round {rnd + 1} {name:<18} {res.done / res.elapsed:8.0f} req/s", flush=True)
+        for rnd in range(LLM_EXTRA_ROUNDS if LLM_CASE in ports else 0):
+            for name in ("openflare", LLM_CASE)[:: 1 if rnd % 2 == 0 else -1]:
+                lat = asyncio.run(drive(ports[name], wires[name], 1, 60.0, 400))
+                llm_lat[name] += list(zip(lat.latencies, lat.indices, strict=True))
+    finally:
+        procs.stop_all()
+        shutil.rmtree(work, ignore_errors=True)  # process logs: a failed start already printed its own
+        asyncio.run(forget_bans(BENCH_REDIS, BENCH_PREFIX))
+    bench_s = time.perf_counter() - t_start
+
+    print("micro-benchmark: featurize + LocalModel.score, in-process, per request over the mix ...", flush=True)
+    micro_res = micro(mix, str(model_path), repeat=2)
+
+    base_rps = statistics.median(r.done / r.elapsed for r in results[BASELINE])
+    base_lat = latencies[BASELINE]
+    print()
+    print(f"Throughput: median of {args.rounds} rounds, {args.concurrency} keep-alive connections. "
+          f"Latency: {args.latency_requests * args.rounds} sequential requests per case.")
+    hdr = f"{'case':<18} {'req/s':>8} {'vs plain':>9} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} {'+p99 ms':>8} {'2xx':>7} {'403':>7} {'other':>6} {'errors':>6}"
+    print(hdr)
+    print("-" * len(hdr))
+    for case in CASES:
+        name = case.name
+        rps = statistics.median(r.done / r.elapsed for r in results[name])
+        lat = latencies[name]
+        p50, p99 = pct(lat, 50) * 1000, pct(lat, 99) * 1000
+        st = statuses[name]
+        ok = sum(c for s, c in st.items() if 200 <= s < 300)
+        blocked = st.get(403, 0)
+        other = sum(st.values()) - ok - blocked
+        added = "" if name == BASELINE or case.scripts is None else (
+            f"{p50 - pct(base_lat, 50) * 1000:>+8.2f} {p99 - pct(base_lat, 99) * 1000:>+8.2f}")
+        print(f"{name:<18} {rps:>8.0f} {rps / base_rps:>8.1%} {p50:>8.2f} {p99:>8.2f} {added:>17} "
+              f"{ok:>7} {blocked:>7} {other:>6} {errors[name]:>6}")
+    print()
+    print(f"Per request, in-process ({len(micro_res['score'])} samples, model {model_path.name}):")
+    print(f"{'step':<18} {'p50 µs':>8} {'p99 µs':>8} {'mean µs':>8}")
+    score_errors = micro_res.pop("score errors", [])
+    for step, values in micro_res.items():
+        print(f"{step:<18} {pct(values, 50):>8.0f} {pct(values, 99):>8.0f} {statistics.fmean(values):>8.0f}")
+    if score_errors:
+        print(f"WARNING: the model raised on {len(score_errors)} of {len(mix) * 2} requests "
+              f"(in mitmdump: the fail policy), e.g. {score_errors[0]}")
+    ratio = statistics.median(r.done / r.elapsed for r in results["openflare"]) / base_rps
+    p99 = pct(micro_res["featurize+score"], 99)
+    print()
+    print(f"targets: openflare >= 90 % of plain throughput: {ratio:.1%} ({'met' if ratio >= 0.9 else 'NOT met'}); "
+          f"featurize+score p99 <= 1000 µs: {p99:.0f} µs ({'met' if p99 <= 1000 else 'NOT met'})")
+    if "openflare+bans" in results:
+        rps_bans = statistics.median(r.done / r.elapsed for r in results["openflare+bans"])
+        rps_of = statistics.median(r.done / r.elapsed for r in results["openflare"])
+        added = (pct(latencies["openflare+bans"], 99) - pct(latencies["openflare"], 99)) * 1000
+        check = pct(micro_res["ban check"], 99)
+        print(f"targets: openflare+bans >= 97 % of openflare throughput: {rps_bans / rps_of:.1%} "
+              f"({'met' if rps_bans / rps_of >= 0.97 else 'NOT met'}); ban check p99 <= 200 µs: {check:.1f} µs "
+              f"({'met' if check <= 200 else 'NOT met'}); end-to-end p99 added over openflare: {added:+.2f} ms")
+    if RECORDER_CASE in results:
+        rps_rec = statistics.median(r.done / r.elapsed for r in results[RECORDER_CASE])
+        rps_of = statistics.median(r.done / r.elapsed for r in results["openflare"])
+        print(f"targets: openflare+recorder >= 95 % of openflare throughput: {rps_rec / rps_of:.1%} "
+              f"({'met' if rps_rec / rps_of >= 0.95 else 'NOT met'}); the burst check: scripts/bench_recorder.py")
+        shutil.rmtree(RECORD_DIR, ignore_errors=True)
+    if LLM_CASE in results:
+        llm_report(mix, model_path, args.data, {n: list(zip(latencies[n], lat_index[n], strict=True)) + llm_lat[n] for n in llm_lat}, results)
+    print(f"proxy phase {bench_s:.0f} s, total {time.perf_counter() - t_start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
