@@ -31,6 +31,7 @@ DEFAULT_HEADERS = ("user-agent", "referer", "cookie", "x-forwarded-for", "origin
 SEP = "\u2016"  # DOUBLE VERTICAL LINE: `normalise` removes it from request text, so only sections carry it
 
 _PCT_U = re.compile(r"%u([0-9a-fA-F]{4})")
+_BACKSLASH_U = re.compile(r"\\u([0-9a-fA-F]{4})")  # JavaScript/JSON escapes outside a parsed JSON body
 _PCT = re.compile(r"%[0-9a-fA-F]{2}")
 _C_COMMENT = re.compile(r"/\*(!\d*)?(.*?)\*/", re.S)
 _HTML_COMMENT = re.compile(r"<!--(.*?)-->", re.S)
@@ -54,6 +55,8 @@ def _percent_decode(s: str, plus: bool) -> str:
         before = s
         if plus:
             s = s.replace("+", " ")
+        if "\\u" in s:
+            s = _BACKSLASH_U.sub(lambda m: chr(int(m.group(1), 16)), s)
         if "%" in s:
             s = _PCT_U.sub(lambda m: chr(int(m.group(1), 16)), s)
             if _PCT.search(s):
@@ -290,7 +293,34 @@ def _featurize(method, target, headers, body, header_names, limit) -> str:
     btext = body_text(body, content_type, limit)
     if btext:
         parts.append(SEP + "b " + btext)
+    markers = ai_markers(" ".join(parts))
+    if markers:
+        parts.append(SEP + "ai " + " ".join(markers))
     return " ".join(_fit(parts, limit))[:limit]
+
+
+# Text that addresses an AI (prompt injection aimed at the LLM half of the ensemble, or at an LLM app
+# behind the proxy) is a signal in itself: each kind found adds one marker token to the string.
+_AI_PATTERNS = (
+    ("ai-override", re.compile(
+        r"\b(ignore|disregard|forget|override|bypass)\b.{0,40}?\b(previous|prior|above|earlier|preceding|all|any|your|the|system)\b"
+        r".{0,30}?\b(instructions?|prompts?|rules|directions|guidelines|messages?|context)\b")),
+    ("ai-role", re.compile(
+        r"\b(you are now|you're now|act as an?|pretend (to be|you are)|new instructions?|system prompt|jailbreak|"
+        r"developer mode|do anything now)\b")),
+    ("ai-template", re.compile(
+        r"<\|(im_start|im_end|system|user|assistant|endoftext|eot_id|start_header_id)\|>|\[/?inst\]|<</?sys>>|"
+        r"###\s*(instruction|system|response)|(^|\s)(system|assistant)\s*:\s")),
+    ("ai-verdict", re.compile(
+        r"[{,]\s*\"?(score|verdict|rating|risk|malicious)\"?\s*:\s*\"?(\d|true|false|benign|safe|clean|pass|allow)|"
+        r"\b(rate|score|classify|mark) (this|it|the request) (as )?(1|benign|safe|harmless|clean)\b")),
+)
+
+
+def ai_markers(text: str) -> list[str]:
+    """Marker tokens for the kinds of AI-addressing text in a normalised string (bounded scan)."""
+    text = text[: 4 * MAX_CHARS]
+    return [name for name, pattern in _AI_PATTERNS if pattern.search(text)]
 
 
 def _fit(parts: list[str], limit: int) -> list[str]:
