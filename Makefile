@@ -13,7 +13,7 @@ PORT ?= 8080
 UPSTREAM ?=
 DATA ?=
 CONFDIR := .mitmproxy
-# One documented order: features first, then the scorer (later: bans before features, recorder last).
+# One documented order: features (client IP, feature string), bans (refuse banned IPs first), scorer, recorder, labels.
 ADDONS := -s addons/features.py -s addons/bans.py -s addons/scorer.py -s addons/recorder.py -s addons/labels.py
 MODE := $(if $(UPSTREAM),--mode reverse:$(UPSTREAM),)
 

@@ -48,4 +48,10 @@ BLOCK_HEADERS = {"content-type": "text/plain; charset=utf-8", "cache-control": "
 BLOCK_MARKER = ":no_entry:"
 
 # The documented order in which the addons are loaded (`-s` order).
-ADDON_ORDER = ("addons/features.py", "addons/bans.py", "addons/scorer.py")
+ADDON_ORDER = (
+    "addons/features.py",
+    "addons/bans.py",
+    "addons/scorer.py",
+    "addons/recorder.py",
+    "addons/labels.py",
+)

@@ -104,3 +104,12 @@ def test_each_addon_loads_alone_as_a_script(name, model_conf, caplog):
         ns = tctx.script(str(REPO / "addons" / f"{name}.py"))
         assert ns is not None and ns.addons
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_makefile_loads_the_documented_addon_order():
+    """`make run`/`make web` load every addon, in the order addons/common.py documents."""
+    from addons import common
+
+    line = next(ln for ln in (REPO / "Makefile").read_text().splitlines() if ln.startswith("ADDONS :="))
+    assert tuple(line.split()[3::2]) == common.ADDON_ORDER
+    assert all((REPO / p).is_file() for p in common.ADDON_ORDER)
