@@ -195,7 +195,7 @@ OPTIONS: tuple[tuple[str, type, Any, str], ...] = (
     ("openflare_llm_enabled", bool, True, "Use an LLM as second opinion when an endpoint is configured (OPENAI_API_KEY and/or a base URL). False: the local model decides alone."),
     ("openflare_llm_base_url", str, "", "OpenAI-compatible endpoint, e.g. http://127.0.0.1:11434/v1 for Ollama. Empty: OPENAI_BASE_URL, else OpenAI itself if OPENAI_API_KEY is set. The key comes only from OPENAI_API_KEY; a base URL without a key uses a dummy key (local servers need none)."),
     ("openflare_llm_model", str, "gpt-4o-mini", "Model name sent to the endpoint."),
-    ("openflare_llm_band_low", int, 4, "Lowest local score (1-10) that is sent to the LLM."),
+    ("openflare_llm_band_low", int, 5, "Lowest local score (1-10) that is sent to the LLM."),
     ("openflare_llm_band_high", int, 6, "Highest local score (1-10) that is sent to the LLM. Scores outside the band never wait for it."),
     ("openflare_llm_budget_ms", int, 1500, "Hard time budget of one LLM call in milliseconds (no retries); past it the local score decides."),
     ("openflare_llm_max_inflight", int, 8, "Most LLM calls in flight at once; when full, requests are decided locally instead of queueing."),
