@@ -35,18 +35,48 @@ _MIX = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: the top BITS bits of 
 _SALT = [np.uint64(k * 0x2545F4914F6CDD1D) for k in range(NGRAMS[1] + 1)]  # n-grams of each length apart
 
 
-def hashed_ngrams(s: str, bits: int = BITS) -> np.ndarray:
-    """The bucket (0 .. 2**bits-1) of every byte n-gram (NGRAMS) of the UTF-8 text, as int64.
+def _powers() -> np.ndarray:
+    """M[j, k-1] = P**(k-1-j) (mod 2**64) for j < k: a window of bytes @ M = its 1..5-gram hashes."""
+    k_max = NGRAMS[1]
+    m = np.zeros((k_max, k_max), dtype=np.uint64)
+    for k in range(1, k_max + 1):
+        for j in range(k):
+            m[j, k - 1] = pow(int(_P), k - 1 - j, 1 << 64)
+    return m
 
-    Vectorised with numpy: one pass per n-gram length, no Python loop over characters. Training
-    and prediction both use this function.
+
+_POW = _powers()
+_SALTS = np.array([int(_SALT[k]) for k in range(1, NGRAMS[1] + 1)], dtype=np.uint64)
+# Of the last K-1 windows (start n-K+1+i), the n-gram of length k+1 fits in the text iff i + k < K-1.
+_TAIL = np.array([[i + k < NGRAMS[1] - 1 for k in range(NGRAMS[1])] for i in range(NGRAMS[1] - 1)])
+_SHORT = 768  # bytes: below this one matrix product beats a pass per n-gram length (fewer numpy calls)
+
+
+def hashed_ngrams(s: str, bits: int = BITS) -> np.ndarray:
+    """The bucket (0 .. 2**bits-1) of every byte n-gram (NGRAMS) of the UTF-8 text, as int64, in no
+    particular order.
+
+    Vectorised with numpy, no Python loop over characters: short texts (most requests) as one
+    product of the byte windows with a matrix of powers of P, longer ones with one pass per n-gram
+    length. Both give the same rolling hash; training and prediction both use this function.
     """
-    b = np.frombuffer(s.encode("utf-8", "surrogatepass"), dtype=np.uint8).astype(np.uint64)
-    n = len(b)
+    raw = s.encode("utf-8", "surrogatepass")
+    n = len(raw)
+    k_max = NGRAMS[1]
     shift = np.uint64(64 - bits)
+    if k_max <= n < _SHORT and NGRAMS[0] == 1:
+        b = np.zeros(n + k_max - 1, dtype=np.uint64)
+        b[:n] = np.frombuffer(raw, dtype=np.uint8)
+        windows = np.ndarray((n, k_max), dtype=np.uint64, buffer=b, strides=(8, 8))
+        h = windows @ _POW  # h[i, k-1]: the rolling hash of the k bytes from i (wrapping, as below)
+        h += _SALTS
+        h *= _MIX
+        h >>= shift
+        return np.concatenate((h[: n - k_max + 1].ravel(), h[n - k_max + 1 :][_TAIL])).astype(np.int64)
+    b = np.frombuffer(raw, dtype=np.uint8).astype(np.uint64)
     h = np.zeros(n, dtype=np.uint64)
     out = []
-    for k in range(1, NGRAMS[1] + 1):
+    for k in range(1, k_max + 1):
         if n < k:
             break
         h = h[: n - k + 1] * _P + b[k - 1 :]

@@ -97,7 +97,8 @@ class LocalModel:
 
     def score(self, features: str) -> tuple[int, float]:
         """Score one feature string: (1-10 score, attack probability)."""
-        p = self.proba([features])[0]
+        one = getattr(self.estimator, "proba_one", None)  # addons.detector.Detector: no batch machinery
+        p = float(one(features)) if one is not None else self.proba([features])[0]
         return proba_to_score(p, self.operating_point), p
 
 

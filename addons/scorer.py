@@ -298,7 +298,6 @@ class Scorer:
                 flow.comment += " [detect-only: forwarded]"
             else:
                 refuse(flow)
-        logger.debug("openflare %s score=%s ip=%s %.3f ms", verdict, score, flow.metadata.get(common.CLIENT_IP), ms)
 
 
 addons = [Scorer()]

@@ -3,6 +3,9 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
 from addons import dataset
 from addons import detector
@@ -97,3 +100,30 @@ def test_hashed_tfidf_matches_prediction():
     for i, f in enumerate(feats):
         z = float(X[i].sum()) * 0.5 - 1.0
         assert det.supervised_proba(f) == pytest.approx(1 / (1 + pytest.importorskip("math").exp(-z)), rel=1e-5)
+
+
+def _reference_ngrams(s: str, bits: int) -> list[int]:
+    """The documented hash, one n-gram at a time in plain Python (slow, obviously right)."""
+    b = s.encode("utf-8", "surrogatepass")
+    mask = (1 << 64) - 1
+    out = []
+    for k in range(detector.NGRAMS[0], detector.NGRAMS[1] + 1):
+        for i in range(len(b) - k + 1):
+            h = 0
+            for byte in b[i : i + k]:
+                h = (h * int(detector._P) + byte) & mask
+            out.append((((h + int(detector._SALT[k])) & mask) * int(detector._MIX) & mask) >> (64 - bits))
+    return sorted(out)
+
+
+@given(st.text(max_size=1200) | st.binary(max_size=1200).map(lambda b: b.decode("latin-1")), st.sampled_from([12, 20]))
+@settings(max_examples=60, deadline=None)
+def test_hashed_ngrams_both_paths_match_the_reference(s, bits):
+    # Short texts take the matrix path, long ones (>= detector._SHORT bytes) one pass per n-gram length.
+    assert sorted(detector.hashed_ngrams(s, bits).tolist()) == _reference_ngrams(s, bits)
+
+
+@pytest.mark.parametrize("n", [0, 1, 4, 5, 6, detector._SHORT - 1, detector._SHORT, detector._SHORT + 3])
+def test_hashed_ngrams_at_the_path_boundaries(n):
+    s = "".join(chr(97 + (i * 7) % 26) for i in range(n))
+    assert sorted(detector.hashed_ngrams(s).tolist()) == _reference_ngrams(s, detector.BITS)
