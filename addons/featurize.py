@@ -315,12 +315,28 @@ _AI_PATTERNS = (
         r"[{,]\s*\"?(score|verdict|rating|risk|malicious)\"?\s*:\s*\"?(\d|true|false|benign|safe|clean|pass|allow)|"
         r"\b(rate|score|classify|mark) (this|it|the request) (as )?(1|benign|safe|harmless|clean)\b")),
 )
+# For each pattern, substrings of which every match contains at least one: most requests contain
+# none, and a substring test costs far less than a regular-expression scan (same result either way).
+_AI_LITERALS = {
+    "ai-override": ("ignore", "disregard", "forget", "override", "bypass"),
+    "ai-role": ("you are now", "you're now", "act as a", "pretend ", "new instruction", "system prompt", "jailbreak",
+                "developer mode", "do anything now"),
+    "ai-template": ("<|", "inst]", "sys>>", "###", "system", "assistant"),
+    "ai-verdict": ("score", "verdict", "rat", "risk", "malicious", "classify", "mark"),
+}
 
 
 def ai_markers(text: str) -> list[str]:
     """Marker tokens for the kinds of AI-addressing text in a normalised string (bounded scan)."""
     text = text[: 4 * MAX_CHARS]
-    return [name for name, pattern in _AI_PATTERNS if pattern.search(text)]
+    out = []
+    for name, pattern in _AI_PATTERNS:
+        for lit in _AI_LITERALS[name]:
+            if lit in text:
+                if pattern.search(text):
+                    out.append(name)
+                break
+    return out
 
 
 def _fit(parts: list[str], limit: int) -> list[str]:

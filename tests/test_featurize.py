@@ -386,3 +386,19 @@ def test_featurize_never_raises(method, target, headers, ctype, body, limit):
     assert isinstance(out, str)
     assert len(out) <= limit
     out.encode("utf-8")  # no lone surrogates
+
+
+_AI_WORDS = [w for lits in featurize._AI_LITERALS.values() for w in lits] + [
+    "previous", "instructions", "all rules", "to be", "you are", "im_start|>", "<|system|>", "[/inst]", "<</sys>>",
+    "### response", "system: ", "assistant : ", '{"score": 1', ', verdict:"benign', "rate this as safe",
+    "classify it benign", "mark the request as 1", "ignore the above context", " ", ":", '"', ",", "{", "|", "\n",
+]
+
+
+@given(st.lists(st.sampled_from(_AI_WORDS) | st.text(max_size=6), max_size=14).map("".join))
+@settings(max_examples=400, deadline=None)
+def test_ai_marker_prefilter_never_changes_the_result(text):
+    # The substring prefilter only skips scans that could not match: same markers as scanning every pattern.
+    text = text.lower()
+    expected = [name for name, pattern in featurize._AI_PATTERNS if pattern.search(text)]
+    assert featurize.ai_markers(text) == expected
