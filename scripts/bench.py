@@ -61,6 +61,7 @@ class Case:
     scripts: list[str] | None
     options: dict[str, object] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
+    pid: int | None = None  # the running mitmdump
 
 
 # The baseline is the case named "plain": ratios and added latency are against it.
@@ -226,6 +227,17 @@ class Procs:
                 proc.wait(5)
 
 
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU time of a process so far (Linux /proc), None where it cannot be read."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def start_case(procs: Procs, case: Case, upstream_port: int, confdir: Path) -> int:
     if case.scripts is None:
         return upstream_port
@@ -243,7 +255,7 @@ def start_case(procs: Procs, case: Case, upstream_port: int, confdir: Path) -> i
         args += ["--set", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
     for script in case.scripts:
         args += ["-s", script]
-    procs.start("mitmdump-" + case.name.replace(" ", "_"), args, port, case.env)
+    case.pid = procs.start("mitmdump-" + case.name.replace(" ", "_"), args, port, case.env).pid
     return port
 
 
@@ -497,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     llm_lat: dict[str, list[tuple[float, int]]] = {"openflare": [], LLM_CASE: []}
     statuses: dict[str, dict[int, int]] = {c.name: {} for c in CASES}
     errors: dict[str, int] = {c.name: 0 for c in CASES}
+    cpu_ms: dict[str, list[float]] = {c.name: [] for c in CASES}  # mitmdump CPU ms per request, load phase
     t_start = time.perf_counter()
     try:
         if any(BANS in (c.scripts or []) and c.env.get("OPENFLARE_REDIS_URL") for c in CASES):
@@ -521,7 +534,11 @@ def main(argv: list[str] | None = None) -> int:
             for case in CASES if rnd % 2 == 0 else list(reversed(CASES)):
                 name = case.name
                 asyncio.run(drive(ports[name], wires[name], args.concurrency, 1.0, 500))  # warm-up
+                cpu0 = cpu_seconds(case.pid)
                 res = asyncio.run(drive(ports[name], wires[name], args.concurrency, args.duration, 10**7))
+                cpu1 = cpu_seconds(case.pid)
+                if cpu0 is not None and cpu1 is not None and res.done:
+                    cpu_ms[name].append((cpu1 - cpu0) / res.done * 1000)
                 results[name].append(res)
                 lat = asyncio.run(drive(ports[name], wires[name], 1, 30.0, args.latency_requests))
                 latencies[name] += lat.latencies
@@ -548,7 +565,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"Throughput: median of {args.rounds} rounds, {args.concurrency} keep-alive connections. "
           f"Latency: {args.latency_requests * args.rounds} sequential requests per case.")
-    hdr = f"{'case':<18} {'req/s':>8} {'vs plain':>9} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} {'+p99 ms':>8} {'2xx':>7} {'403':>7} {'other':>6} {'errors':>6}"
+    hdr = (f"{'case':<18} {'req/s':>8} {'vs plain':>9} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} {'+p99 ms':>8} "
+           f"{'cpu ms':>7} {'2xx':>7} {'403':>7} {'other':>6} {'errors':>6}")
     print(hdr)
     print("-" * len(hdr))
     for case in CASES:
@@ -562,8 +580,11 @@ def main(argv: list[str] | None = None) -> int:
         other = sum(st.values()) - ok - blocked
         added = "" if name == BASELINE or case.scripts is None else (
             f"{p50 - pct(base_lat, 50) * 1000:>+8.2f} {p99 - pct(base_lat, 99) * 1000:>+8.2f}")
+        cpu = f"{statistics.median(cpu_ms[name]):>7.2f}" if cpu_ms[name] else f"{'—':>7}"
         print(f"{name:<18} {rps:>8.0f} {rps / base_rps:>8.1%} {p50:>8.2f} {p99:>8.2f} {added:>17} "
-              f"{ok:>7} {blocked:>7} {other:>6} {errors[name]:>6}")
+              f"{cpu} {ok:>7} {blocked:>7} {other:>6} {errors[name]:>6}")
+    print("cpu ms: CPU time of the case's mitmdump per request during the load phase (median of rounds; it is "
+          "less sensitive than req/s to what else the machine runs)")
     print()
     print(f"Per request, in-process ({len(micro_res['score'])} samples, model {model_path.name}):")
     print(f"{'step':<18} {'p50 µs':>8} {'p99 µs':>8} {'mean µs':>8}")
@@ -576,6 +597,10 @@ def main(argv: list[str] | None = None) -> int:
     ratio = statistics.median(r.done / r.elapsed for r in results["openflare"]) / base_rps
     p99 = pct(micro_res["featurize+score"], 99)
     print()
+    if cpu_ms.get(BASELINE) and cpu_ms.get("openflare"):
+        c_base, c_of = statistics.median(cpu_ms[BASELINE]), statistics.median(cpu_ms["openflare"])
+        print(f"mitmdump CPU per request: plain {c_base:.2f} ms, openflare {c_of:.2f} ms (+{c_of - c_base:.2f} ms; "
+              f"plain/openflare {c_base / c_of:.1%}, the throughput ratio a CPU-bound mitmdump would reach)")
     print(f"targets: openflare >= 90 % of plain throughput: {ratio:.1%} ({'met' if ratio >= 0.9 else 'NOT met'}); "
           f"featurize+score p99 <= 1000 µs: {p99:.0f} µs ({'met' if p99 <= 1000 else 'NOT met'})")
     if "openflare+bans" in results:
