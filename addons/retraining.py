@@ -403,13 +403,14 @@ def carry(feature: str, payload: str, rng) -> str | None:
 
 
 def _terms(features: list[str], bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(row lengths, buckets, counts) of the hashed n-grams of `features`, compactly typed."""
+    """(row lengths, buckets, counts) of the hashed n-grams of `features`: int32 buckets, uint16 counts
+    (a count cannot pass 65535 within featurize's size caps; clipped if it ever did)."""
     rows = [detector.term_counts(f, bits) for f in features]
     lens = np.fromiter((len(r[0]) for r in rows), dtype=np.int64, count=len(rows))
     if not rows:
-        return lens, np.zeros(0, np.int32), np.zeros(0, np.int32)
+        return lens, np.zeros(0, np.int32), np.zeros(0, np.uint16)
     return (lens, np.concatenate([r[0] for r in rows]).astype(np.int32),
-            np.concatenate([r[1] for r in rows]).astype(np.int32))
+            np.minimum(np.concatenate([r[1] for r in rows]), 65535).astype(np.uint16))
 
 
 def _terms_job(job):
@@ -417,8 +418,8 @@ def _terms_job(job):
 
 
 def term_rows(features: list[str], bits: int, workers: int = 1, progress=None, chunk: int = 2000):
-    """The hashed n-gram counts of every feature string as CSR parts (indptr, buckets, counts), int32:
-    about 8 bytes per distinct n-gram of a string. `workers` processes share the hashing."""
+    """The hashed n-gram counts of every feature string as CSR parts (indptr, buckets, counts): 6 bytes
+    per distinct n-gram of a string. `workers` processes share the hashing."""
     jobs = [(features[i : i + chunk], bits) for i in range(0, len(features), chunk)]
     parts = []
     if workers > 1 and len(jobs) > 1:
@@ -438,7 +439,7 @@ def term_rows(features: list[str], bits: int, workers: int = 1, progress=None, c
     if parts:
         indptr[1:] = np.cumsum(np.concatenate([p[0] for p in parts]))
     idx = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int32)
-    cnt = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.int32)
+    cnt = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.uint16)
     return indptr, idx, cnt
 
 
@@ -455,30 +456,43 @@ def extend_idf(idf: np.ndarray, indptr: np.ndarray, idx: np.ndarray, min_df: int
     return out, int(new.sum())
 
 
-def tfidf_rows(indptr: np.ndarray, idx: np.ndarray, cnt: np.ndarray, idf: np.ndarray):
+def tfidf_rows(indptr: np.ndarray, idx: np.ndarray, cnt: np.ndarray, idf: np.ndarray, block: int = 4096):
     """Sublinear-tf TF-IDF rows, l2-normalised (what Detector.supervised_proba computes), float32 CSR over
-    the compact columns in use: (matrix, the bucket of each column)."""
+    the compact columns in use: (matrix, the bucket of each column). Written `block` rows at a time into
+    arrays of the final size (8 bytes per non-zero), so the temporaries stay small."""
     from scipy import sparse
 
     n = len(indptr) - 1
-    data = (1.0 + np.log(cnt.astype(np.float32))) * idf[idx]
-    rowid = np.repeat(np.arange(n, dtype=np.int32), np.diff(indptr))
-    norms = np.sqrt(np.bincount(rowid, weights=data * data, minlength=n))
-    norms[norms == 0] = 1.0
-    data /= norms.astype(np.float32)[rowid]
-    keep = data != 0
-    rowlen = np.bincount(rowid[keep], minlength=n)
-    del rowid
-    data, idx = data[keep], idx[keep]
+    blocks = [(r0, min(r0 + block, n)) for r0 in range(0, n, block)]
+    nnz = sum(int(np.count_nonzero(idf[idx[indptr[r0] : indptr[r1]]])) for r0, r1 in blocks)
+    data = np.empty(nnz, dtype=np.float32)
+    ind = np.empty(nnz, dtype=np.int32)
+    rowlen = np.zeros(n, dtype=np.int64)
     used = np.zeros(len(idf), dtype=bool)
-    used[idx] = True
+    at = 0
+    for r0, r1 in blocks:
+        lo, hi = indptr[r0], indptr[r1]
+        bi = idx[lo:hi]
+        v = (1.0 + np.log(cnt[lo:hi].astype(np.float32))) * idf[bi]
+        rowid = np.repeat(np.arange(r1 - r0), np.diff(indptr[r0 : r1 + 1]))
+        norms = np.sqrt(np.bincount(rowid, weights=v * v, minlength=r1 - r0)).astype(np.float32)
+        norms[norms == 0] = 1.0
+        v /= norms[rowid]
+        keep = v != 0
+        rowlen[r0:r1] = np.bincount(rowid[keep], minlength=r1 - r0)
+        k = int(keep.sum())
+        data[at : at + k] = v[keep]
+        ind[at : at + k] = bi[keep]
+        at += k
+    used[ind] = True
     cols = np.flatnonzero(used)
     remap = np.zeros(len(idf), dtype=np.int32)
     remap[cols] = np.arange(len(cols), dtype=np.int32)
-    new_ptr = np.zeros(n + 1, dtype=np.int64)
+    for lo in range(0, nnz, 1 << 22):
+        ind[lo : lo + (1 << 22)] = remap[ind[lo : lo + (1 << 22)]]
+    new_ptr = np.zeros(n + 1, dtype=np.int32 if nnz < 2**31 else np.int64)  # as scipy would make it: no copy
     new_ptr[1:] = np.cumsum(rowlen)
-    X = sparse.csr_matrix((data, remap[idx], new_ptr), shape=(n, len(cols)))
-    return X, cols
+    return sparse.csr_matrix((data, ind, new_ptr), shape=(n, len(cols)), copy=False), cols
 
 
 def finetune(parent: detector.Detector, X, cols: np.ndarray, y: np.ndarray, sample_weight: np.ndarray, C: float,

@@ -58,7 +58,8 @@ REFUSED = 3  # exit code: the gate refused the candidate (1 stays Python's own f
 
 
 def log(msg: str) -> None:
-    print(f"[retrain {time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
+    print(f"[retrain {time.perf_counter() - _T0:6.1f}s, peak {peak:4.1f} GB] {msg}", file=sys.stderr, flush=True)
 
 
 class Progress:

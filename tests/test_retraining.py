@@ -279,6 +279,8 @@ def test_tfidf_rows_are_what_the_detector_computes():
     parts = retraining.term_rows(feats, det.bits)
     assert all(np.array_equal(a, b) for a, b in zip(parts, retraining.term_rows(feats, det.bits, workers=2, chunk=3)))
     X, cols = retraining.tfidf_rows(*parts, det.idf)
+    Xb, colsb = retraining.tfidf_rows(*parts, det.idf, block=3)
+    assert np.array_equal(cols, colsb) and (X != Xb).nnz == 0
     dense, _ = detector.tfidf_matrix(feats, bits=det.bits, idf=det.idf)
     assert np.allclose(X.toarray(), dense.toarray()[:, cols], atol=1e-6)
     assert (dense.toarray()[:, np.setdiff1d(np.arange(1 << det.bits), cols)] == 0).all()
