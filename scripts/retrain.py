@@ -91,8 +91,8 @@ class Progress:
 
 
 def sample_train(train_recs: list, n: int) -> list:
-    """At most `n` base training records: those of lowest sha256 key (a deterministic sample: the same
-    corpora give the same rows, and copies of one request are kept or dropped together)."""
+    """About `n` base training records: those whose sha256 key (train.py's) is among the `n` lowest (a
+    deterministic sample: the same corpora give the same rows; copies of one request go together)."""
     if n <= 0 or len(train_recs) <= n:
         return list(train_recs)
     keyed = sorted(((train._key(r), i) for i, r in enumerate(train_recs)))
