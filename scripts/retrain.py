@@ -8,10 +8,11 @@
    feature string, weighted by source and recency, capped (addons/retraining.py).
 2. The app's labelled strings split 80/10/10 by hash: training, threshold calibration, held-out gate.
 3. The candidate is a fine-tune of the current model (default): same hashed n-gram feature space (its
-   idf kept; buckets it ignored that the new rows use at least --min-df times are added), logistic loss
-   minimised by L-BFGS from the current weights with an L2 term pulling toward them, on a deterministic
-   sample of the base training records (--base-sample, augmented with scripts/train.py's own code) plus
-   the weighted app strings and base payloads carried in the app's benign strings. Every stage is
+   idf kept; buckets it ignored that at least --min-df of the fine-tune's rows use are added), logistic
+   loss minimised by L-BFGS from the current weights with an L2 term pulling toward them (only the
+   weights of n-grams in the app's rows move), on a deterministic sample of the base training records
+   (--base-sample, augmented with scripts/train.py's own code) plus the weighted app strings and base
+   payloads carried in the app's benign strings. Every stage is
    bounded by --cap and --base-sample, whatever the store holds. --from-scratch instead trains with
    train.py's fit_supervised on the whole base set plus the app strings (minutes and gigabytes).
    The app profile is refreshed from the app's benign strings when that does not raise FPR on the
