@@ -1,4 +1,4 @@
-"""Retraining from recorded flows: labels, bounded collection, promotion gate, threshold, versions.
+"""Retraining from recorded flows: labels, bounded collection, the fine-tune, promotion gate, threshold, versions.
 
 A plain module (no mitmproxy import), used by scripts/retrain.py, scripts/rollback.py and the tests.
 
@@ -17,6 +17,12 @@ feature strings are merged (their count and recency weight add up); past `cap` d
 collector keeps the `cap` strings of lowest hash (a deterministic reservoir: the same store gives the
 same sample, and a string is kept or dropped with all its copies). Operator labels have their own cap
 and are never pushed out by machine labels.
+
+The candidate is a fine-tune of the current Detector (`finetune`): same hashed n-gram space and idf
+(plus buckets it ignored that the new rows use), float32 TF-IDF rows built from int32 n-gram counts
+(`term_rows`, `tfidf_rows`), and L-BFGS from the current weights with an L2 pull toward them, moving
+only the weights of the n-grams the app's rows contain. Its memory is bounded by the row caps, not by
+the number of recorded flows.
 """
 
 from __future__ import annotations
@@ -34,7 +40,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from addons import dataset
+from addons import detector
 from addons import featurize
 from addons import model
 from addons import records
@@ -390,6 +399,169 @@ def carry(feature: str, payload: str, rng) -> str | None:
     return None
 
 
+# ---- the candidate as a fine-tune of the current model ------------------------------------------------
+
+
+def _terms(features: list[str], bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row lengths, buckets, counts) of the hashed n-grams of `features`: int32 buckets, uint16 counts
+    (a count cannot pass 65535 within featurize's size caps; clipped if it ever did)."""
+    rows = [detector.term_counts(f, bits) for f in features]
+    lens = np.fromiter((len(r[0]) for r in rows), dtype=np.int64, count=len(rows))
+    if not rows:
+        return lens, np.zeros(0, np.int32), np.zeros(0, np.uint16)
+    return (lens, np.concatenate([r[0] for r in rows]).astype(np.int32),
+            np.minimum(np.concatenate([r[1] for r in rows]), 65535).astype(np.uint16))
+
+
+def _terms_job(job):
+    return _terms(*job)
+
+
+def term_rows(features: list[str], bits: int, workers: int = 1, progress=None, chunk: int = 2000):
+    """The hashed n-gram counts of every feature string as CSR parts (indptr, buckets, counts): 6 bytes
+    per distinct n-gram of a string. `workers` processes share the hashing."""
+    jobs = [(features[i : i + chunk], bits) for i in range(0, len(features), chunk)]
+    parts = []
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            for (lens, idx, cnt), job in zip(pool.imap(_terms_job, jobs), jobs):
+                parts.append((lens, idx, cnt))
+                if progress:
+                    progress(len(job[0]))
+    else:
+        for job in jobs:
+            parts.append(_terms(*job))
+            if progress:
+                progress(len(job[0]))
+    indptr = np.zeros(len(features) + 1, dtype=np.int64)
+    if parts:
+        indptr[1:] = np.cumsum(np.concatenate([p[0] for p in parts]))
+    idx = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int32)
+    cnt = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.uint16)
+    return indptr, idx, cnt
+
+
+def extend_idf(idf: np.ndarray, indptr: np.ndarray, idx: np.ndarray, min_df: int) -> tuple[np.ndarray, int]:
+    """The parent's idf, plus buckets it ignores (idf 0) that occur in at least `min_df` of these rows:
+    the app's own n-grams join the feature space (idf from their document frequency here, as
+    detector.tfidf_matrix computes it). Buckets the parent uses keep their idf, so the parent's weights
+    keep their meaning. Returns (new idf, number of buckets added)."""
+    n = len(indptr) - 1
+    df = np.bincount(idx, minlength=len(idf))  # buckets are distinct within a row
+    new = (idf == 0) & (df >= max(min_df, 1))
+    out = idf.astype(np.float32).copy()
+    out[new] = (np.log((1.0 + n) / (1.0 + df[new])) + 1.0).astype(np.float32)
+    return out, int(new.sum())
+
+
+def tfidf_rows(indptr: np.ndarray, idx: np.ndarray, cnt: np.ndarray, idf: np.ndarray, block: int = 4096):
+    """Sublinear-tf TF-IDF rows, l2-normalised (what Detector.supervised_proba computes), float32 CSR over
+    the compact columns in use: (matrix, the bucket of each column). Written `block` rows at a time into
+    arrays of the final size (8 bytes per non-zero), so the temporaries stay small."""
+    from scipy import sparse
+
+    n = len(indptr) - 1
+    blocks = [(r0, min(r0 + block, n)) for r0 in range(0, n, block)]
+    nnz = sum(int(np.count_nonzero(idf[idx[indptr[r0] : indptr[r1]]])) for r0, r1 in blocks)
+    data = np.empty(nnz, dtype=np.float32)
+    ind = np.empty(nnz, dtype=np.int32)
+    rowlen = np.zeros(n, dtype=np.int64)
+    used = np.zeros(len(idf), dtype=bool)
+    at = 0
+    for r0, r1 in blocks:
+        lo, hi = indptr[r0], indptr[r1]
+        bi = idx[lo:hi]
+        v = (1.0 + np.log(cnt[lo:hi].astype(np.float32))) * idf[bi]
+        rowid = np.repeat(np.arange(r1 - r0), np.diff(indptr[r0 : r1 + 1]))
+        norms = np.sqrt(np.bincount(rowid, weights=v * v, minlength=r1 - r0)).astype(np.float32)
+        norms[norms == 0] = 1.0
+        v /= norms[rowid]
+        keep = v != 0
+        rowlen[r0:r1] = np.bincount(rowid[keep], minlength=r1 - r0)
+        k = int(keep.sum())
+        data[at : at + k] = v[keep]
+        ind[at : at + k] = bi[keep]
+        at += k
+    used[ind] = True
+    cols = np.flatnonzero(used)
+    remap = np.zeros(len(idf), dtype=np.int32)
+    remap[cols] = np.arange(len(cols), dtype=np.int32)
+    for lo in range(0, nnz, 1 << 22):
+        ind[lo : lo + (1 << 22)] = remap[ind[lo : lo + (1 << 22)]]
+    new_ptr = np.zeros(n + 1, dtype=np.int32 if nnz < 2**31 else np.int64)  # as scipy would make it: no copy
+    new_ptr[1:] = np.cumsum(rowlen)
+    return sparse.csr_matrix((data, ind, new_ptr), shape=(n, len(cols)), copy=False), cols
+
+
+def finetune(parent: detector.Detector, X, cols: np.ndarray, y: np.ndarray, sample_weight: np.ndarray, C: float,
+             idf: np.ndarray, anchor_rows: int = 0, maxiter: int = 100, ftol: float = 1e-6,
+             progress=None) -> tuple[detector.Detector, dict]:
+    """Logistic regression warm-started at the parent's weights and regularised toward them:
+
+        minimise  C * sum_i s_i c_(y_i) log(1 + exp(-y_i (x_i . w + b)))  +  1/2 |w - w_parent|^2  +  1/2 (b - b_parent)^2
+
+    (train.py's liblinear objective, class_weight="balanced" as c_y, with the L2 term centred on the
+    parent instead of 0), by L-BFGS-B. Only the weights of the buckets that the rows after the first
+    `anchor_rows` use (the app's rows) are free, with the intercept; every other weight stays the
+    parent's (the anchor rows, a sample of the base training set, see them as a fixed offset). So the
+    app's data moves what it speaks to, as far as the base rows that share those n-grams allow.
+    Returns (the candidate Detector, without profile; fit figures)."""
+    import scipy.optimize
+    from scipy.special import expit
+
+    ys = np.where(y > 0, 1.0, -1.0)
+    counts = np.bincount(y.astype(np.int64), minlength=2)
+    cw = len(y) / (2.0 * np.maximum(counts, 1))  # scikit-learn's "balanced"
+    s = C * sample_weight * cw[y.astype(np.int64)]
+    coef0 = np.asarray(parent.coef, dtype=np.float32)[cols]
+    free = np.zeros(X.shape[1], dtype=bool)
+    free[X.indices[X.indptr[anchor_rows] :]] = True
+    fixed_w = np.where(free, 0.0, coef0).astype(np.float32)
+    offset = (X @ fixed_w).astype(np.float64)  # the fixed weights' part of every row's score
+    free_cols = np.flatnonzero(free)
+    Xf = X[:, free_cols]
+    Xft = Xf.T  # a CSC view: no copy
+    theta0 = np.append(coef0[free_cols].astype(np.float64), parent.intercept)
+    evals = 0
+
+    def fun(theta):
+        nonlocal evals
+        evals += 1
+        z = (Xf @ theta[:-1].astype(np.float32)).astype(np.float64) + offset + theta[-1]
+        m = ys * z
+        d = theta - theta0
+        f = float(s @ np.logaddexp(0.0, -m)) + 0.5 * float(d @ d)
+        gz = -s * ys * expit(-m)
+        gz[np.abs(gz) < 1e-30] = 0.0  # no float32 denormals in the product below
+        g = np.empty_like(theta)
+        g[:-1] = Xft @ gz.astype(np.float32)
+        g[-1] = gz.sum()
+        return f, g + d
+
+    f0 = fun(theta0)[0]
+    trace = []
+
+    def step(intermediate_result):
+        trace.append(float(intermediate_result.fun))
+        if progress:
+            progress(1)
+
+    res = scipy.optimize.minimize(fun, theta0, jac=True, method="L-BFGS-B", callback=step,
+                                  options={"maxiter": maxiter, "ftol": ftol})
+    coef = np.asarray(parent.coef, dtype=np.float32).copy()
+    coef[cols[free_cols]] = res.x[:-1].astype(np.float32)
+    coef[idf == 0] = 0.0
+    det = detector.Detector(idf, coef, float(res.x[-1]), bits=parent.bits, violation_p=parent.violation_p)
+    moved = np.abs(res.x[:-1] - theta0[:-1])
+    info = {"iterations": int(res.nit), "evaluations": evals, "converged": bool(res.success), "message": str(res.message),
+            "objective": {"at_parent": f0, "final": float(res.fun)}, "rows": int(X.shape[0]), "anchor_rows": int(anchor_rows),
+            "free_weights": int(len(free_cols)), "weights_moved_over_0.01": int((moved > 0.01).sum()),
+            "objective_after": {str(k): trace[k - 1] for k in (10, 25, 50) if k <= len(trace)}}
+    return det, info
+
+
 # ---- evaluation and the promotion gate ----------------------------------------------------------------
 
 
@@ -398,8 +570,41 @@ def threshold_of(lm: model.LocalModel, default: int = 6) -> int:
     return t if isinstance(t, int) and 1 <= t <= 10 else default
 
 
+_SCORING: tuple | None = None  # (model, features) for forked scoring processes
+
+
+def _score_chunk(bounds: tuple[int, int]) -> list[float]:
+    lm, features = _SCORING
+    return lm.proba(features[bounds[0] : bounds[1]])
+
+
+def proba_many(lm: model.LocalModel, features: list[str], workers: int = 1, progress=None, chunk: int = 2000) -> list[float]:
+    """lm.proba over many strings in chunks; with `workers` > 1, in that many forked processes."""
+    global _SCORING
+    bounds = [(i, min(i + chunk, len(features))) for i in range(0, len(features), chunk)]
+    out: list[float] = []
+    if workers > 1 and len(bounds) > 1:
+        import multiprocessing
+
+        _SCORING = (lm, features)
+        try:
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                for (i, j), p in zip(bounds, pool.imap(_score_chunk, bounds)):
+                    out.extend(p)
+                    if progress:
+                        progress(j - i)
+        finally:
+            _SCORING = None
+        return out
+    for i, j in bounds:
+        out.extend(lm.proba(features[i:j]))
+        if progress:
+            progress(j - i)
+    return out
+
+
 def evaluate(lm: model.LocalModel, base: list[tuple[str, int]], app_gate: list[tuple[str, int]],
-             max_fpr: float = 0.01, threshold: int | None = None, progress=None) -> dict:
+             max_fpr: float = 0.01, threshold: int | None = None, progress=None, workers: int = 1) -> dict:
     """Figures of one model: base test TPR at `max_fpr` and at its threshold, FPR; app slice FPR/TPR."""
     t = threshold if threshold is not None else threshold_of(lm)
     out: dict = {"threshold": t, "base": None, "app": None, "base_tpr_at_fpr": None}
@@ -407,11 +612,7 @@ def evaluate(lm: model.LocalModel, base: list[tuple[str, int]], app_gate: list[t
         if not rows:
             continue
         y = [lab for _, lab in rows]
-        p = []
-        for i in range(0, len(rows), 2000):
-            p.extend(lm.proba([f for f, _ in rows[i : i + 2000]]))
-            if progress:
-                progress(min(2000, len(rows) - i))
+        p = proba_many(lm, [f for f, _ in rows], workers, progress)
         out[name] = dataset.metrics(y, p, [model.proba_to_score(pi, lm.operating_point) > t for pi in p])
         if name == "base":
             out["base_tpr_at_fpr"] = dataset.tpr_at_fpr(y, p, max_fpr)

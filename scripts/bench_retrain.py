@@ -10,12 +10,14 @@
    itself; retraining dedupes it), local scores as a model would give them (benign mostly 1-3, attacks
    9-10), 10 % attacks, plus --labels operator labels in the `labels` collection.
 2. Run scripts/retrain.py on that store as a child process (--dry-run: the current model stays), and print
-   its wall time and peak RSS (getrusage of the child), with the time it spent streaming the store.
+   its wall time and peak RSS (getrusage of the children: the largest process), with the seconds of each
+   step (reading the store, the base corpora, building the candidate, scoring both models).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import resource
 import shutil
@@ -107,8 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         rc = subprocess.run(cmd, cwd=ROOT).returncode
         wall = time.perf_counter() - t0
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        try:
+            steps = json.loads((work / "retrain.json").read_text())["seconds"]
+        except (OSError, ValueError, KeyError):
+            steps = {}
         print(f"retrain on {args.flows} recorded flows ({args.distinct} distinct requests): exit {rc}, "
-              f"wall {wall:.1f} s, peak RSS {peak:.0f} MB")
+              f"wall {wall:.1f} s, peak RSS {peak:.0f} MB (largest process); seconds by step: {steps}")
         return 0 if rc in (0, 3) else rc
     finally:
         if not args.keep:

@@ -7,9 +7,16 @@
    in --dir): operator labels (`openflare.label`) > LLM verdicts > confident local verdicts, merged per
    feature string, weighted by source and recency, capped (addons/retraining.py).
 2. The app's labelled strings split 80/10/10 by hash: training, threshold calibration, held-out gate.
-3. A candidate is trained with scripts/train.py's code (same augmentation, features, classifier) on the
-   base corpora's train splits plus the weighted app strings; the app profile is refreshed from the app's
-   benign strings when that does not raise FPR on the calibration slice.
+3. The candidate is a fine-tune of the current model (default): same hashed n-gram feature space (its
+   idf kept; buckets it ignored that at least --min-df of the fine-tune's rows use are added), logistic
+   loss minimised by L-BFGS from the current weights with an L2 term pulling toward them (only the
+   weights of n-grams in the app's rows move), on a deterministic sample of the base training records
+   (--base-sample, augmented with scripts/train.py's own code) plus the weighted app strings and base
+   payloads carried in the app's benign strings. Every stage is
+   bounded by --cap and --base-sample, whatever the store holds. --from-scratch instead trains with
+   train.py's fit_supervised on the whole base set plus the app strings (minutes and gigabytes).
+   The app profile is refreshed from the app's benign strings when that does not raise FPR on the
+   calibration slice.
 4. Its threshold is calibrated for --target-app-fpr on the app's benign calibration strings.
 5. Candidate and current model are scored on the same held-out data (base test splits + the app's gate
    slice); the table is printed either way; the candidate is promoted (history kept, parent recorded,
@@ -29,6 +36,8 @@ import resource
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -50,7 +59,8 @@ REFUSED = 3  # exit code: the gate refused the candidate (1 stays Python's own f
 
 
 def log(msg: str) -> None:
-    print(f"[retrain {time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
+    print(f"[retrain {time.perf_counter() - _T0:6.1f}s, peak {peak:4.1f} GB] {msg}", file=sys.stderr, flush=True)
 
 
 class Progress:
@@ -78,6 +88,19 @@ class Progress:
         self._draw("\n")
 
 
+# ---- the candidate as a fine-tune of the current model ------------------------------------------------
+
+
+def sample_train(train_recs: list, n: int) -> list:
+    """About `n` base training records: those whose sha256 key (train.py's) is among the `n` lowest (a
+    deterministic sample: the same corpora give the same rows; copies of one request go together)."""
+    if n <= 0 or len(train_recs) <= n:
+        return list(train_recs)
+    keyed = sorted(((train._key(r), i) for i, r in enumerate(train_recs)))
+    cut = keyed[n - 1][0]
+    return [r for r in train_recs if train._key(r) <= cut]
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Also every option of scripts/train.py "
                                  "(--data, --bits, --min-df, --C, --synthetic, --seed, --version, ...), same defaults.")
@@ -101,6 +124,12 @@ def parse_args(argv):
     ap.add_argument("--half-life-days", type=float, default=7.0, help="recency: labels this old count half (default 7)")
     ap.add_argument("--local-attack", type=int, default=9, help="local score taken as a confident attack (default 9)")
     ap.add_argument("--local-benign", type=int, default=2, help="local score taken as confidently benign (default 2)")
+    ap.add_argument("--from-scratch", action="store_true",
+                    help="train the candidate from scratch (train.py's liblinear fit on the whole base set: minutes, GBs) "
+                         "instead of fine-tuning the current model")
+    ap.add_argument("--base-sample", type=int, default=40_000,
+                    help="fine-tune: base training records sampled (deterministically) for the fit; 0: all (default 40000)")
+    ap.add_argument("--maxiter", type=int, default=100, help="fine-tune: most L-BFGS iterations (default 100)")
     ap.add_argument("--json", type=Path, help="also write the comparison as JSON here")
     args, rest = ap.parse_known_args(argv)
     # Every option of scripts/train.py (--data, --bits, --synthetic, --seed, --version, ...) with its defaults:
@@ -137,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         bar.close()
         store.close()
-    log(f"labels: {col.stats}; {len(col)} distinct labelled strings; store read in {time.perf_counter() - t_read:.1f} s")
+    timings = {"store_read": round(time.perf_counter() - t_read, 1)}
+    log(f"labels: {col.stats}; {len(col)} distinct labelled strings; store read in {timings['store_read']} s")
     app = {"train": [], "calibrate": [], "gate": []}
     for f, lab, src, w in col.examples():
         app[retraining.held_slice(f)].append((f, int(lab == "attack"), src, w))
@@ -145,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         print("retrain: no labelled recorded flows (label some with openflare.label, or record full flows)", file=sys.stderr)
         return 2
 
+    t_base = time.perf_counter()
     log("reading base corpora " + ", ".join(str(f) for f in files))
     recs = dataset.load(files)
     split = dataset.honest_split(recs)
@@ -155,8 +186,24 @@ def main(argv: list[str] | None = None) -> int:
     app["train"] = [r for r in app["train"] if r[0] not in in_test]  # no request in both train and test
     if dropped:
         log(f"{dropped} recorded strings also in a base test split left out of training")
+    timings["base_corpora"] = round(time.perf_counter() - t_base, 1)
+    t_fit = time.perf_counter()
     rng = random.Random(args.seed)
-    sup = train.build_supervised(split.train, rng, args)
+    parent = current.estimator
+    finetuning = not args.from_scratch and isinstance(parent, detector.Detector)
+    if not args.from_scratch and not finetuning:
+        log(f"the current model is a {type(parent).__name__}, not a Detector: training from scratch")
+    base_train = split.train
+    sargs = args
+    if finetuning:
+        # A deterministic sample of the base training records, augmented as train.py augments the whole
+        # set (its fixed-size synthetic and AI-instruction parts scaled down to the sample's share).
+        base_train = sample_train(split.train, args.base_sample)
+        share = len(base_train) / max(len(split.train), 1)
+        sargs = argparse.Namespace(**vars(args))
+        sargs.synthetic, sargs.ai_attacks = round(args.synthetic * share), round(args.ai_attacks * share)
+        log(f"fine-tuning {current.version}: {len(base_train)} of {len(split.train)} base training records sampled")
+    sup = train.build_supervised(base_train, rng, sargs)
     held = [r for r in sup if int(train._key(r)[:8], 16) % 10 == 0]
     fit = [r for r in sup if int(train._key(r)[:8], 16) % 10 != 0]
     features = [r.feature() for r in fit] + [f for f, *_ in app["train"]]
@@ -175,8 +222,50 @@ def main(argv: list[str] | None = None) -> int:
                 weights.append(1.0)
                 carried += 1
     log(f"{carried} base attack payloads carried in the app's benign requests")
-    log(f"fitting on {len(fit)} base + {len(app['train'])} app strings ({sum(1 for r in app['train'] if r[1])} attack)")
-    det = train.fit_supervised(features, y, args, sample_weight=weights)
+    n_app_attack = sum(1 for r in app["train"] if r[1])
+    if finetuning:
+        if args.bits != parent.bits:
+            log(f"--bits {args.bits} ignored: a fine-tune keeps the current model's 2**{parent.bits} buckets")
+        bar = Progress("hashing n-grams", len(features))
+        indptr, idx, cnt = retraining.term_rows(features, parent.bits, args.workers, bar)
+        bar.close()
+        n_rows = len(features)
+        del features
+        idf, added = retraining.extend_idf(parent.idf, indptr, idx, args.min_df)
+        X, cols = retraining.tfidf_rows(indptr, idx, cnt, idf)
+        del indptr, idx, cnt
+        log(f"fitting on {len(fit)} base + {len(app['train'])} app strings ({n_app_attack} attack) + {carried} carried: "
+            f"matrix {X.shape[0]} x {X.shape[1]} columns in use, {X.nnz} non-zeros; {added} buckets new to the model; "
+            f"L-BFGS from the current weights (C={args.C})")
+        bar = Progress("L-BFGS iterations", args.maxiter)
+        det, fit_info = retraining.finetune(parent, X, cols, np.asarray(y), np.asarray(weights, dtype=np.float64), args.C, idf,
+                                            anchor_rows=len(fit), maxiter=args.maxiter, progress=bar)
+        bar.close()
+        del X
+        log(f"L-BFGS over {fit_info['free_weights']} free weights: {fit_info['iterations']} iterations, {fit_info['message']}; objective "
+            f"{fit_info['objective']['at_parent']:.1f} -> {fit_info['objective']['final']:.1f}")
+        training = {
+            "method": "fine-tune of the parent: its idf kept (buckets it ignored that occur in at least min_df of these "
+                      "rows added); logistic loss (class_weight balanced, sample weights) minimised by L-BFGS-B from the "
+                      "parent's weights with an L2 term 1/2 |w - w_parent|^2; only the weights of buckets the app's rows "
+                      "(its labelled strings and carried payloads) use are free, with the intercept; every other weight "
+                      "is the parent's, and the sampled base rows anchor the free ones",
+            "parent_version": current.version,
+            "base_sample": {"train_records": len(base_train), "of": len(split.train), "synthetic": sargs.synthetic,
+                            "ai_attacks": sargs.ai_attacks, "supervised": len(sup), "fit": len(fit), "held_out": len(held)},
+            "app_train": len(app["train"]), "app_carried": carried, "rows": n_rows, "C": args.C, "min_df": args.min_df,
+            "idf_buckets_added": added, "optimizer": fit_info,
+        }
+    else:
+        log(f"fitting on {len(fit)} base + {len(app['train'])} app strings ({n_app_attack} attack)")
+        det = train.fit_supervised(features, y, args, sample_weight=weights)
+        training = {
+            "method": "from scratch: scripts/train.py's fit_supervised (TF-IDF fitted on these rows, liblinear) on the whole "
+                      "augmented base training set plus the app's strings",
+            "base": {"train_records": len(split.train), "supervised": len(sup), "fit": len(fit), "held_out": len(held)},
+            "app_train": len(app["train"]), "app_carried": carried, "rows": len(features), "C": args.C,
+        }
+        del features
     hy = [int(r.attack) for r in held]
     op = train.choose_operating_point(hy, [det.supervised_proba(r.feature()) for r in held], args.target_fpr)
     det.violation_p = op + (1 - op) / 2
@@ -186,7 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     app_benign = [f for f, lab, *_ in app["train"] if not lab]
     calib_benign = [f for f, lab, *_ in app["calibrate"] if not lab]
     candidates = [("no profile", None)]
-    if base_prof:
+    if finetuning and parent.profile is not None:
+        candidates.append(("the current model's", parent.profile))
+    elif base_prof:
         candidates.append(("base sources only", detector.AppProfile().fit(base_prof)))
     if len(app_benign) >= args.profile_min and len(calib_benign) >= 20:  # only when its FPR can be checked
         candidates.append(("base sources + the app's benign flows", detector.AppProfile().fit(base_prof + app_benign)))
@@ -222,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         "threshold": threshold,
         "threshold_calibration": {"target_app_fpr": args.target_app_fpr, "app_benign_calibration": len(calib_benign), "fpr": calib_fpr},
         "data_sources": [{"file": str(f), "sha256": model.sha256_file(f)} for f in files],
-        "train_counts": dataset.counts(split.train),
+        "train_counts": dataset.counts(base_train),
+        "training": training,
         "test_counts": dataset.counts(split.test),
         "recorded": {"store": store.description, "stats": col.stats, "distinct": len(col),
                      "slices": {k: {"n": len(v), "attack": sum(1 for r in v if r[1])} for k, v in app.items()},
@@ -235,12 +327,15 @@ def main(argv: list[str] | None = None) -> int:
     model.write_card(candidate_path, card)
     candidate = model.load(str(candidate_path))
     gate_rows = [(f, lab) for f, lab, *_ in app["gate"]]
+    timings["candidate"] = round(time.perf_counter() - t_fit, 1)
+    t_eval = time.perf_counter()
     log(f"evaluating both on {len(base_test)} base test + {len(gate_rows)} app held-out strings")
     res = {}
     for name, lm in (("current", current), ("candidate", candidate)):
         bar = Progress(f"scoring {name}", len(base_test) + len(gate_rows))
-        res[name] = retraining.evaluate(lm, base_test, gate_rows, args.fixed_fpr, progress=bar)
+        res[name] = retraining.evaluate(lm, base_test, gate_rows, args.fixed_fpr, progress=bar, workers=args.workers)
         bar.close()
+    timings["evaluation"] = round(time.perf_counter() - t_eval, 1)
     decision = retraining.gate(res["current"], res["candidate"], args.tolerance)
     card["metrics"] = {"held_out": res["candidate"], "parent_held_out": res["current"]}
     model.write_card(candidate_path, card)
@@ -250,8 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"current": res["current"], "candidate": res["candidate"], "promote": decision.promote,
                                          "reasons": decision.reasons, "version": version, "threshold": threshold,
-                                         "stats": col.stats, "peak_rss_mb": rss}, indent=2) + "\n")
-    log(f"peak RSS {rss:.0f} MB")
+                                         "stats": col.stats, "peak_rss_mb": rss, "seconds": timings,
+                                         "training": training}, indent=2) + "\n")
+    log(f"peak RSS {rss:.0f} MB; seconds: {timings}")
     if not decision.promote:
         print("REFUSED: " + "; ".join(decision.reasons) + f" (candidate kept in {candidate_path})")
         return REFUSED
