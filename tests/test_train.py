@@ -47,7 +47,7 @@ def _corpus(path: Path) -> Path:
     return path
 
 
-ARGS = ["--bits", "16", "--synthetic", "40", "--min-df", "1", "--profile-sources", "app", "--version", "t1"]
+ARGS = ["--bits", "16", "--synthetic", "40", "--everyday", "40", "--shaped-attacks", "20", "--generated-attacks", "20", "--min-df", "1", "--profile-sources", "app", "--version", "t1"]
 
 
 def test_train_end_to_end_and_deterministic(tmp_path, capsys):
@@ -97,3 +97,34 @@ def test_hashed_tfidf_matches_prediction():
     for i, f in enumerate(feats):
         z = float(X[i].sum()) * 0.5 - 1.0
         assert det.supervised_proba(f) == pytest.approx(1 / (1 + pytest.importorskip("math").exp(-z)), rel=1e-5)
+
+
+def test_hashed_tfidf_matches_prediction_with_headers():
+    import numpy as np
+
+    feats = [featurize.featurize("GET", "/s?q=red+shoes", [("User-Agent", "curl/8.4.0"), ("Cookie", "a=1; b=2")]),
+             featurize.featurize("POST", "/c?x=1", [("User-Agent", "Mozilla/5.0 (X11)"), ("Content-Type", "application/json")], b'{"t": "hi"}'),
+             featurize.featurize("GET", "/")]
+    X, idf = detector.tfidf_matrix(feats)
+    coef = np.random.default_rng(0).normal(size=1 << detector.BITS).astype(np.float32)
+    det = detector.Detector(idf, coef, 0.25)
+    for i, f in enumerate(feats):
+        z = float((X[i] @ coef)[0]) + 0.25
+        assert det.supervised_proba(f) == pytest.approx(1 / (1 + pytest.importorskip("math").exp(-z)), rel=1e-5)
+
+
+def test_header_section_cannot_dilute_the_request():
+    import numpy as np
+
+    f = featurize.featurize("GET", "/search?q=select+a+size")
+    long_ua = featurize.featurize("GET", "/search?q=select+a+size", [("User-Agent", "Mozilla/5.0 (Windows NT 10.0; Win64; x64) "
+                                  "AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0.0.0 Safari/537.36"), ("Cookie", "sid=" + "ab" * 20)])
+    assert detector.split_headers(long_ua) == (f, long_ua[len(f) + 1:])
+    idx, _ = detector.term_counts(f)
+    coef = np.zeros(1 << detector.BITS, dtype=np.float32)
+    coef[idx] = 3.0  # weights on the request's own n-grams only
+    det = detector.Detector(np.ones(1 << detector.BITS), coef, -2.0)
+    assert det.supervised_proba(long_ua) == pytest.approx(det.supervised_proba(f), rel=1e-6)
+    # A model pickled before the split scores the whole string as one block: headers dilute it.
+    det.header_block = False
+    assert det.supervised_proba(long_ua) < det.supervised_proba(f)
