@@ -17,6 +17,11 @@ split is dropped first (and counted). Each request becomes the feature string th
     payload is learnt, not a path);
   - synthetic benign requests: everyday text with SQL/HTML words, apostrophes, emoticons, JSON APIs,
     and English prose (sentences of the interpreter's pydoc_data.topics) as search terms and comments;
+  - everyday text (word lists and templates here) in varied request shapes (parameter names, paths,
+    forms, JSON, GraphQL), and attacks in the very same shapes: training attack payloads and classic
+    attacks from a grammar written here, so that the shape says nothing of the label;
+  every header set (benign or attack) is drawn from one generated pool of user agents, referers and
+  cookies; the Detector weighs the header section apart from the rest of the request.
 * an app profile (positive security) from the benign training requests of --profile-sources.
 
 The operating point (probability at the 6/7 score boundary) is chosen on a held-out 10 % of the
