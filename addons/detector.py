@@ -33,6 +33,14 @@ SEP = featurize.SEP
 _P = np.uint64(0x100000001B3)  # FNV-1a prime: the rolling polynomial hash of an n-gram's bytes
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: the top BITS bits of h * MIX
 _SALT = [np.uint64(k * 0x2545F4914F6CDD1D) for k in range(NGRAMS[1] + 1)]  # n-grams of each length apart
+# The header section's n-grams hash with other salts: "(" or ";" in a User-Agent gets its own weight,
+# apart from the same bytes in a query.
+_SALT_HEADERS = [np.uint64((k + 16) * 0x2545F4914F6CDD1D % (1 << 64)) for k in range(NGRAMS[1] + 1)]
+_HSEC = SEP + "h "
+# The header section's normalised vector is scaled by this before the weights: under the same L2
+# penalty, header weights pay 1/HEADER_SCALE**2 more, so headers (the same pool for both labels in
+# training) move a score less, while a payload in a header still stands out.
+HEADER_SCALE = 0.5
 
 
 def _powers() -> np.ndarray:
@@ -47,14 +55,28 @@ def _powers() -> np.ndarray:
 
 _POW = _powers()
 _SALTS = np.array([int(_SALT[k]) for k in range(1, NGRAMS[1] + 1)], dtype=np.uint64)
+_SALTS_HEADERS = np.array([int(_SALT_HEADERS[k]) for k in range(1, NGRAMS[1] + 1)], dtype=np.uint64)
 # Of the last K-1 windows (start n-K+1+i), the n-gram of length k+1 fits in the text iff i + k < K-1.
 _TAIL = np.array([[i + k < NGRAMS[1] - 1 for k in range(NGRAMS[1])] for i in range(NGRAMS[1] - 1)])
 _SHORT = 768  # bytes: below this one matrix product beats a pass per n-gram length (fewer numpy calls)
 
 
-def hashed_ngrams(s: str, bits: int = BITS) -> np.ndarray:
+def _window_hashes(b: np.ndarray, n: int) -> np.ndarray:
+    """h[i, k-1]: the rolling hash of the k bytes from i, for the first n windows of b (uint64,
+    zero-padded by K-1 at the end), as one product of the byte windows with powers of P."""
+    windows = np.ndarray((n, NGRAMS[1]), dtype=np.uint64, buffer=b, strides=(8, 8))
+    return windows @ _POW
+
+
+def _valid(h: np.ndarray, n: int) -> np.ndarray:
+    """The n-grams of h (one text of n >= K bytes) that fit in it, flattened."""
+    k_max = NGRAMS[1]
+    return np.concatenate((h[: n - k_max + 1].ravel(), h[n - k_max + 1 : n][_TAIL]))
+
+
+def hashed_ngrams(s: str, bits: int = BITS, headers: bool = False) -> np.ndarray:
     """The bucket (0 .. 2**bits-1) of every byte n-gram (NGRAMS) of the UTF-8 text, as int64, in no
-    particular order.
+    particular order. `headers`: the text is a header section (other salts).
 
     Vectorised with numpy, no Python loop over characters: short texts (most requests) as one
     product of the byte windows with a matrix of powers of P, longer ones with one pass per n-gram
@@ -63,6 +85,17 @@ def hashed_ngrams(s: str, bits: int = BITS) -> np.ndarray:
     raw = s.encode("utf-8", "surrogatepass")
     n = len(raw)
     k_max = NGRAMS[1]
+    shift = np.uint64(64 - bits)
+    if k_max <= n < _SHORT and NGRAMS[0] == 1:
+        b = np.zeros(n + k_max - 1, dtype=np.uint64)
+        b[:n] = np.frombuffer(raw, dtype=np.uint8)
+        h = _window_hashes(b, n)
+        h += _SALTS_HEADERS if headers else _SALTS
+        h *= _MIX
+        h >>= shift
+        return _valid(h, n).astype(np.int64)
+    salt = _SALT_HEADERS if headers else _SALT
+    b = np.frombuffer(raw, dtype=np.uint8).astype(np.uint64)
     shift = np.uint64(64 - bits)
     if k_max <= n < _SHORT and NGRAMS[0] == 1:
         b = np.zeros(n + k_max - 1, dtype=np.uint64)
@@ -81,23 +114,75 @@ def hashed_ngrams(s: str, bits: int = BITS) -> np.ndarray:
             break
         h = h[: n - k + 1] * _P + b[k - 1 :]
         if k >= NGRAMS[0]:
-            out.append(((h + _SALT[k]) * _MIX) >> shift)
+            out.append(((h + salt[k]) * _MIX) >> shift)
     if not out:
         return np.zeros(0, dtype=np.int64)
     return np.concatenate(out).astype(np.int64)
 
 
-def term_counts(s: str, bits: int = BITS) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted distinct buckets, their counts) of one feature string.
+def block_keys(br: bytes, bh: bytes, bits: int = BITS, matrix: bool = True) -> np.ndarray:
+    """The buckets of the n-grams of a request (bytes br) and of its header section (bh, header salts,
+    bucket + 2**bits as a flag), as uint64 in no particular order; n-grams across the seam left out.
+
+    One hashing pass over both: one matrix product for short texts (`matrix`), else one pass per
+    n-gram length. Both give the same keys (a test checks).
+    """
+    b = np.frombuffer(br + bh, dtype=np.uint8).astype(np.uint64)
+    n, lr = len(b), len(br)
+    k_max = NGRAMS[1]
+    shift = np.uint64(64 - bits)
+    flag = np.uint64(1 << bits)
+    if matrix and k_max <= lr and k_max <= n - lr and n < _SHORT and NGRAMS[0] == 1:
+        padded = np.zeros(n + k_max - 1, dtype=np.uint64)
+        padded[:n] = b
+        h = _window_hashes(padded, n)
+        h[:lr] += _SALTS
+        h[lr:] += _SALTS_HEADERS
+        h *= _MIX
+        h >>= shift
+        hh = _valid(h[lr:], n - lr)
+        hh |= flag
+        return np.concatenate((_valid(h[:lr], lr), hh))
+    h = np.zeros(n, dtype=np.uint64)
+    keys = []
+    for k in range(1, k_max + 1):
+        if n < k:
+            break
+        h = h[: n - k + 1] * _P + b[k - 1 :]
+        if k >= NGRAMS[0]:
+            if lr >= k:
+                keys.append(((h[: lr - k + 1] + _SALT[k]) * _MIX) >> shift)
+            if n - lr >= k:
+                keys.append((((h[lr:] + _SALT_HEADERS[k]) * _MIX) >> shift) | flag)
+    return np.concatenate(keys) if keys else np.zeros(0, dtype=np.uint64)
+
+
+def term_counts(s: str, bits: int = BITS, headers: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted distinct buckets, their counts) of one feature string (or of its header section).
 
     What np.unique(return_counts=True) returns, in fewer numpy calls (it is on the request path).
     """
-    srt = np.sort(hashed_ngrams(s, bits))
+    srt = np.sort(hashed_ngrams(s, bits, headers))
     if not len(srt):
         return srt, np.zeros(0, dtype=np.int64)
     starts = np.flatnonzero(np.concatenate(([True], srt[1:] != srt[:-1])))
     counts = np.diff(np.append(starts, len(srt)))
     return srt[starts], counts
+
+
+def split_headers(feature: str) -> tuple[str, str]:
+    """(the request: method, path, query, body and markers; its header section, "" if none).
+
+    The supervised part weighs the two apart (each l2-normalised on its own), so a long User-Agent
+    cannot dilute a short query, and a missing one cannot concentrate it.
+    """
+    i = feature.find(_HSEC)
+    if i < 0:
+        return feature, ""
+    j = feature.find(SEP, i + 1)
+    if j < 0:
+        return feature[:i].rstrip(" "), feature[i:]
+    return feature[:i] + feature[j:], feature[i:j].rstrip(" ")
 
 
 # ---- the feature string, taken apart again ------------------------------------------------------
@@ -293,6 +378,10 @@ class Detector:
     """Supervised hashed-n-gram model plus an optional app profile; `predict_proba` like scikit-learn."""
 
     classes_ = np.array([0, 1])
+    # True: the header section and the rest are l2-normalised apart (and headers hash with their own
+    # salts). Models pickled before that load with the class default, False: one block, as trained.
+    header_block = False
+    header_scale = 1.0
 
     def __init__(self, idf: np.ndarray, coef: np.ndarray, intercept: float, bits: int = BITS,
                  profile: AppProfile | None = None, violation_p: float = 0.99) -> None:
@@ -302,15 +391,49 @@ class Detector:
         self.intercept = float(intercept)
         self.profile = profile
         self.violation_p = float(violation_p)
+        self.header_block = True
+        self.header_scale = HEADER_SCALE
 
-    def supervised_proba(self, feature: str) -> float:
-        """Sublinear-tf TF-IDF (l2-normalised) of the hashed n-grams, dotted with the weights."""
-        idx, counts = term_counts(feature, self.bits)
+    def _block(self, text: str, headers: bool) -> float:
+        idx, counts = term_counts(text, self.bits, headers)
         v = (1.0 + np.log(counts)) * self.idf[idx]
         sq = float(v @ v)
-        z = self.intercept
+        return float(v @ self.coef[idx]) / math.sqrt(sq) if sq > 0.0 else 0.0
+
+    def _two_blocks(self, req: str, hdr: str) -> float:
+        """`_block(req) + header_scale * _block(hdr)` in one hashing pass (it is on the request path).
+
+        The two texts are hashed as one byte array; n-grams across the seam are left out, and a
+        header n-gram's bucket carries a flag bit so that one sort counts both blocks apart.
+        """
+        flag = np.uint64(1 << self.bits)
+        keys = block_keys(req.encode("utf-8", "surrogatepass"), hdr.encode("utf-8", "surrogatepass"), self.bits)
+        srt = np.sort(keys)
+        starts = np.flatnonzero(np.concatenate(([True], srt[1:] != srt[:-1])))
+        counts = np.diff(np.append(starts, len(srt)))
+        uniq = srt[starts]
+        cut = int(np.searchsorted(uniq, flag))
+        idx = (uniq & (flag - np.uint64(1))).astype(np.int64)
+        v = (1.0 + np.log(counts)) * self.idf[idx]
+        w = self.coef[idx]
+        z = 0.0
+        vr, vh = v[:cut], v[cut:]
+        sq = float(vr @ vr)
         if sq > 0.0:
-            z += float(v @ self.coef[idx]) / math.sqrt(sq)
+            z += float(vr @ w[:cut]) / math.sqrt(sq)
+        sq = float(vh @ vh)
+        if sq > 0.0:
+            z += self.header_scale * float(vh @ w[cut:]) / math.sqrt(sq)
+        return z
+
+    def supervised_proba(self, feature: str) -> float:
+        """Sublinear-tf TF-IDF of the hashed n-grams, dotted with the weights: the request and its
+        header section each l2-normalised on their own (`header_block`), or as one block."""
+        if self.header_block:
+            req, hdr = split_headers(feature)
+            z = self.intercept + (self._two_blocks(req, hdr) if hdr else self._block(req, False))
+        else:
+            z = self.intercept + self._block(feature, False)
         if z >= 0:
             return 1.0 / (1.0 + math.exp(-z))
         e = math.exp(z)
@@ -344,25 +467,71 @@ class Detector:
 def tfidf_matrix(features: Sequence[str], bits: int = BITS, min_df: int = 1, idf: np.ndarray | None = None):
     """Training side of `Detector.supervised_proba`: (CSR matrix, idf). idf is fitted unless given.
 
+    Each row is the request's l2-normalised TF-IDF vector plus its header section's (hashed with
+    the header salts, normalised on its own, times HEADER_SCALE), as `Detector.supervised_proba`
+    computes them.
     idf = ln((1 + n) / (1 + df)) + 1 (scikit-learn's smooth idf); buckets in fewer than `min_df`
-    documents get idf 0, so they count for nothing in training and prediction alike.
+    documents get idf 0, so they count for nothing in training and prediction alike. Built in flat
+    int32/float64 arrays (no per-row matrices): the training corpus runs to 10**8 non-zeros.
     """
     from scipy import sparse
 
-    rows = [term_counts(f, bits) for f in features]
-    indptr = np.zeros(len(rows) + 1, dtype=np.int64)
-    indptr[1:] = np.cumsum([len(r[0]) for r in rows])
-    indices = np.concatenate([r[0] for r in rows]) if rows else np.zeros(0, dtype=np.int64)
-    counts = np.concatenate([r[1] for r in rows]) if rows else np.zeros(0, dtype=np.int64)
+    n = len(features)
+    seg_len = np.zeros(2 * n, dtype=np.int64)  # row k: segment 2k (request), 2k+1 (headers)
+    idx_parts: list[np.ndarray] = []
+    cnt_parts: list[np.ndarray] = []
+    dup_parts: list[np.ndarray] = []  # buckets in both sections of one request (df counts documents)
+    buf_i: list[np.ndarray] = []
+    buf_c: list[np.ndarray] = []
+
+    def flush() -> None:
+        if buf_i:
+            idx_parts.append(np.concatenate(buf_i))
+            cnt_parts.append(np.concatenate(buf_c))
+            buf_i.clear()
+            buf_c.clear()
+
+    for k, f in enumerate(features):
+        req, hdr = split_headers(f)
+        ri, rc = term_counts(req, bits)
+        buf_i.append(ri.astype(np.int32))
+        buf_c.append(rc.astype(np.int32))
+        seg_len[2 * k] = len(ri)
+        if hdr:
+            hi, hc = term_counts(hdr, bits, True)
+            buf_i.append(hi.astype(np.int32))
+            buf_c.append(hc.astype(np.int32))
+            seg_len[2 * k + 1] = len(hi)
+            if idf is None:
+                dup = np.intersect1d(ri, hi, assume_unique=True)
+                if len(dup):
+                    dup_parts.append(dup)
+        if len(buf_i) >= 8192:
+            flush()
+    flush()
+    indices = np.concatenate(idx_parts) if idx_parts else np.zeros(0, dtype=np.int32)
+    del idx_parts
+    data = np.concatenate(cnt_parts).astype(np.float64) if cnt_parts else np.zeros(0)
+    del cnt_parts
     if idf is None:
         df = np.bincount(indices, minlength=1 << bits)
-        n = len(rows)
+        if dup_parts:
+            df -= np.bincount(np.concatenate(dup_parts), minlength=1 << bits)
         idf = (np.log((1.0 + n) / (1.0 + df)) + 1.0).astype(np.float32)
         idf[df < min_df] = 0.0
-    data = (1.0 + np.log(counts)) * idf[indices].astype(np.float64)
-    X = sparse.csr_matrix((data, indices, indptr), shape=(len(rows), 1 << bits))
-    norms = np.sqrt(np.asarray(X.multiply(X).sum(axis=1)).ravel())
+    np.log(data, out=data)
+    data += 1.0
+    data *= idf[indices]
+    seg = np.repeat(np.arange(2 * n, dtype=np.int32), seg_len)
+    norms = np.sqrt(np.bincount(seg, weights=data * data, minlength=2 * n))
     norms[norms == 0] = 1.0
-    X = sparse.diags(1.0 / norms) @ X
+    scale = np.ones(2 * n)
+    scale[1::2] = HEADER_SCALE
+    data *= (scale / norms)[seg]
+    del seg
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(seg_len.reshape(n, 2).sum(axis=1), out=indptr[1:])
+    X = sparse.csr_matrix((data, indices, indptr), shape=(n, 1 << bits))
+    X.sum_duplicates()
     X.eliminate_zeros()
-    return X.tocsr(), idf
+    return X, idf

@@ -4,6 +4,7 @@ import shutil
 import numpy as np
 import pytest
 
+import probes
 from addons import detector
 from addons import featurize
 from addons import model
@@ -14,14 +15,7 @@ FORM = UA + [("Content-Type", "application/x-www-form-urlencoded")]
 
 # Everyday requests that a naive WAF blocks: SQL words in prose, apostrophes in names, JSON APIs, "<3".
 BENIGN = [
-    pytest.param(
-        "GET", "/search?q=select+a+size", UA, b"",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="known false positive of the shipped model (score 7, just past the operating point): "
-            "a two-word query led by an SQL keyword; still open on the Foundation issue",
-        ),
-    ),
+    ("GET", "/search?q=select+a+size", UA, b""),
     ("GET", "/search?q=how+to+select+the+best+running+shoes", UA, b""),
     ("GET", "/search?q=union+square+hotels", UA, b""),
     ("GET", "/search?q=european+union+news", UA, b""),
@@ -54,6 +48,57 @@ ATTACKS = [
 @pytest.fixture(scope="module")
 def shipped():
     return model.load(model.DEFAULT_MODEL)
+
+
+# ---- tests/probes.py: everyday requests and short attacks under many header sets --------------------
+
+ALL_HEADERS = {**probes.DEV_HEADERS, **probes.HELDOUT_HEADERS}
+# Probes the shipped model still blocks under some header set: (method, target) -> why. Strict: a
+# model that passes them must move them back among the plain probes.
+KNOWN_FALSE_POSITIVES: dict[tuple[str, str], str] = {
+    ("GET", "/search?q=tom+%26+jerry%27s"): (
+        "score 7 with no headers, python-requests, okhttp, Edge + referer + cookie, Samsung or curl 8 (4-6 with the "
+        "others): the decoded '&' starts a bare token and the apostrophe after it reads like a quote breaking out"),
+    ("POST", "/graphql"): (
+        "score 7 with no headers, python-requests, okhttp, Edge + referer + cookie, Samsung or curl 8 (4-6 with the "
+        "others): inline GraphQL arguments 'user(id: 5)' in braces look like code to the n-gram model"),
+    ("GET", "/search?q=script+writing"): (
+        "score 7 with the Edge + referer + cookie header set only (3-5 with the others): that header set lifts "
+        "every score by about 0.5 in logit (its _ga cookie's digit runs), and 'script' leads the query"),
+    ("GET", "/search?q=movie+script"): (
+        "score 7 with the Edge + referer + cookie header set only (3-6 with the others): see 'script writing'"),
+    ("GET", "/search?q=order+by+date"): (
+        "score 7 with Edge + referer + cookie or curl 8 (4-6 with the others): 'order by' is an SQL clause"),
+    ("GET", "/search?q=script+font"): (
+        "held-out probe, score 7 with the Edge + referer + cookie header set only (3-6 with the others): see "
+        "'script writing'"),
+}
+
+
+def _probe_params(items):
+    out = []
+    for method, target, extra, body in items:
+        why = KNOWN_FALSE_POSITIVES.get((method, target))
+        marks = [pytest.mark.xfail(strict=True, reason=why)] if why else []
+        out.append(pytest.param(method, target, extra, body, marks=marks, id=f"{method} {target}"[:80]))
+    return out
+
+
+@pytest.mark.parametrize("method, target, extra, body", _probe_params(probes.DEV_BENIGN + probes.HELDOUT_BENIGN))
+def test_everyday_probe_not_blocked_under_any_header_set(shipped, method, target, extra, body):
+    scores = {name: shipped.score(featurize.featurize(method, target, h + extra, body))[0] for name, h in ALL_HEADERS.items()}
+    assert max(scores.values()) <= 6, scores
+
+
+@pytest.mark.parametrize("method, target, extra, body", _probe_params(probes.ATTACKS))
+def test_attack_probe_blocked_under_every_header_set(shipped, method, target, extra, body):
+    scores = {name: shipped.score(featurize.featurize(method, target, h + extra, body))[0] for name, h in ALL_HEADERS.items()}
+    assert min(scores.values()) > 6, scores
+
+
+@pytest.mark.parametrize("method, target, headers, body", probes.HEADER_ATTACKS)
+def test_header_attack_probe_blocked(shipped, method, target, headers, body):
+    assert shipped.score(featurize.featurize(method, target, headers, body))[0] > 6
 
 
 @pytest.mark.parametrize("method, target, headers, body", BENIGN)

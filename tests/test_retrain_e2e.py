@@ -28,7 +28,7 @@ from conftest import http_request
 pytestmark = pytest.mark.e2e
 
 SHARED = Path("/work/shared/datasets/httpparams.jsonl.gz")
-TRAIN_ARGS = ["--bits", "18", "--synthetic", "300", "--profile-sources", "", "--min-df", "2"]
+TRAIN_ARGS = ["--bits", "18", "--synthetic", "300", "--everyday", "0", "--shaped-attacks", "0", "--generated-attacks", "0", "--profile-sources", "", "--min-df", "2"]
 LABEL_HEADER = "x-sim-label"
 
 # Loaded after addons/labels.py: an operator at work. Flows whose request says so are labelled through

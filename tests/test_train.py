@@ -50,7 +50,7 @@ def _corpus(path: Path) -> Path:
     return path
 
 
-ARGS = ["--bits", "16", "--synthetic", "40", "--min-df", "1", "--profile-sources", "app", "--version", "t1"]
+ARGS = ["--bits", "16", "--synthetic", "40", "--everyday", "40", "--shaped-attacks", "20", "--generated-attacks", "20", "--min-df", "1", "--profile-sources", "app", "--version", "t1"]
 
 
 def test_train_end_to_end_and_deterministic(tmp_path, capsys):
@@ -102,7 +102,7 @@ def test_hashed_tfidf_matches_prediction():
         assert det.supervised_proba(f) == pytest.approx(1 / (1 + pytest.importorskip("math").exp(-z)), rel=1e-5)
 
 
-def _reference_ngrams(s: str, bits: int) -> list[int]:
+def _reference_ngrams(s: str, bits: int, headers: bool = False) -> list[int]:
     """The documented hash, one n-gram at a time in plain Python (slow, obviously right)."""
     b = s.encode("utf-8", "surrogatepass")
     mask = (1 << 64) - 1
@@ -112,18 +112,65 @@ def _reference_ngrams(s: str, bits: int) -> list[int]:
             h = 0
             for byte in b[i : i + k]:
                 h = (h * int(detector._P) + byte) & mask
-            out.append((((h + int(detector._SALT[k])) & mask) * int(detector._MIX) & mask) >> (64 - bits))
+            salt = int((detector._SALT_HEADERS if headers else detector._SALT)[k])
+            out.append((((h + salt) & mask) * int(detector._MIX) & mask) >> (64 - bits))
     return sorted(out)
 
 
-@given(st.text(max_size=1200) | st.binary(max_size=1200).map(lambda b: b.decode("latin-1")), st.sampled_from([12, 20]))
+@given(st.text(max_size=1200) | st.binary(max_size=1200).map(lambda b: b.decode("latin-1")), st.sampled_from([12, 20]),
+       st.booleans())
 @settings(max_examples=60, deadline=None)
-def test_hashed_ngrams_both_paths_match_the_reference(s, bits):
+def test_hashed_ngrams_both_paths_match_the_reference(s, bits, headers):
     # Short texts take the matrix path, long ones (>= detector._SHORT bytes) one pass per n-gram length.
-    assert sorted(detector.hashed_ngrams(s, bits).tolist()) == _reference_ngrams(s, bits)
+    assert sorted(detector.hashed_ngrams(s, bits, headers).tolist()) == _reference_ngrams(s, bits, headers)
 
 
 @pytest.mark.parametrize("n", [0, 1, 4, 5, 6, detector._SHORT - 1, detector._SHORT, detector._SHORT + 3])
 def test_hashed_ngrams_at_the_path_boundaries(n):
     s = "".join(chr(97 + (i * 7) % 26) for i in range(n))
     assert sorted(detector.hashed_ngrams(s).tolist()) == _reference_ngrams(s, detector.BITS)
+    assert sorted(detector.hashed_ngrams(s, headers=True).tolist()) == _reference_ngrams(s, detector.BITS, True)
+
+
+def test_hashed_tfidf_matches_prediction_with_headers():
+    import numpy as np
+
+    feats = [featurize.featurize("GET", "/s?q=red+shoes", [("User-Agent", "curl/8.4.0"), ("Cookie", "a=1; b=2")]),
+             featurize.featurize("POST", "/c?x=1", [("User-Agent", "Mozilla/5.0 (X11)"), ("Content-Type", "application/json")], b'{"t": "hi"}'),
+             featurize.featurize("GET", "/")]
+    X, idf = detector.tfidf_matrix(feats)
+    coef = np.random.default_rng(0).normal(size=1 << detector.BITS).astype(np.float32)
+    det = detector.Detector(idf, coef, 0.25)
+    for i, f in enumerate(feats):
+        z = float((X[i] @ coef)[0]) + 0.25
+        assert det.supervised_proba(f) == pytest.approx(1 / (1 + pytest.importorskip("math").exp(-z)), rel=1e-5)
+
+
+def test_header_section_cannot_dilute_the_request():
+    import numpy as np
+
+    f = featurize.featurize("GET", "/search?q=select+a+size")
+    long_ua = featurize.featurize("GET", "/search?q=select+a+size", [("User-Agent", "Mozilla/5.0 (Windows NT 10.0; Win64; x64) "
+                                  "AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0.0.0 Safari/537.36"), ("Cookie", "sid=" + "ab" * 20)])
+    assert detector.split_headers(long_ua) == (f, long_ua[len(f) + 1:])
+    idx, _ = detector.term_counts(f)
+    coef = np.zeros(1 << detector.BITS, dtype=np.float32)
+    coef[idx] = 3.0  # weights on the request's own n-grams only
+    det = detector.Detector(np.ones(1 << detector.BITS), coef, -2.0)
+    assert det.supervised_proba(long_ua) == pytest.approx(det.supervised_proba(f), rel=1e-6)
+    # A model pickled before the split scores the whole string as one block: headers dilute it.
+    det.header_block = False
+    assert det.supervised_proba(long_ua) < det.supervised_proba(f)
+
+
+@given(st.text(max_size=400), st.text(max_size=400))
+@settings(max_examples=80, deadline=None)
+def test_block_keys_matrix_and_passes_agree(req, hdr):
+    br, bh = req.encode("utf-8", "surrogatepass"), hdr.encode("utf-8", "surrogatepass")
+    fast = detector.block_keys(br, bh)
+    slow = detector.block_keys(br, bh, matrix=False)
+    assert sorted(fast.tolist()) == sorted(slow.tolist())
+    flag = 1 << detector.BITS
+    # The request's keys are its own n-grams; the header section's are its header-salted ones, flagged.
+    assert sorted(k for k in slow.tolist() if k < flag) == sorted(detector.hashed_ngrams(req).tolist())
+    assert sorted(k - flag for k in slow.tolist() if k >= flag) == sorted(detector.hashed_ngrams(hdr, headers=True).tolist())
