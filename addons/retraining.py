@@ -402,10 +402,21 @@ def carry(feature: str, payload: str, rng) -> str | None:
 # ---- the candidate as a fine-tune of the current model ------------------------------------------------
 
 
-def _terms(features: list[str], bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(row lengths, buckets, counts) of the hashed n-grams of `features`: int32 buckets, uint16 counts
+def _terms(features: list[str], bits: int, header_block: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(segment lengths, buckets, counts) of the hashed n-grams of `features`, two segments per string:
+    the request and its header section (`header_block`: hashed with the header salts, as
+    Detector.supervised_proba does), or the whole string and an empty one. int32 buckets, uint16 counts
     (a count cannot pass 65535 within featurize's size caps; clipped if it ever did)."""
-    rows = [detector.term_counts(f, bits) for f in features]
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    rows = []
+    for f in features:
+        if header_block:
+            req, hdr = detector.split_headers(f)
+            rows.append(detector.term_counts(req, bits))
+            rows.append(detector.term_counts(hdr, bits, True) if hdr else empty)
+        else:
+            rows.append(detector.term_counts(f, bits))
+            rows.append(empty)
     lens = np.fromiter((len(r[0]) for r in rows), dtype=np.int64, count=len(rows))
     if not rows:
         return lens, np.zeros(0, np.int32), np.zeros(0, np.uint16)
@@ -417,10 +428,12 @@ def _terms_job(job):
     return _terms(*job)
 
 
-def term_rows(features: list[str], bits: int, workers: int = 1, progress=None, chunk: int = 2000):
-    """The hashed n-gram counts of every feature string as CSR parts (indptr, buckets, counts): 6 bytes
-    per distinct n-gram of a string. `workers` processes share the hashing."""
-    jobs = [(features[i : i + chunk], bits) for i in range(0, len(features), chunk)]
+def term_rows(features: list[str], bits: int, workers: int = 1, progress=None, chunk: int = 2000,
+              header_block: bool = False):
+    """The hashed n-gram counts of every feature string as CSR parts over 2 segments per string
+    (indptr of length 2n+1, buckets, counts; see `_terms`): 6 bytes per distinct n-gram of a segment.
+    `header_block`: the model's (Detector.header_block). `workers` processes share the hashing."""
+    jobs = [(features[i : i + chunk], bits, header_block) for i in range(0, len(features), chunk)]
     parts = []
     if workers > 1 and len(jobs) > 1:
         import multiprocessing
@@ -435,7 +448,7 @@ def term_rows(features: list[str], bits: int, workers: int = 1, progress=None, c
             parts.append(_terms(*job))
             if progress:
                 progress(len(job[0]))
-    indptr = np.zeros(len(features) + 1, dtype=np.int64)
+    indptr = np.zeros(2 * len(features) + 1, dtype=np.int64)
     if parts:
         indptr[1:] = np.cumsum(np.concatenate([p[0] for p in parts]))
     idx = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int32)
@@ -447,39 +460,47 @@ def extend_idf(idf: np.ndarray, indptr: np.ndarray, idx: np.ndarray, min_df: int
     """The parent's idf, plus buckets it ignores (idf 0) that occur in at least `min_df` of these rows:
     the app's own n-grams join the feature space (idf from their document frequency here, as
     detector.tfidf_matrix computes it). Buckets the parent uses keep their idf, so the parent's weights
-    keep their meaning. Returns (new idf, number of buckets added)."""
-    n = len(indptr) - 1
-    df = np.bincount(idx, minlength=len(idf))  # buckets are distinct within a row
+    keep their meaning. Returns (new idf, number of buckets added). A bucket found in both segments of
+    one string (request and header n-grams hashed apart, colliding) counts twice here: rare, and only
+    for deciding which new buckets join."""
+    n = (len(indptr) - 1) // 2
+    df = np.bincount(idx, minlength=len(idf))  # buckets are distinct within a segment
     new = (idf == 0) & (df >= max(min_df, 1))
     out = idf.astype(np.float32).copy()
     out[new] = (np.log((1.0 + n) / (1.0 + df[new])) + 1.0).astype(np.float32)
     return out, int(new.sum())
 
 
-def tfidf_rows(indptr: np.ndarray, idx: np.ndarray, cnt: np.ndarray, idf: np.ndarray, block: int = 4096):
-    """Sublinear-tf TF-IDF rows, l2-normalised (what Detector.supervised_proba computes), float32 CSR over
-    the compact columns in use: (matrix, the bucket of each column). Written `block` rows at a time into
-    arrays of the final size (8 bytes per non-zero), so the temporaries stay small."""
+def tfidf_rows(indptr: np.ndarray, idx: np.ndarray, cnt: np.ndarray, idf: np.ndarray, block: int = 4096,
+               header_scale: float = 1.0):
+    """Sublinear-tf TF-IDF rows (what Detector.supervised_proba computes): each segment l2-normalised on
+    its own, header segments times `header_scale` (the model's), a string's two segments one row.
+    float32 CSR over the compact columns in use: (matrix, the bucket of each column). Written `block`
+    strings at a time into arrays of the final size (8 bytes per non-zero), so the temporaries stay
+    small. A bucket in both segments of a string appears twice in its row (products sum them)."""
     from scipy import sparse
 
-    n = len(indptr) - 1
-    blocks = [(r0, min(r0 + block, n)) for r0 in range(0, n, block)]
+    nseg = len(indptr) - 1
+    n = nseg // 2
+    blocks = [(r0, min(r0 + 2 * block, nseg)) for r0 in range(0, nseg, 2 * block)]
     nnz = sum(int(np.count_nonzero(idf[idx[indptr[r0] : indptr[r1]]])) for r0, r1 in blocks)
     data = np.empty(nnz, dtype=np.float32)
     ind = np.empty(nnz, dtype=np.int32)
-    rowlen = np.zeros(n, dtype=np.int64)
+    seglen = np.zeros(nseg, dtype=np.int64)
     used = np.zeros(len(idf), dtype=bool)
+    scale = np.ones(2 * block, dtype=np.float32)
+    scale[1::2] = header_scale
     at = 0
     for r0, r1 in blocks:
         lo, hi = indptr[r0], indptr[r1]
         bi = idx[lo:hi]
         v = (1.0 + np.log(cnt[lo:hi].astype(np.float32))) * idf[bi]
-        rowid = np.repeat(np.arange(r1 - r0), np.diff(indptr[r0 : r1 + 1]))
-        norms = np.sqrt(np.bincount(rowid, weights=v * v, minlength=r1 - r0)).astype(np.float32)
+        segid = np.repeat(np.arange(r1 - r0), np.diff(indptr[r0 : r1 + 1]))
+        norms = np.sqrt(np.bincount(segid, weights=v * v, minlength=r1 - r0)).astype(np.float32)
         norms[norms == 0] = 1.0
-        v /= norms[rowid]
+        v *= (scale[: r1 - r0] / norms)[segid]
         keep = v != 0
-        rowlen[r0:r1] = np.bincount(rowid[keep], minlength=r1 - r0)
+        seglen[r0:r1] = np.bincount(segid[keep], minlength=r1 - r0)
         k = int(keep.sum())
         data[at : at + k] = v[keep]
         ind[at : at + k] = bi[keep]
@@ -491,7 +512,7 @@ def tfidf_rows(indptr: np.ndarray, idx: np.ndarray, cnt: np.ndarray, idf: np.nda
     for lo in range(0, nnz, 1 << 22):
         ind[lo : lo + (1 << 22)] = remap[ind[lo : lo + (1 << 22)]]
     new_ptr = np.zeros(n + 1, dtype=np.int32 if nnz < 2**31 else np.int64)  # as scipy would make it: no copy
-    new_ptr[1:] = np.cumsum(rowlen)
+    new_ptr[1:] = np.cumsum(seglen.reshape(n, 2).sum(axis=1))
     return sparse.csr_matrix((data, ind, new_ptr), shape=(n, len(cols)), copy=False), cols
 
 
@@ -554,6 +575,7 @@ def finetune(parent: detector.Detector, X, cols: np.ndarray, y: np.ndarray, samp
     coef[cols[free_cols]] = res.x[:-1].astype(np.float32)
     coef[idf == 0] = 0.0
     det = detector.Detector(idf, coef, float(res.x[-1]), bits=parent.bits, violation_p=parent.violation_p)
+    det.header_block, det.header_scale = parent.header_block, parent.header_scale  # the parent's feature space
     moved = np.abs(res.x[:-1] - theta0[:-1])
     info = {"iterations": int(res.nit), "evaluations": evals, "converged": bool(res.success), "message": str(res.message),
             "objective": {"at_parent": f0, "final": float(res.fun)}, "rows": int(X.shape[0]), "anchor_rows": int(anchor_rows),

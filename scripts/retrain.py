@@ -227,12 +227,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.bits != parent.bits:
             log(f"--bits {args.bits} ignored: a fine-tune keeps the current model's 2**{parent.bits} buckets")
         bar = Progress("hashing n-grams", len(features))
-        indptr, idx, cnt = retraining.term_rows(features, parent.bits, args.workers, bar)
+        indptr, idx, cnt = retraining.term_rows(features, parent.bits, args.workers, bar, header_block=parent.header_block)
         bar.close()
         n_rows = len(features)
         del features
         idf, added = retraining.extend_idf(parent.idf, indptr, idx, args.min_df)
-        X, cols = retraining.tfidf_rows(indptr, idx, cnt, idf)
+        X, cols = retraining.tfidf_rows(indptr, idx, cnt, idf, header_scale=parent.header_scale)
         del indptr, idx, cnt
         log(f"fitting on {len(fit)} base + {len(app['train'])} app strings ({n_app_attack} attack) + {carried} carried: "
             f"matrix {X.shape[0]} x {X.shape[1]} columns in use, {X.nnz} non-zeros; {added} buckets new to the model; "

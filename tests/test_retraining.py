@@ -273,24 +273,27 @@ def parent_detector(bits=12):
     return detector.Detector(idf, coef, float(clf.intercept_[0]), bits=bits)
 
 
-def test_tfidf_rows_are_what_the_detector_computes():
+@pytest.mark.parametrize("header_block", [True, False])
+def test_tfidf_rows_are_what_the_detector_computes(header_block):
     det = parent_detector()
-    feats = BASE[::7] + APP[:5]
-    parts = retraining.term_rows(feats, det.bits)
-    assert all(np.array_equal(a, b) for a, b in zip(parts, retraining.term_rows(feats, det.bits, workers=2, chunk=3)))
-    X, cols = retraining.tfidf_rows(*parts, det.idf)
-    Xb, colsb = retraining.tfidf_rows(*parts, det.idf, block=3)
+    det.header_block = header_block  # False: a model pickled before the header block (one block)
+    feats = BASE[::7] + APP[:5] + ["get /x ?q=1", "get /y ‖h user-agent: mozilla/5.0 (x11) cookie: a=1"]
+    parts = retraining.term_rows(feats, det.bits, header_block=header_block)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, retraining.term_rows(feats, det.bits, workers=2, chunk=3, header_block=header_block)))
+    X, cols = retraining.tfidf_rows(*parts, det.idf, header_scale=det.header_scale)
+    Xb, colsb = retraining.tfidf_rows(*parts, det.idf, block=3, header_scale=det.header_scale)
     assert np.array_equal(cols, colsb) and (X != Xb).nnz == 0
-    dense, _ = detector.tfidf_matrix(feats, bits=det.bits, idf=det.idf)
-    assert np.allclose(X.toarray(), dense.toarray()[:, cols], atol=1e-6)
-    assert (dense.toarray()[:, np.setdiff1d(np.arange(1 << det.bits), cols)] == 0).all()
+    if header_block:
+        dense, _ = detector.tfidf_matrix(feats, bits=det.bits, idf=det.idf)
+        assert np.allclose(X.toarray(), dense.toarray()[:, cols], atol=1e-6)
+        assert (dense.toarray()[:, np.setdiff1d(np.arange(1 << det.bits), cols)] == 0).all()
     z = X @ det.coef[cols] + det.intercept
     assert np.allclose(1 / (1 + np.exp(-z)), [det.supervised_proba(f) for f in feats], atol=1e-5)
 
 
 def test_extend_idf_adds_only_buckets_the_parent_ignores():
     det = parent_detector()
-    indptr, idx, _ = retraining.term_rows(APP, det.bits)
+    indptr, idx, _ = retraining.term_rows(APP, det.bits, header_block=True)
     idf, added = retraining.extend_idf(det.idf, indptr, idx, min_df=3)
     used = det.idf > 0
     assert np.array_equal(idf[used], det.idf[used])
@@ -303,17 +306,18 @@ def test_finetune_moves_what_the_app_speaks_to_and_keeps_the_rest():
     before = [det.supervised_proba(f) for f in APP]
     assert min(before) > 0.5, "the parent should call the app's notes attacks"
     feats = BASE + APP
-    indptr, idx, cnt = retraining.term_rows(feats, det.bits)
+    indptr, idx, cnt = retraining.term_rows(feats, det.bits, header_block=det.header_block)
     idf, _ = retraining.extend_idf(det.idf, indptr, idx, min_df=2)
-    X, cols = retraining.tfidf_rows(indptr, idx, cnt, idf)
+    X, cols = retraining.tfidf_rows(indptr, idx, cnt, idf, header_scale=det.header_scale)
     y = np.array([0] * 40 + [1] * 40 + [0] * 30)
     tuned, info = retraining.finetune(det, X, cols, y, np.ones(len(y)), 8.0, idf, anchor_rows=len(BASE))
     assert max(tuned.supervised_proba(f) for f in APP) < 0.5
     assert min(tuned.supervised_proba(f) for f in BASE[40:]) > 0.5  # the base attacks are still attacks
     app_buckets = np.zeros(1 << det.bits, dtype=bool)
-    app_buckets[idx[indptr[len(BASE)] :]] = True
+    app_buckets[idx[indptr[2 * len(BASE)] :]] = True  # two segments per string
     assert np.array_equal(tuned.coef[~app_buckets], det.coef[~app_buckets])  # untouched by the app: the parent's
     assert info["free_weights"] == int((app_buckets & (idf > 0)).sum()) and info["objective"]["final"] < info["objective"]["at_parent"]
     # Without a data term (C = 0) the candidate is the parent.
     same, _ = retraining.finetune(det, X, cols, y, np.ones(len(y)), 0.0, idf, anchor_rows=len(BASE))
     assert np.allclose(same.coef, np.where(idf > 0, det.coef, 0.0)) and same.intercept == pytest.approx(det.intercept)
+    assert (same.header_block, same.header_scale) == (det.header_block, det.header_scale)
