@@ -516,9 +516,17 @@ def tfidf_rows(indptr: np.ndarray, idx: np.ndarray, cnt: np.ndarray, idf: np.nda
     return sparse.csr_matrix((data, ind, new_ptr), shape=(n, len(cols)), copy=False), cols
 
 
+def request_buckets(indptr: np.ndarray, idx: np.ndarray, first_row: int) -> np.ndarray:
+    """The distinct buckets of the request segments (not the header sections) of the strings from
+    `first_row` on, in `term_rows` parts: what a fine-tune lets the app's rows move."""
+    n = (len(indptr) - 1) // 2
+    parts = [idx[indptr[2 * r] : indptr[2 * r + 1]] for r in range(first_row, n)]
+    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=idx.dtype)
+
+
 def finetune(parent: detector.Detector, X, cols: np.ndarray, y: np.ndarray, sample_weight: np.ndarray, C: float,
              idf: np.ndarray, anchor_rows: int = 0, maxiter: int = 100, ftol: float = 1e-6,
-             progress=None) -> tuple[detector.Detector, dict]:
+             progress=None, free_buckets: np.ndarray | None = None) -> tuple[detector.Detector, dict]:
     """Logistic regression warm-started at the parent's weights and regularised toward them:
 
         minimise  C * sum_i s_i c_(y_i) log(1 + exp(-y_i (x_i . w + b)))  +  1/2 |w - w_parent|^2  +  1/2 (b - b_parent)^2
@@ -528,6 +536,8 @@ def finetune(parent: detector.Detector, X, cols: np.ndarray, y: np.ndarray, samp
     `anchor_rows` use (the app's rows) are free, with the intercept; every other weight stays the
     parent's (the anchor rows, a sample of the base training set, see them as a fixed offset). So the
     app's data moves what it speaks to, as far as the base rows that share those n-grams allow.
+    `free_buckets` narrows the free weights further (scripts/retrain.py: the app's request n-grams,
+    not its header sections: an app's few clients would otherwise teach "this browser is an attacker").
     Returns (the candidate Detector, without profile; fit figures)."""
     import scipy.optimize
     from scipy.special import expit
@@ -539,6 +549,8 @@ def finetune(parent: detector.Detector, X, cols: np.ndarray, y: np.ndarray, samp
     coef0 = np.asarray(parent.coef, dtype=np.float32)[cols]
     free = np.zeros(X.shape[1], dtype=bool)
     free[X.indices[X.indptr[anchor_rows] :]] = True
+    if free_buckets is not None:
+        free &= np.isin(cols, free_buckets)
     fixed_w = np.where(free, 0.0, coef0).astype(np.float32)
     offset = (X @ fixed_w).astype(np.float64)  # the fixed weights' part of every row's score
     free_cols = np.flatnonzero(free)

@@ -58,6 +58,10 @@ REFUSED = 3  # exit code: the gate refused the candidate (1 stays Python's own f
 
 
 
+# train.py's augmentation parts of a fixed size (not a share of the training attacks): scaled to a sample.
+FIXED_SIZE_PARTS = ("synthetic", "ai_attacks", "everyday", "shaped_attacks", "generated_attacks")
+
+
 def log(msg: str) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
     print(f"[retrain {time.perf_counter() - _T0:6.1f}s, peak {peak:4.1f} GB] {msg}", file=sys.stderr, flush=True)
@@ -197,11 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     sargs = args
     if finetuning:
         # A deterministic sample of the base training records, augmented as train.py augments the whole
-        # set (its fixed-size synthetic and AI-instruction parts scaled down to the sample's share).
+        # set (its fixed-size generated parts scaled down to the sample's share, so the mix stays the same).
         base_train = sample_train(split.train, args.base_sample)
         share = len(base_train) / max(len(split.train), 1)
         sargs = argparse.Namespace(**vars(args))
-        sargs.synthetic, sargs.ai_attacks = round(args.synthetic * share), round(args.ai_attacks * share)
+        for part in FIXED_SIZE_PARTS:
+            setattr(sargs, part, round(getattr(args, part) * share))
         log(f"fine-tuning {current.version}: {len(base_train)} of {len(split.train)} base training records sampled")
     sup = train.build_supervised(base_train, rng, sargs)
     held = [r for r in sup if int(train._key(r)[:8], 16) % 10 == 0]
@@ -232,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         n_rows = len(features)
         del features
         idf, added = retraining.extend_idf(parent.idf, indptr, idx, args.min_df)
+        app_request_buckets = retraining.request_buckets(indptr, idx, len(fit))
         X, cols = retraining.tfidf_rows(indptr, idx, cnt, idf, header_scale=parent.header_scale)
         del indptr, idx, cnt
         log(f"fitting on {len(fit)} base + {len(app['train'])} app strings ({n_app_attack} attack) + {carried} carried: "
@@ -239,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             f"L-BFGS from the current weights (C={args.C})")
         bar = Progress("L-BFGS iterations", args.maxiter)
         det, fit_info = retraining.finetune(parent, X, cols, np.asarray(y), np.asarray(weights, dtype=np.float64), args.C, idf,
-                                            anchor_rows=len(fit), maxiter=args.maxiter, progress=bar)
+                                            anchor_rows=len(fit), maxiter=args.maxiter, progress=bar,
+                                            free_buckets=app_request_buckets)
         bar.close()
         del X
         log(f"L-BFGS over {fit_info['free_weights']} free weights: {fit_info['iterations']} iterations, {fit_info['message']}; objective "
@@ -248,11 +255,12 @@ def main(argv: list[str] | None = None) -> int:
             "method": "fine-tune of the parent: its idf kept (buckets it ignored that occur in at least min_df of these "
                       "rows added); logistic loss (class_weight balanced, sample weights) minimised by L-BFGS-B from the "
                       "parent's weights with an L2 term 1/2 |w - w_parent|^2; only the weights of buckets the app's rows "
-                      "(its labelled strings and carried payloads) use are free, with the intercept; every other weight "
+                      "(its labelled strings and carried payloads) use in their request (not their header section) are free, with the intercept; every other weight "
                       "is the parent's, and the sampled base rows anchor the free ones",
             "parent_version": current.version,
-            "base_sample": {"train_records": len(base_train), "of": len(split.train), "synthetic": sargs.synthetic,
-                            "ai_attacks": sargs.ai_attacks, "supervised": len(sup), "fit": len(fit), "held_out": len(held)},
+            "base_sample": {"train_records": len(base_train), "of": len(split.train),
+                            **{part: getattr(sargs, part) for part in FIXED_SIZE_PARTS},
+                            "supervised": len(sup), "fit": len(fit), "held_out": len(held)},
             "app_train": len(app["train"]), "app_carried": carried, "rows": n_rows, "C": args.C, "min_df": args.min_df,
             "idf_buckets_added": added, "optimizer": fit_info,
         }

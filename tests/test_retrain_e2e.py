@@ -223,3 +223,13 @@ def test_poisoned_labels_are_refused(base, tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 3 and "REFUSED" in out and "base TPR" in out, out
     assert model.sha256_file(cur_path) == before and model.load(str(cur_path)).version == "base-1"
+
+
+def test_every_fixed_size_training_part_is_scaled_to_the_base_sample():
+    # A fine-tune samples the base training set; train.py's parts of a fixed size (counts, not shares of
+    # the attacks) must shrink with it, or they would swamp the sample. Every int option of train.py that
+    # is a count of generated requests must be in retrain.FIXED_SIZE_PARTS.
+    train, retrain = _script("train"), _script("retrain")
+    not_counts = {"bits", "min_df", "seed"}
+    counts = {a.dest for a in train.parser()._actions if a.type is int and a.dest not in not_counts}
+    assert counts == set(retrain.FIXED_SIZE_PARTS)

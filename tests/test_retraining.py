@@ -321,3 +321,23 @@ def test_finetune_moves_what_the_app_speaks_to_and_keeps_the_rest():
     same, _ = retraining.finetune(det, X, cols, y, np.ones(len(y)), 0.0, idf, anchor_rows=len(BASE))
     assert np.allclose(same.coef, np.where(idf > 0, det.coef, 0.0)) and same.intercept == pytest.approx(det.intercept)
     assert (same.header_block, same.header_scale) == (det.header_block, det.header_scale)
+
+
+def test_finetune_with_request_buckets_leaves_header_weights_alone():
+    # An app's few clients send the same headers with its benign and its attack traffic: the fine-tune
+    # must not learn "this client is an attacker" from them. Only the app's request n-grams move.
+    det = parent_detector()
+    feats = BASE + APP
+    indptr, idx, cnt = retraining.term_rows(feats, det.bits, header_block=True)
+    idf, _ = retraining.extend_idf(det.idf, indptr, idx, min_df=2)
+    X, cols = retraining.tfidf_rows(indptr, idx, cnt, idf, header_scale=det.header_scale)
+    y = np.array([0] * 40 + [1] * 40 + [0] * 30)
+    req = retraining.request_buckets(indptr, idx, len(BASE))
+    hdr, _ = detector.term_counts("‖h user-agent: x".split(" ", 1)[1], det.bits, True)
+    hdr = np.setdiff1d(hdr, req)  # header buckets that no request n-gram shares
+    assert len(hdr) and len(req)
+    tuned, info = retraining.finetune(det, X, cols, y, np.ones(len(y)), 8.0, idf, anchor_rows=len(BASE), free_buckets=req)
+    assert np.array_equal(tuned.coef[hdr], np.where(idf[hdr] > 0, det.coef[hdr], 0.0))
+    assert max(tuned.supervised_proba(f) for f in APP) < 0.5  # the app's notes still learnt as benign
+    loose, _ = retraining.finetune(det, X, cols, y, np.ones(len(y)), 8.0, idf, anchor_rows=len(BASE))
+    assert not np.array_equal(loose.coef[hdr], det.coef[hdr])  # without the restriction they would move
