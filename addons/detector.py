@@ -76,63 +76,35 @@ def _valid(h: np.ndarray, n: int) -> np.ndarray:
 
 def hashed_ngrams(s: str, bits: int = BITS, headers: bool = False) -> np.ndarray:
     """The bucket (0 .. 2**bits-1) of every byte n-gram (NGRAMS) of the UTF-8 text, as int64, in no
-    particular order. `headers`: the text is a header section (other salts).
-
-    Vectorised with numpy, no Python loop over characters: short texts (most requests) as one
-    product of the byte windows with a matrix of powers of P, longer ones with one pass per n-gram
-    length. Both give the same rolling hash; training and prediction both use this function.
+    particular order. `headers`: the text is a header section (other salts). See `block_keys`;
+    training and prediction both use this function.
     """
     raw = s.encode("utf-8", "surrogatepass")
-    n = len(raw)
+    if headers:
+        return (block_keys(b"", raw, bits) & np.uint64((1 << bits) - 1)).astype(np.int64)
+    return block_keys(raw, b"", bits).astype(np.int64)
+
+
+def _matrix_ok(lr: int, n: int) -> bool:
+    """Both parts of a text of n bytes (request lr, headers n - lr) empty or at least K bytes long."""
     k_max = NGRAMS[1]
-    shift = np.uint64(64 - bits)
-    if k_max <= n < _SHORT and NGRAMS[0] == 1:
-        b = np.zeros(n + k_max - 1, dtype=np.uint64)
-        b[:n] = np.frombuffer(raw, dtype=np.uint8)
-        h = _window_hashes(b, n)
-        h += _SALTS_HEADERS if headers else _SALTS
-        h *= _MIX
-        h >>= shift
-        return _valid(h, n).astype(np.int64)
-    salt = _SALT_HEADERS if headers else _SALT
-    b = np.frombuffer(raw, dtype=np.uint8).astype(np.uint64)
-    shift = np.uint64(64 - bits)
-    if k_max <= n < _SHORT and NGRAMS[0] == 1:
-        b = np.zeros(n + k_max - 1, dtype=np.uint64)
-        b[:n] = np.frombuffer(raw, dtype=np.uint8)
-        windows = np.ndarray((n, k_max), dtype=np.uint64, buffer=b, strides=(8, 8))
-        h = windows @ _POW  # h[i, k-1]: the rolling hash of the k bytes from i (wrapping, as below)
-        h += _SALTS
-        h *= _MIX
-        h >>= shift
-        return np.concatenate((h[: n - k_max + 1].ravel(), h[n - k_max + 1 :][_TAIL])).astype(np.int64)
-    b = np.frombuffer(raw, dtype=np.uint8).astype(np.uint64)
-    h = np.zeros(n, dtype=np.uint64)
-    out = []
-    for k in range(1, k_max + 1):
-        if n < k:
-            break
-        h = h[: n - k + 1] * _P + b[k - 1 :]
-        if k >= NGRAMS[0]:
-            out.append(((h + salt[k]) * _MIX) >> shift)
-    if not out:
-        return np.zeros(0, dtype=np.int64)
-    return np.concatenate(out).astype(np.int64)
+    return 0 < n < _SHORT and NGRAMS[0] == 1 and (lr == 0 or lr >= k_max) and (n == lr or n - lr >= k_max)
 
 
 def block_keys(br: bytes, bh: bytes, bits: int = BITS, matrix: bool = True) -> np.ndarray:
     """The buckets of the n-grams of a request (bytes br) and of its header section (bh, header salts,
     bucket + 2**bits as a flag), as uint64 in no particular order; n-grams across the seam left out.
 
-    One hashing pass over both: one matrix product for short texts (`matrix`), else one pass per
-    n-gram length. Both give the same keys (a test checks).
+    Vectorised with numpy, no Python loop over characters, one hashing pass over both: short texts
+    (most requests) as one product of the byte windows with a matrix of powers of P (`matrix`),
+    longer ones with one pass per n-gram length. Both give the same keys (a test checks).
     """
     b = np.frombuffer(br + bh, dtype=np.uint8).astype(np.uint64)
     n, lr = len(b), len(br)
     k_max = NGRAMS[1]
     shift = np.uint64(64 - bits)
     flag = np.uint64(1 << bits)
-    if matrix and k_max <= lr and k_max <= n - lr and n < _SHORT and NGRAMS[0] == 1:
+    if matrix and _matrix_ok(lr, n):
         padded = np.zeros(n + k_max - 1, dtype=np.uint64)
         padded[:n] = b
         h = _window_hashes(padded, n)
@@ -140,9 +112,12 @@ def block_keys(br: bytes, bh: bytes, bits: int = BITS, matrix: bool = True) -> n
         h[lr:] += _SALTS_HEADERS
         h *= _MIX
         h >>= shift
-        hh = _valid(h[lr:], n - lr)
-        hh |= flag
-        return np.concatenate((_valid(h[:lr], lr), hh))
+        parts = [_valid(h[:lr], lr)] if lr else []
+        if n > lr:
+            hh = _valid(h[lr:], n - lr)
+            hh |= flag
+            parts.append(hh)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
     h = np.zeros(n, dtype=np.uint64)
     keys = []
     for k in range(1, k_max + 1):
