@@ -516,10 +516,11 @@ def tfidf_rows(indptr: np.ndarray, idx: np.ndarray, cnt: np.ndarray, idf: np.nda
     return sparse.csr_matrix((data, ind, new_ptr), shape=(n, len(cols)), copy=False), cols
 
 
-def request_buckets(indptr: np.ndarray, idx: np.ndarray, first_row: int) -> np.ndarray:
-    """The distinct buckets of the request segments (not the header sections) of the strings from
-    `first_row` on, in `term_rows` parts: what a fine-tune lets the app's rows move."""
-    n = (len(indptr) - 1) // 2
+def request_buckets(indptr: np.ndarray, idx: np.ndarray, first_row: int, end_row: int | None = None) -> np.ndarray:
+    """The distinct buckets of the request segments (not the header sections) of the strings
+    `first_row` .. `end_row` (default: the last), in `term_rows` parts: what a fine-tune lets the app's
+    rows move."""
+    n = (len(indptr) - 1) // 2 if end_row is None else end_row
     parts = [idx[indptr[2 * r] : indptr[2 * r + 1]] for r in range(first_row, n)]
     return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=idx.dtype)
 

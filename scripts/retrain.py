@@ -237,7 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         n_rows = len(features)
         del features
         idf, added = retraining.extend_idf(parent.idf, indptr, idx, args.min_df)
-        app_request_buckets = retraining.request_buckets(indptr, idx, len(fit))
+        # The app's labelled strings' request n-grams move; the carried rows (base payloads in the app's
+        # benign requests) only anchor: their payload n-grams keep the current model's weights.
+        app_request_buckets = retraining.request_buckets(indptr, idx, len(fit), len(fit) + len(app["train"]))
         X, cols = retraining.tfidf_rows(indptr, idx, cnt, idf, header_scale=parent.header_scale)
         del indptr, idx, cnt
         log(f"fitting on {len(fit)} base + {len(app['train'])} app strings ({n_app_attack} attack) + {carried} carried: "
@@ -255,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             "method": "fine-tune of the parent: its idf kept (buckets it ignored that occur in at least min_df of these "
                       "rows added); logistic loss (class_weight balanced, sample weights) minimised by L-BFGS-B from the "
                       "parent's weights with an L2 term 1/2 |w - w_parent|^2; only the weights of buckets the app's rows "
-                      "(its labelled strings and carried payloads) use in their request (not their header section) are free, with the intercept; every other weight "
+                      "(its labelled strings, not the carried payload rows) use in their request (not their header section) are free, with the intercept; every other weight "
                       "is the parent's, and the sampled base rows anchor the free ones",
             "parent_version": current.version,
             "base_sample": {"train_records": len(base_train), "of": len(split.train),

@@ -341,3 +341,11 @@ def test_finetune_with_request_buckets_leaves_header_weights_alone():
     assert max(tuned.supervised_proba(f) for f in APP) < 0.5  # the app's notes still learnt as benign
     loose, _ = retraining.finetune(det, X, cols, y, np.ones(len(y)), 8.0, idf, anchor_rows=len(BASE))
     assert not np.array_equal(loose.coef[hdr], det.coef[hdr])  # without the restriction they would move
+
+
+def test_request_buckets_take_only_the_requests_of_the_rows_asked():
+    feats = ["get /a ?q=1 ‖h user-agent: x", "get /b ?q=2 ‖h user-agent: y", "get /c ?q=3"]
+    indptr, idx, _ = retraining.term_rows(feats, 12, header_block=True)
+    got = retraining.request_buckets(indptr, idx, 1, 2)
+    assert np.array_equal(got, detector.term_counts("get /b ?q=2", 12)[0])
+    assert np.array_equal(retraining.request_buckets(indptr, idx, 2), detector.term_counts("get /c ?q=3", 12)[0])
