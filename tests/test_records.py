@@ -428,3 +428,24 @@ def test_export_and_verify_scripts(tmp_path, capsys):
     assert verify_log.main(["--dir", str(d), "--spill", str(tmp_path / "none.jsonl")]) == 1
     text = capsys.readouterr().out
     assert "BROKEN" in text and "seq 1" in text and "content changed" in text
+
+
+def test_export_puts_operator_labels_first_and_they_win(tmp_path, capsys):
+    export_records = load_script("export_records")
+    d = tmp_path / "store"
+    st = records.open_store(directory=d)
+    w = writer(st, tmp_path)
+    w.write([full(0), full(2, body=b"x=1")])
+    # An operator said the first request is benign (what addons/labels.py stores: a full masked record).
+    doc = records.build(full(0, verdict="block"), records.Masker())
+    doc.update(_id="flow-1", label="benign", label_source="operator")
+    st.coll.database["labels"].insert_one(doc)
+    st.close()
+    out = tmp_path / "flows.jsonl"
+    assert export_records.main(["--dir", str(d), "--out", str(out)]) == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [(x["label"], x["label_source"], x["body"]) for x in lines] == [("benign", "operator", ""), ("attack", "verdict", "x=1")]
+    assert "1 operator labels written; 1 records of labelled requests left out" in capsys.readouterr().err
+    assert export_records.main(["--dir", str(d), "--out", str(out), "--no-labels"]) == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [(x["label"], x["body"]) for x in lines] == [("attack", ""), ("attack", "x=1")]
