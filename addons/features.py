@@ -64,7 +64,8 @@ class FeatureExtractor:
         if flow.response or flow.error or not flow.live:
             return
         peer = flow.client_conn.peername[0] if flow.client_conn.peername else ""
-        flow.metadata[common.CLIENT_IP] = featurize.client_ip(peer, flow.request.headers.items(multi=True), self.trusted)
+        headers = flow.request.headers.items(multi=True) if self.trusted else ()  # read only behind a trusted proxy
+        flow.metadata[common.CLIENT_IP] = featurize.client_ip(peer, headers, self.trusted)
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
