@@ -160,6 +160,19 @@ def split_headers(feature: str) -> tuple[str, str]:
     return feature[:i] + feature[j:], feature[i:j].rstrip(" ")
 
 
+_EMPTY = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+
+
+def segment_terms(feature: str, bits: int = BITS, header_block: bool = True):
+    """The two segments `Detector.supervised_proba` weighs apart, as `term_counts` pairs: (request,
+    header section with the header salts), or (the whole string, nothing) without `header_block`.
+    The training side (`tfidf_matrix`, retraining's rows) builds its rows from this."""
+    if not header_block:
+        return term_counts(feature, bits), _EMPTY
+    req, hdr = split_headers(feature)
+    return term_counts(req, bits), (term_counts(hdr, bits, True) if hdr else _EMPTY)
+
+
 # ---- the feature string, taken apart again ------------------------------------------------------
 
 
@@ -467,13 +480,11 @@ def tfidf_matrix(features: Sequence[str], bits: int = BITS, min_df: int = 1, idf
             buf_c.clear()
 
     for k, f in enumerate(features):
-        req, hdr = split_headers(f)
-        ri, rc = term_counts(req, bits)
+        (ri, rc), (hi, hc) = segment_terms(f, bits)
         buf_i.append(ri.astype(np.int32))
         buf_c.append(rc.astype(np.int32))
         seg_len[2 * k] = len(ri)
-        if hdr:
-            hi, hc = term_counts(hdr, bits, True)
+        if len(hi):
             buf_i.append(hi.astype(np.int32))
             buf_c.append(hc.astype(np.int32))
             seg_len[2 * k + 1] = len(hi)

@@ -403,20 +403,10 @@ def carry(feature: str, payload: str, rng) -> str | None:
 
 
 def _terms(features: list[str], bits: int, header_block: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(segment lengths, buckets, counts) of the hashed n-grams of `features`, two segments per string:
-    the request and its header section (`header_block`: hashed with the header salts, as
-    Detector.supervised_proba does), or the whole string and an empty one. int32 buckets, uint16 counts
+    """(segment lengths, buckets, counts) of the hashed n-grams of `features`, two segments per string
+    (`detector.segment_terms`: as Detector.supervised_proba weighs them). int32 buckets, uint16 counts
     (a count cannot pass 65535 within featurize's size caps; clipped if it ever did)."""
-    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64))
-    rows = []
-    for f in features:
-        if header_block:
-            req, hdr = detector.split_headers(f)
-            rows.append(detector.term_counts(req, bits))
-            rows.append(detector.term_counts(hdr, bits, True) if hdr else empty)
-        else:
-            rows.append(detector.term_counts(f, bits))
-            rows.append(empty)
+    rows = [seg for f in features for seg in detector.segment_terms(f, bits, header_block)]
     lens = np.fromiter((len(r[0]) for r in rows), dtype=np.int64, count=len(rows))
     if not rows:
         return lens, np.zeros(0, np.int32), np.zeros(0, np.uint16)
