@@ -21,7 +21,7 @@ MODE := $(if $(UPSTREAM),--mode reverse:$(UPSTREAM),)
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py addons/_fastscore.c
 	@test -n "$(PYTHON)" || { echo "Python >= 3.12 not found (pyenv install 3.12, or set PYTHON=...)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
@@ -74,4 +74,4 @@ bench-retrain: $(STAMP)
 	$(BIN)/python scripts/bench_retrain.py $(if $(FLOWS),--flows $(FLOWS),) $(if $(DATA),--data $(DATA),)
 
 clean:
-	rm -rf $(VENV) $(CONFDIR) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(CONFDIR) .pytest_cache .hypothesis build addons/*.so

@@ -32,15 +32,22 @@ SEP = featurize.SEP
 
 _P = np.uint64(0x100000001B3)  # FNV-1a prime: the rolling polynomial hash of an n-gram's bytes
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: the top BITS bits of h * MIX
-_SALT = [np.uint64(k * 0x2545F4914F6CDD1D) for k in range(NGRAMS[1] + 1)]  # n-grams of each length apart
+_SALT_STEP = 0x2545F4914F6CDD1D
+_HEADER_SALT_OFFSET = 16
+_SALT = [np.uint64(k * _SALT_STEP) for k in range(NGRAMS[1] + 1)]  # n-grams of each length apart
 # The header section's n-grams hash with other salts: "(" or ";" in a User-Agent gets its own weight,
 # apart from the same bytes in a query.
-_SALT_HEADERS = [np.uint64((k + 16) * 0x2545F4914F6CDD1D % (1 << 64)) for k in range(NGRAMS[1] + 1)]
+_SALT_HEADERS = [np.uint64((k + _HEADER_SALT_OFFSET) * _SALT_STEP % (1 << 64)) for k in range(NGRAMS[1] + 1)]
 _HSEC = SEP + "h "
 # The header section's normalised vector is scaled by this before the weights: under the same L2
 # penalty, header weights pay 1/HEADER_SCALE**2 more, so headers (the same pool for both labels in
 # training) move a score less, while a payload in a header still stands out.
 HEADER_SCALE = 0.5
+
+try:  # the C kernel (setup.py builds it where a compiler is present); the numpy path below is the reference
+    from addons import _fastscore
+except ImportError:  # pragma: no cover - depends on the install
+    _fastscore = None
 
 
 def _powers() -> np.ndarray:
@@ -56,6 +63,9 @@ def _powers() -> np.ndarray:
 _POW = _powers()
 _SALTS = np.array([int(_SALT[k]) for k in range(1, NGRAMS[1] + 1)], dtype=np.uint64)
 _SALTS_HEADERS = np.array([int(_SALT_HEADERS[k]) for k in range(1, NGRAMS[1] + 1)], dtype=np.uint64)
+# The kernel hashes as block_keys does only if it was built with these constants.
+if _fastscore is not None and _fastscore.CONSTANTS != (*NGRAMS, int(_P), int(_MIX), _SALT_STEP, _HEADER_SALT_OFFSET):
+    _fastscore = None  # pragma: no cover - a stale build
 # Of the last K-1 windows (start n-K+1+i), the n-gram of length k+1 fits in the text iff i + k < K-1.
 _TAIL = np.array([[i + k < NGRAMS[1] - 1 for k in range(NGRAMS[1])] for i in range(NGRAMS[1] - 1)])
 _SHORT = 768  # bytes: below this one matrix product beats a pass per n-gram length (fewer numpy calls)
@@ -414,14 +424,34 @@ class Detector:
             z += self.header_scale * float(vh @ w[cut:]) / math.sqrt(sq)
         return z
 
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_pairs", None)  # derived from idf and coef: rebuilt on first use, never pickled
+        return state
+
+    def _weights(self) -> np.ndarray:
+        """idf and coef side by side, (2**bits, 2) float32: the C kernel reads both of a bucket from one
+        cache line. Built once per (idf, coef) pair."""
+        pairs = self.__dict__.get("_pairs")
+        if pairs is None or pairs[0] is not self.idf or pairs[1] is not self.coef:
+            both = np.ascontiguousarray(np.column_stack((self.idf, self.coef)), dtype=np.float32)
+            pairs = self._pairs = (self.idf, self.coef, both)
+        return pairs[2]
+
+    def logit_numpy(self, req: str, hdr: str) -> float:
+        """The supervised logit without the intercept, with numpy: the reference for the C kernel
+        (`addons._fastscore`), used when it is not built."""
+        return self._two_blocks(req, hdr) if hdr else self._block(req, False)
+
     def supervised_proba(self, feature: str) -> float:
         """Sublinear-tf TF-IDF of the hashed n-grams, dotted with the weights: the request and its
         header section each l2-normalised on their own (`header_block`), or as one block."""
-        if self.header_block:
-            req, hdr = split_headers(feature)
-            z = self.intercept + (self._two_blocks(req, hdr) if hdr else self._block(req, False))
+        req, hdr = split_headers(feature) if self.header_block else (feature, "")
+        if _fastscore is not None:
+            raw, raw_hdr = req.encode("utf-8", "surrogatepass"), hdr.encode("utf-8", "surrogatepass")
+            z = self.intercept + _fastscore.z(raw, raw_hdr, self._weights(), self.bits, self.header_scale)
         else:
-            z = self.intercept + self._block(feature, False)
+            z = self.intercept + self.logit_numpy(req, hdr)
         if z >= 0:
             return 1.0 / (1.0 + math.exp(-z))
         e = math.exp(z)

@@ -1,0 +1,93 @@
+"""The C scoring kernel (addons/_fastscore.c) against the detector's numpy path, which stays the reference."""
+
+import pickle
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+
+import probes
+from addons import detector
+from addons import featurize
+from addons import model
+
+
+def test_the_kernel_is_built():
+    # `make install` compiles it; without it every request pays the numpy path (several times slower in mitmdump).
+    assert detector._fastscore is not None, "addons._fastscore is not built: is a C compiler installed?"
+
+
+def _kernel(det: detector.Detector, feature: str) -> float:
+    req, hdr = detector.split_headers(feature) if det.header_block else (feature, "")
+    raw, raw_hdr = req.encode("utf-8", "surrogatepass"), hdr.encode("utf-8", "surrogatepass")
+    return detector._fastscore.z(raw, raw_hdr, det._weights(), det.bits, det.header_scale)
+
+
+def _numpy(det: detector.Detector, feature: str) -> float:
+    req, hdr = detector.split_headers(feature) if det.header_block else (feature, "")
+    return det.logit_numpy(req, hdr)
+
+
+def _random_detector(bits: int, seed: int) -> detector.Detector:
+    rng = np.random.default_rng(seed)
+    idf = rng.uniform(0.5, 8.0, 1 << bits) * (rng.random(1 << bits) < 0.7)  # 0: a bucket too rare in training
+    return detector.Detector(idf, rng.normal(size=1 << bits), -0.5, bits=bits)
+
+
+@given(st.text(max_size=900), st.text(max_size=900), st.sampled_from([12, 16, 20]), st.booleans())
+@settings(max_examples=120, deadline=None)
+def test_kernel_matches_numpy_on_any_text(req, hdr, bits, header_block):
+    det = _random_detector(bits, bits)
+    det.header_block = header_block
+    feature = req + (detector._HSEC + hdr if hdr else "")
+    assert _kernel(det, feature) == pytest.approx(_numpy(det, feature), rel=1e-9, abs=1e-12)
+
+
+def _shipped_strings() -> list[str]:
+    out = []
+    for headers in list(probes.DEV_HEADERS.values()) + list(probes.HELDOUT_HEADERS.values()):
+        for method, target, extra, body in probes.DEV_BENIGN + probes.HELDOUT_BENIGN + probes.ATTACKS:
+            out.append(featurize.featurize(method, target, headers + extra, body))
+    # Past the kernel's stack table (its slots hold 2 per n-gram), up to the feature cap; empty parts.
+    out += ["", "a", "get / " + "x" * 409, "get / " + "y" * 410, featurize.featurize("POST", "/u", [], b"q=" + b"%27or+1%3D1" * 4000)]
+    out += [detector._HSEC + "ua curl", "get / " + detector._HSEC]
+    return out
+
+
+def test_kernel_matches_numpy_on_the_shipped_model():
+    det = model.load(model.DEFAULT_MODEL).estimator
+    strings = _shipped_strings()
+    assert len(strings) > 1000
+    for f in strings:
+        assert _kernel(det, f) == pytest.approx(_numpy(det, f), rel=1e-9, abs=1e-12), f[:200]
+
+
+def test_supervised_proba_is_the_same_on_either_path(monkeypatch):
+    det = model.load(model.DEFAULT_MODEL).estimator
+    strings = _shipped_strings()[::7]
+    fast = [det.supervised_proba(f) for f in strings]
+    monkeypatch.setattr(detector, "_fastscore", None)
+    slow = [det.supervised_proba(f) for f in strings]
+    assert fast == pytest.approx(slow, rel=1e-9, abs=1e-12)
+
+
+def test_the_side_by_side_weights_are_never_pickled_and_follow_new_arrays():
+    det = _random_detector(12, 1)
+    det.intercept = 0.0
+    det.supervised_proba("get /?q=1")
+    assert "_pairs" in det.__dict__
+    again = pickle.loads(pickle.dumps(det))
+    assert "_pairs" not in again.__dict__
+    assert again.supervised_proba("get /?q=1") == det.supervised_proba("get /?q=1")
+    before = det.supervised_proba("get /?q=<script>")
+    det.coef = -det.coef  # a new array: the side-by-side copy is rebuilt
+    assert det.supervised_proba("get /?q=<script>") == pytest.approx(1.0 - before)
+
+
+def test_kernel_refuses_weights_of_the_wrong_size():
+    with pytest.raises(ValueError, match="2\\*\\*bits"):
+        detector._fastscore.z(b"get /", b"", np.zeros((1 << 12, 2), dtype=np.float32), 13, 0.5)
+    with pytest.raises(TypeError):
+        detector._fastscore.z("get /", b"", np.zeros((1 << 12, 2), dtype=np.float32), 12, 0.5)
