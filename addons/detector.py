@@ -207,6 +207,13 @@ def parse(feature: str) -> tuple[str, str, list[tuple[str, str | None]]]:
     return method, path, pairs
 
 
+def parse_path(feature: str) -> str:
+    """The path `parse` returns, without taking the rest apart."""
+    i = feature.find(SEP)
+    head = feature if i < 0 else feature[:i]
+    return head.partition(" ")[2].partition(" ?")[0].strip()
+
+
 def _pairs(text: str) -> list[tuple[str, str | None]]:
     out: list[list] = []
     for tok in text.strip().split(" "):
@@ -322,9 +329,9 @@ class AppProfile:
         return self
 
     def check(self, feature: str) -> list[str] | None:
-        method, path, pairs = parse(feature)
-        if not self.in_scope(path):
+        if not self.in_scope(parse_path(feature)):  # most requests: out of scope, nothing more to parse
             return None
+        method, path, pairs = parse(feature)
         p = self.paths.get(path)
         if p is None:
             return ["unknown path"]

@@ -11,6 +11,7 @@ more than a capped one, and nothing in here raises on any input.
 
 from __future__ import annotations
 
+import functools
 import html
 import ipaddress
 import json
@@ -371,6 +372,7 @@ def parse_networks(specs: Iterable[str]) -> tuple[ipaddress.IPv4Network | ipaddr
     return tuple(nets)
 
 
+@functools.lru_cache(maxsize=4096)  # a peer sends many requests: parse its address once
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     text = text.strip().strip('"')
     if text.startswith("["):  # [v6]:port

@@ -197,11 +197,13 @@ class Procs:
         self.workdir = workdir
         self.procs: list[subprocess.Popen] = []
 
-    def start(self, name: str, args: list[str], port: int, env: dict[str, str] | None = None) -> subprocess.Popen:
+    def start(self, name: str, args: list[str], port: int, env: dict[str, str] | None = None,
+              cpus: set[int] | None = None) -> subprocess.Popen:  # fmt: skip
         log = open(self.workdir / f"{name}.log", "wb")
         proc = subprocess.Popen(
             args, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})}, start_new_session=True,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
         )
         log.close()
         self.procs.append(proc)
@@ -225,6 +227,24 @@ class Procs:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(5)
+
+
+def split_cpus() -> tuple[set[int], set[int]] | None:
+    """(CPUs for the proxies, CPUs for the load generator and upstream), None with fewer than 2 CPUs.
+
+    A VM's virtual CPUs run at different speeds (another guest on the host's sibling core): pinned to one
+    CPU, every mitmdump is measured on the same one, and never shares it with the load generator.
+    """
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+    if len(cpus) < 2:
+        return None
+    return {cpus[-1]}, set(cpus[:-1])
+
+
+PROXY_CPUS: set[int] | None = None  # set by main(): where start_case pins each mitmdump
 
 
 def cpu_seconds(pid: int | None) -> float | None:
@@ -255,7 +275,7 @@ def start_case(procs: Procs, case: Case, upstream_port: int, confdir: Path) -> i
         args += ["--set", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
     for script in case.scripts:
         args += ["-s", script]
-    case.pid = procs.start("mitmdump-" + case.name.replace(" ", "_"), args, port, case.env).pid
+    case.pid = procs.start("mitmdump-" + case.name.replace(" ", "_"), args, port, case.env, PROXY_CPUS).pid
     return port
 
 
@@ -467,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency-requests", type=int, default=200, help="sequential requests per case per round (default 200)")
     ap.add_argument("--model", default=model.DEFAULT_MODEL, help="the model (name in models/ or path) for every case and the micro-benchmark")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--no-pin", action="store_true", help="let the scheduler place the processes (default: every mitmdump "
+                    "on the last CPU, the load generator and upstream on the others)")
     ap.add_argument("--cases", help="comma-separated case names to run (plain and openflare always run; default: all)")
     args = ap.parse_args(argv)
     if args.cases:
@@ -502,6 +524,13 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.pop(var, None)
     (confdir / "config.yaml").write_text("\n".join(conf) + "\n")
 
+    global PROXY_CPUS
+    split = None if args.no_pin else split_cpus()
+    if split:
+        PROXY_CPUS, others = split
+        os.sched_setaffinity(0, others)  # this process (the load generator) and the servers it starts
+        print(f"cpus: every mitmdump on CPU {min(PROXY_CPUS)}; load generator and upstream on CPU(s) "
+              f"{', '.join(map(str, sorted(others)))}")
     procs = Procs(work)
     results: dict[str, list[Result]] = {c.name: [] for c in CASES}
     latencies: dict[str, list[float]] = {c.name: [] for c in CASES}

@@ -91,3 +91,10 @@ def test_kernel_refuses_weights_of_the_wrong_size():
         detector._fastscore.z(b"get /", b"", np.zeros((1 << 12, 2), dtype=np.float32), 13, 0.5)
     with pytest.raises(TypeError):
         detector._fastscore.z("get /", b"", np.zeros((1 << 12, 2), dtype=np.float32), 12, 0.5)
+
+
+@given(st.text(max_size=200) | st.builds(lambda m, t: featurize.featurize(m, t), st.sampled_from(["GET", "POST"]), st.text(max_size=80)))
+@settings(max_examples=200, deadline=None)
+def test_parse_path_is_the_path_parse_finds(feature):
+    # AppProfile.check looks at the path first and parses the rest only under a learned root.
+    assert detector.parse_path(feature) == detector.parse(feature)[1]
