@@ -31,17 +31,25 @@ typedef struct {
     uint32_t count;
 } slot_t;
 
-static int insert(slot_t *table, uint64_t mask, uint64_t key) {
+/* 1 + log(c) for the small counts most n-grams have (the same libm log as for larger ones). */
+#define LOG_TABLE 256
+static double one_plus_log[LOG_TABLE];
+
+/* Count key; a new key's slot is appended to used (so the sums visit only used slots). */
+static void insert(slot_t *table, uint64_t mask, uint64_t key, const float *weights, uint32_t *used,
+                   Py_ssize_t *n_used) {
     uint64_t i = (key * MIX) >> 20 & mask;
     for (;;) {
         if (table[i].key == key) {
             table[i].count++;
-            return 0;
+            return;
         }
         if (table[i].key == 0) {
             table[i].key = key;
             table[i].count = 1;
-            return 1;
+            used[(*n_used)++] = (uint32_t)i;
+            __builtin_prefetch(weights + 2 * (key - 1)); /* the weights table is far larger than the caches */
+            return;
         }
         i = (i + 1) & mask;
     }
@@ -49,7 +57,7 @@ static int insert(slot_t *table, uint64_t mask, uint64_t key) {
 
 /* Count the distinct buckets of the k-grams (K_MIN..K_MAX) of one text into table. */
 static void count_ngrams(const unsigned char *b, Py_ssize_t n, uint64_t salt_base, int bits, slot_t *table,
-                         uint64_t mask) {
+                         uint64_t mask, const float *weights, uint32_t *used, Py_ssize_t *n_used) {
     const int shift = 64 - bits;
     for (Py_ssize_t i = 0; i < n; i++) {
         uint64_t h = 0;
@@ -57,7 +65,7 @@ static void count_ngrams(const unsigned char *b, Py_ssize_t n, uint64_t salt_bas
             h = h * P_HASH + b[i + k - 1];
             if (k >= K_MIN) {
                 uint64_t salt = (uint64_t)(k + salt_base) * SALT_STEP;
-                insert(table, mask, ((h + salt) * MIX >> shift) + 1);
+                insert(table, mask, ((h + salt) * MIX >> shift) + 1, weights, used, n_used);
             }
         }
     }
@@ -73,28 +81,35 @@ static double block(const unsigned char *b, Py_ssize_t n, uint64_t salt_base, in
     while (slots < (uint64_t)grams * 2)
         slots <<= 1;
     slot_t stack[STACK_SLOTS];
+    uint32_t stack_used[STACK_SLOTS / 2];
     slot_t *table = stack;
+    uint32_t *used = stack_used;
     if (slots > STACK_SLOTS) {
         table = calloc(slots, sizeof(slot_t));
-        if (table == NULL) {
+        used = malloc(grams * sizeof(uint32_t));
+        if (table == NULL || used == NULL) {
+            free(table);
+            free(used);
             *failed = 1;
             return 0.0;
         }
     } else {
         memset(stack, 0, slots * sizeof(slot_t));
     }
-    count_ngrams(b, n, salt_base, bits, table, slots - 1);
+    Py_ssize_t n_used = 0;
+    count_ngrams(b, n, salt_base, bits, table, slots - 1, weights, used, &n_used);
     double vv = 0.0, vw = 0.0;
-    for (uint64_t i = 0; i < slots; i++) {
-        if (table[i].key == 0)
-            continue;
-        uint64_t idx = table[i].key - 1;
-        double v = (1.0 + log((double)table[i].count)) * (double)weights[2 * idx];
+    for (Py_ssize_t j = 0; j < n_used; j++) {
+        const slot_t *t = &table[used[j]];
+        uint64_t idx = t->key - 1;
+        double v = (t->count < LOG_TABLE ? one_plus_log[t->count] : 1.0 + log((double)t->count)) * (double)weights[2 * idx];
         vv += v * v;
         vw += v * (double)weights[2 * idx + 1];
     }
-    if (table != stack)
+    if (table != stack) {
         free(table);
+        free(used);
+    }
     return vv > 0.0 ? vw / sqrt(vv) : 0.0;
 }
 
@@ -140,6 +155,8 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastscore", NULL, -1, methods};
 
 PyMODINIT_FUNC PyInit__fastscore(void) {
+    for (int c = 1; c < LOG_TABLE; c++)
+        one_plus_log[c] = 1.0 + log((double)c);
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
