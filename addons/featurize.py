@@ -40,7 +40,7 @@ _CTRL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _WS = re.compile(r"\s+")
 _JSON_HINT = re.compile(r"^\s*[\[{]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_PLAIN = re.compile(r"[A-Za-z0-9_.\-]*")  # text that normalise() would only lower-case
+_PLAIN = re.compile(r"[A-Za-z0-9_./,\-]*")  # text that normalise() would only lower-case (paths too)
 
 
 def _bytes_to_text(b: bytes) -> str:
@@ -81,6 +81,10 @@ def normalise(s: str, plus: bool = False, limit: int = MAX_CHARS) -> str:
     """Return the canonical, lower-case form of one piece of request text."""
     if len(s) <= 256 and _PLAIN.fullmatch(s):  # the common case (names, numbers, words): same result, faster
         return s.lower()[:limit]
+    return _normalise(s, plus, limit)
+
+
+def _normalise(s: str, plus: bool, limit: int) -> str:
     s = s[: limit * 4]
     s = _percent_decode(s, plus)
     s = unicodedata.normalize("NFKC", s)
@@ -283,10 +287,7 @@ def _featurize(method, target, headers, body, header_names, limit) -> str:
             content_type = value
         if lname not in wanted or hsize >= limit:
             continue
-        if lname == "cookie":
-            text = "cookie: " + _pairs(value.replace("; ", ";"), ";", limit)
-        else:
-            text = lname + ": " + normalise(value, limit=limit)
+        text = _header_text(lname, value, limit) if len(value) <= _CACHED_HEADER else _header_text.__wrapped__(lname, value, limit)
         hparts.append(text)
         hsize += len(text) + 1
     if hparts:
@@ -298,6 +299,16 @@ def _featurize(method, target, headers, body, header_names, limit) -> str:
     if markers:
         parts.append(SEP + "ai " + " ".join(markers))
     return " ".join(_fit(parts, limit))[:limit]
+
+
+_CACHED_HEADER = 1024  # characters: shorter header values (most) are normalised once per distinct value
+
+
+@functools.lru_cache(maxsize=2048)  # the same User-Agent, Referer or session cookie comes with request after request
+def _header_text(lname: str, value: str, limit: int) -> str:
+    if lname == "cookie":
+        return "cookie: " + _pairs(value.replace("; ", ";"), ";", limit)
+    return lname + ": " + normalise(value, limit=limit)
 
 
 # Text that addresses an AI (prompt injection aimed at the LLM half of the ensemble, or at an LLM app

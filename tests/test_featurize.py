@@ -402,3 +402,10 @@ def test_ai_marker_prefilter_never_changes_the_result(text):
     text = text.lower()
     expected = [name for name, pattern in featurize._AI_PATTERNS if pattern.search(text)]
     assert featurize.ai_markers(text) == expected
+
+
+@given(st.text(alphabet="aZ09_.-/,*%&+#;:<>!' \\u\u00e9\uff0f", max_size=80), st.booleans())
+@settings(max_examples=300)
+def test_the_plain_text_shortcut_changes_nothing(s, plus):
+    # normalise() lower-cases text of letters, digits and _ . - / , without decoding it: the full path agrees.
+    assert normalise(s, plus=plus) == featurize._normalise(s, plus, featurize.MAX_CHARS)
