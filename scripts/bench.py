@@ -279,6 +279,21 @@ def start_case(procs: Procs, case: Case, upstream_port: int, confdir: Path) -> i
     return port
 
 
+def wait_idle(pids: list[int | None], timeout: float = 60.0) -> float:
+    """Wait until the processes stop using CPU (an addon may still load after the port opens: with every
+    mitmdump on one CPU, that would slow the first case measured). Returns the seconds waited."""
+    start = time.monotonic()
+    last = [cpu_seconds(p) for p in pids]
+    while time.monotonic() - start < timeout:
+        time.sleep(0.5)
+        now = [cpu_seconds(p) for p in pids]
+        busy = sum((b or 0.0) - (a or 0.0) for a, b in zip(last, now))
+        last = now
+        if busy < 0.02:
+            break
+    return time.monotonic() - start
+
+
 # --- the HTTP client ---
 
 
@@ -555,6 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         ports = {}
         for case in CASES:
             ports[case.name] = start_case(procs, case, up_port, confdir)
+        wait_idle([c.pid for c in CASES])
         print(f"started {len(CASES) - 1} mitmdump(s) in {time.perf_counter() - t_start:.1f} s; "
               f"{args.rounds} rounds x {args.duration:g} s load (concurrency {args.concurrency}) "
               f"+ {args.latency_requests} sequential requests per case")
