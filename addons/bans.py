@@ -39,7 +39,7 @@ _POSITIVE = {
 
 
 def _refuse(flow: http.HTTPFlow, status: int = common.BLOCK_STATUS, body: bytes = common.BLOCK_BODY) -> None:
-    flow.response = http.Response.make(status, body, common.BLOCK_HEADERS)
+    flow.response = common.refusal(status, body)
 
 
 class IpBans:

@@ -4,6 +4,11 @@ Addons never import each other; they talk only through these `flow.metadata` key
 Values stored under them are plain Python (str, int, float, bool, None, list, dict) so flows can be saved.
 """
 
+import copy
+import time
+
+from mitmproxy import http
+
 # Written by FeatureExtractor (addons/features.py).
 FEATURES = "openflare.features"  # str: the normalised feature string
 CLIENT_IP = "openflare.client_ip"  # str: the client address after trusted-proxy resolution
@@ -43,6 +48,24 @@ VERDICTS = (VERDICT_PASS, VERDICT_BLOCK, VERDICT_ERROR)
 BLOCK_STATUS = 403
 BLOCK_BODY = b"Forbidden\n"
 BLOCK_HEADERS = {"content-type": "text/plain; charset=utf-8", "cache-control": "no-store"}
+_REFUSALS: dict[tuple[int, bytes], http.Response] = {}
+
+
+def refusal(status: int = BLOCK_STATUS, body: bytes = BLOCK_BODY) -> http.Response:
+    """A new refusal: what `http.Response.make(status, body, BLOCK_HEADERS)` gives, about 6x cheaper.
+
+    Response.make type-checks every field on each call, which on the request path costs more than the
+    local model. This copies a response made once: new message data and headers (the other fields are
+    immutable), timestamps now.
+    """
+    made = _REFUSALS.get((status, body))
+    if made is None:
+        made = _REFUSALS[(status, body)] = http.Response.make(status, body, BLOCK_HEADERS)
+    resp = copy.copy(made)
+    resp.data = copy.copy(made.data)
+    resp.data.headers = made.data.headers.copy()
+    resp.data.timestamp_start = resp.data.timestamp_end = time.time()
+    return resp
 
 # mitmweb marker for refused flows.
 BLOCK_MARKER = ":no_entry:"

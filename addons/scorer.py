@@ -48,7 +48,7 @@ def model_signature(path) -> tuple:
 
 
 def refuse(flow: http.HTTPFlow) -> None:
-    flow.response = http.Response.make(common.BLOCK_STATUS, common.BLOCK_BODY, common.BLOCK_HEADERS)
+    flow.response = common.refusal()
 
 
 class Scorer:

@@ -307,3 +307,17 @@ def test_shipped_model_scores_real_requests_without_raising(real_model):
         except Exception as e:  # noqa: BLE001 - collected and shown
             failed.append((f[:120], repr(e)))
     assert failed == [], f"{len(failed)} of {len(feats)} requests could not be scored, e.g. {failed[:3]}"
+
+
+def test_refusal_is_what_response_make_gives_and_each_is_its_own():
+    for status, body in ((common.BLOCK_STATUS, common.BLOCK_BODY), (429, b"Too Many Requests\n")):
+        made = http.Response.make(status, body, common.BLOCK_HEADERS)
+        first = common.refusal(status, body)
+        assert first.timestamp_start >= made.timestamp_start and first.timestamp_end == first.timestamp_start
+        ignore = {"timestamp_start": 0, "timestamp_end": 0}
+        assert {**first.get_state(), **ignore} == {**made.get_state(), **ignore}
+        first.headers["x-changed"] = "1"  # a later addon edits one refusal: the next is untouched
+        first.status_code = 500
+        second = common.refusal(status, body)
+        assert "x-changed" not in second.headers and second.status_code == status
+        assert second.content == body
