@@ -497,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=2000, help="size of the request mix (default 2000)")
     ap.add_argument("--attack-share", type=float, default=0.3, help="share of attacks in the mix (default 0.3)")
     ap.add_argument("--duration", type=float, default=4.0, help="seconds of load per case per round (default 4)")
-    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds over all cases (default 2)")
+    ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds over all cases (default 4)")
     ap.add_argument("--concurrency", type=int, default=16, help="connections in the load phase (default 16)")
     ap.add_argument("--latency-requests", type=int, default=200, help="sequential requests per case per round (default 200)")
     ap.add_argument("--model", default=model.DEFAULT_MODEL, help="the model (name in models/ or path) for every case and the micro-benchmark")
