@@ -27,18 +27,20 @@
 #define STACK_SLOTS 4096
 
 typedef struct {
-    uint64_t key; /* bucket + 1 (0: empty slot) */
+    uint32_t key; /* bucket + 1 (0: empty slot); bits <= MAX_BITS */
     uint32_t count;
-} slot_t;
+} slot_t; /* 8 bytes: a short request's table (16 KiB) leaves most of the L1 cache to mitmproxy */
+
+#define MAX_BITS 31
 
 /* 1 + log(c) for the small counts most n-grams have (the same libm log as for larger ones). */
 #define LOG_TABLE 256
 static double one_plus_log[LOG_TABLE];
 
 /* Count key; a new key's slot is appended to used (so the sums visit only used slots). */
-static void insert(slot_t *table, uint64_t mask, uint64_t key, const float *weights, uint32_t *used,
+static void insert(slot_t *table, uint64_t mask, uint32_t key, const float *weights, uint32_t *used,
                    Py_ssize_t *n_used) {
-    uint64_t i = (key * MIX) >> 20 & mask;
+    uint64_t i = ((uint64_t)key * MIX) >> 20 & mask;
     for (;;) {
         if (table[i].key == key) {
             table[i].count++;
@@ -65,7 +67,7 @@ static void count_ngrams(const unsigned char *b, Py_ssize_t n, uint64_t salt_bas
             h = h * P_HASH + b[i + k - 1];
             if (k >= K_MIN) {
                 uint64_t salt = (uint64_t)(k + salt_base) * SALT_STEP;
-                insert(table, mask, ((h + salt) * MIX >> shift) + 1, weights, used, n_used);
+                insert(table, mask, (uint32_t)((h + salt) * MIX >> shift) + 1, weights, used, n_used);
             }
         }
     }
@@ -120,8 +122,8 @@ static PyObject *z(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "y*y*y*id", &req, &hdr, &weights, &bits, &header_scale))
         return NULL;
     PyObject *out = NULL;
-    Py_ssize_t buckets = (Py_ssize_t)1 << (bits > 0 && bits < 40 ? bits : 0);
-    if (bits <= 0 || bits >= 40 || weights.len != 2 * buckets * (Py_ssize_t)sizeof(float)) {
+    Py_ssize_t buckets = (Py_ssize_t)1 << (bits > 0 && bits <= MAX_BITS ? bits : 0);
+    if (bits <= 0 || bits > MAX_BITS || weights.len != 2 * buckets * (Py_ssize_t)sizeof(float)) {
         PyErr_SetString(PyExc_ValueError, "weights must be a float32 buffer of 2**bits (idf, coef) pairs");
         goto done;
     }

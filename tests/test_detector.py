@@ -89,6 +89,8 @@ def test_the_side_by_side_weights_are_never_pickled_and_follow_new_arrays():
 def test_kernel_refuses_weights_of_the_wrong_size():
     with pytest.raises(ValueError, match="2\\*\\*bits"):
         detector._fastscore.z(b"get /", b"", np.zeros((1 << 12, 2), dtype=np.float32), 13, 0.5)
+    with pytest.raises(ValueError, match="2\\*\\*bits"):
+        detector._fastscore.z(b"get /", b"", np.zeros((4, 2), dtype=np.float32), 32, 0.5)  # keys are 32-bit
     with pytest.raises(TypeError):
         detector._fastscore.z("get /", b"", np.zeros((1 << 12, 2), dtype=np.float32), 12, 0.5)
 
