@@ -82,6 +82,9 @@ class LocalModel:
             (i for i, c in enumerate(classes) if (c == "attack" if isinstance(c, str) else c == 1)),
             len(classes) - 1,
         )
+        self._fast = contextlib.nullcontext
+        if hasattr(self.estimator, "proba_one"):
+            return  # addons.detector.Detector: no scikit-learn at prediction (not even imported: a smaller heap)
         try:
             import sklearn
 
@@ -89,7 +92,7 @@ class LocalModel:
             # short text that is a sizeable part of the time, and our inputs are always valid.
             self._fast = lambda: sklearn.config_context(assume_finite=True, skip_parameter_validation=True)
         except ImportError:
-            self._fast = contextlib.nullcontext
+            pass
 
     def proba(self, features: list[str]) -> list[float]:
         with self._fast():
