@@ -502,6 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency-requests", type=int, default=200, help="sequential requests per case per round (default 200)")
     ap.add_argument("--model", default=model.DEFAULT_MODEL, help="the model (name in models/ or path) for every case and the micro-benchmark")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--paired", type=int, default=4, help="rounds with plain and openflare loaded at the same time on "
+                    "the proxy CPU (default 4; 0: none; needs pinning)")
     ap.add_argument("--no-pin", action="store_true", help="let the scheduler place the processes (default: every mitmdump "
                     "on the last CPU, the load generator and upstream on the others)")
     ap.add_argument("--cases", help="comma-separated case names to run (plain and openflare always run; default: all)")
@@ -554,6 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     statuses: dict[str, dict[int, int]] = {c.name: {} for c in CASES}
     errors: dict[str, int] = {c.name: 0 for c in CASES}
     cpu_ms: dict[str, list[float]] = {c.name: [] for c in CASES}  # mitmdump CPU ms per request, load phase
+    paired: list[float] = []  # openflare/plain requests done in each paired round
     t_start = time.perf_counter()
     try:
         if any(BANS in (c.scripts or []) and c.env.get("OPENFLARE_REDIS_URL") for c in CASES):
@@ -592,6 +595,19 @@ def main(argv: list[str] | None = None) -> int:
                     statuses[name][st] = statuses[name].get(st, 0) + c
                 errors[name] += res.errors + lat.errors
                 print(f"  round {rnd + 1} {name:<18} {res.done / res.elapsed:8.0f} req/s", flush=True)
+        for rnd in range(args.paired if PROXY_CPUS else 0):
+            # plain and openflare under load at the same time, on the one proxy CPU: the scheduler gives them
+            # equal CPU time, so the req/s ratio is their cost ratio, and minute-to-minute drift hits both.
+            names = (BASELINE, "openflare")
+
+            async def both() -> list[Result]:
+                return await asyncio.gather(*(drive(ports[n], wires[n], args.concurrency, args.duration, 10**7) for n in names))
+
+            a, b = asyncio.run(both())
+            if a.done:
+                paired.append(b.done / a.done)
+                print(f"  paired round {rnd + 1}: plain {a.done / a.elapsed:.0f} req/s, openflare {b.done / b.elapsed:.0f} "
+                      f"req/s at the same time ({paired[-1]:.1%})", flush=True)
         for rnd in range(LLM_EXTRA_ROUNDS if LLM_CASE in ports else 0):
             for name in ("openflare", LLM_CASE)[:: 1 if rnd % 2 == 0 else -1]:
                 lat = asyncio.run(drive(ports[name], wires[name], 1, 60.0, 400))
@@ -646,6 +662,9 @@ def main(argv: list[str] | None = None) -> int:
         c_base, c_of = statistics.median(cpu_ms[BASELINE]), statistics.median(cpu_ms["openflare"])
         print(f"mitmdump CPU per request: plain {c_base:.2f} ms, openflare {c_of:.2f} ms (+{c_of - c_base:.2f} ms; "
               f"plain/openflare {c_base / c_of:.1%}, the throughput ratio a CPU-bound mitmdump would reach)")
+    if paired:
+        print(f"paired rounds (plain and openflare loaded at the same time on CPU {min(PROXY_CPUS)}): openflare/plain "
+              f"median {statistics.median(paired):.1%} (rounds: {', '.join(f'{x:.1%}' for x in paired)})")
     print(f"targets: openflare >= 90 % of plain throughput: {ratio:.1%} ({'met' if ratio >= 0.9 else 'NOT met'}); "
           f"featurize+score p99 <= 1000 µs: {p99:.0f} µs ({'met' if p99 <= 1000 else 'NOT met'})")
     if "openflare+bans" in results:
