@@ -1,7 +1,8 @@
 /* addons._fastscore: the supervised part of addons.detector.Detector for one request, in one call.
  *
  * Optional: `pip install -e .` builds it where a C compiler is present; without it, Detector uses its numpy
- * path, which computes the same value (tests/test_detector.py compares the two on the shared datasets).
+ * path, which computes the same value (tests/test_detector.py compares the two on random text, the probes and
+ * the shipped model).
  *
  * z(request, headers, weights, bits, header_scale) = block(request) + header_scale * block(headers), where
  * block(text) = (v . coef[idx]) / |v|, v = (1 + log count) * idf[idx] (weights[idx] = (idf, coef)) over the distinct hashed byte 1..5-grams

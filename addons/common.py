@@ -67,6 +67,7 @@ def refusal(status: int = BLOCK_STATUS, body: bytes = BLOCK_BODY) -> http.Respon
     resp.data.timestamp_start = resp.data.timestamp_end = time.time()
     return resp
 
+
 # mitmweb marker for refused flows.
 BLOCK_MARKER = ":no_entry:"
 

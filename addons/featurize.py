@@ -287,7 +287,8 @@ def _featurize(method, target, headers, body, header_names, limit) -> str:
             content_type = value
         if lname not in wanted or hsize >= limit:
             continue
-        text = _header_text(lname, value, limit) if len(value) <= _CACHED_HEADER else _header_text.__wrapped__(lname, value, limit)
+        cached = len(value) <= _CACHED_HEADER
+        text = (_header_text if cached else _header_text.__wrapped__)(lname, value, limit)
         hparts.append(text)
         hsize += len(text) + 1
     if hparts:

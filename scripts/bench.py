@@ -665,7 +665,9 @@ def main(argv: list[str] | None = None) -> int:
     if paired:
         print(f"paired rounds (plain and openflare loaded at the same time on CPU {min(PROXY_CPUS)}): openflare/plain "
               f"median {statistics.median(paired):.1%} (rounds: {', '.join(f'{x:.1%}' for x in paired)})")
-    print(f"targets: openflare >= 90 % of plain throughput: {ratio:.1%} ({'met' if ratio >= 0.9 else 'NOT met'}); "
+    # Judged on the paired rounds when there are some: sequential rounds drift by about 10 points here.
+    judged, how = (statistics.median(paired), "paired median") if paired else (ratio, "sequential rounds")
+    print(f"targets: openflare >= 90 % of plain throughput: {judged:.1%}, {how} ({'met' if judged >= 0.9 else 'NOT met'}); "
           f"featurize+score p99 <= 1000 µs: {p99:.0f} µs ({'met' if p99 <= 1000 else 'NOT met'})")
     if "openflare+bans" in results:
         rps_bans = statistics.median(r.done / r.elapsed for r in results["openflare+bans"])
