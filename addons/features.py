@@ -16,9 +16,16 @@ from addons import featurize
 logger = logging.getLogger(__name__)
 
 
+def _wire_names(names) -> frozenset[bytes]:
+    """The lower-case header names, as bytes, that featurize is given: the chosen ones plus the body's
+    content-type and content-encoding."""
+    return frozenset(n.encode("utf-8", "surrogateescape") for n in (*names, "content-type", "content-encoding"))
+
+
 class FeatureExtractor:
     def __init__(self) -> None:
         self.header_names: tuple[str, ...] = featurize.DEFAULT_HEADERS
+        self.header_bytes: frozenset[bytes] = _wire_names(featurize.DEFAULT_HEADERS)
         self.limit: int = featurize.MAX_CHARS
         self.trusted: tuple = ()
 
@@ -50,6 +57,7 @@ class FeatureExtractor:
 
         if "openflare_headers" in updated:
             self.header_names = tuple(h.strip().lower() for h in ctx.options.openflare_headers if h.strip())
+            self.header_bytes = _wire_names(self.header_names)
         if "openflare_max_feature_bytes" in updated:
             if not 256 <= ctx.options.openflare_max_feature_bytes <= 1024 * 1024:
                 raise exceptions.OptionsError("openflare_max_feature_bytes must be between 256 and 1048576")
@@ -73,12 +81,23 @@ class FeatureExtractor:
         req = flow.request
         if common.CLIENT_IP not in flow.metadata:
             self.requestheaders(flow)
+        # Only the headers featurize reads are decoded (mitmproxy's Headers decodes every field on each
+        # access); a name that is not ASCII goes through, so featurize's own lower-casing decides.
+        wanted = self.header_bytes
+        headers = [
+            (k.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
+            for k, v in req.headers.fields
+            if not k.isascii() or k.lower() in wanted
+        ]
+        body = req.raw_content or b""
         # Not get_content(): it inflates a compressed body without bound; decode_body stops at the cap.
-        body = featurize.decode_body(req.raw_content or b"", req.headers.get("content-encoding", ""), self.limit)
+        encoding = ", ".join(v for k, v in headers if k.lower() == "content-encoding") if body else ""
+        if encoding:
+            body = featurize.decode_body(body, encoding, self.limit)
         flow.metadata[common.FEATURES] = featurize.featurize(
             req.method,
             req.path,
-            req.headers.items(multi=True),
+            headers,
             body,
             header_names=self.header_names,
             limit=self.limit,

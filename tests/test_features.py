@@ -4,6 +4,10 @@ import gzip
 import logging
 
 import pytest
+from hypothesis import HealthCheck
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 from mitmproxy import http
 from mitmproxy.exceptions import OptionsError
 from mitmproxy.test import taddons
@@ -52,6 +56,35 @@ async def test_features_equal_featurize():
         )
         assert f.metadata[common.FEATURES] == expected
         assert "user=admin'--" in expected
+
+
+_NAMES = st.sampled_from(
+    [b"User-Agent", b"user-agent", b"COOKIE", b"Cookie", b"Referer", b"Content-Type", b"content-encoding",
+     b"Content-Encoding", b"X-Other", b"Accept", b"COO\xe2\x84\xaaIE", b"\xff\xfeX", b"X-Forwarded-For"]
+) | st.binary(min_size=1, max_size=12)
+_BODIES = st.sampled_from([b"", b"q=%27+or+1=1--", gzip.compress(b'{"a": "<script>"}'), b"\x1f\x8b garbage"]) | st.binary(
+    max_size=64
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(headers=st.lists(st.tuples(_NAMES, st.binary(max_size=40)), max_size=8), body=_BODIES)
+def test_header_prefilter_changes_nothing(headers, body):
+    """The addon decodes only the headers featurize reads: the same string as featurize over all of them."""
+    fx = FeatureExtractor()
+    with taddons.context(fx) as tctx:
+        tctx.configure(fx, openflare_headers=["user-agent", "cookie", "referer", "x-forwarded-for"])
+        f = flow(content=body, headers=headers, method=b"POST")
+        fx.request(f)
+        req = f.request
+        expected = featurize.featurize(
+            "POST",
+            req.path,
+            req.headers.items(multi=True),
+            featurize.decode_body(body, req.headers.get("content-encoding", "")),
+            header_names=fx.header_names,
+        )
+        assert f.metadata[common.FEATURES] == expected
 
 
 async def test_request_alone_sets_client_ip():
