@@ -71,7 +71,8 @@ def refusal(status: int = BLOCK_STATUS, body: bytes = BLOCK_BODY) -> http.Respon
 # mitmweb marker for refused flows.
 BLOCK_MARKER = ":no_entry:"
 
-# The documented order in which the addons are loaded (`-s` order).
+# The documented order of the addons: addons/openflare.py (what `make run` loads) lists them so, and
+# loading them as separate scripts takes this `-s` order.
 ADDON_ORDER = (
     "addons/features.py",
     "addons/bans.py",

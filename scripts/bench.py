@@ -9,8 +9,9 @@ sequential phase for latency. Requests and time are both bounded.
 
     .venv/bin/python scripts/bench.py [--duration 4] [--rounds 2] [--concurrency 16] [--model NAME]
 
-A later case (bans, recorder, LLM...) is one more `Case(...)` in CASES: extra `-s` scripts, `--set`
-options and environment variables.
+A later case (bans, recorder, LLM...) is one more `Case(...)` in CASES: extra addon modules, `--set`
+options and environment variables. Each case loads its addons as one script, as `make run` does
+(addons/openflare.py).
 """
 
 from __future__ import annotations
@@ -258,6 +259,18 @@ def cpu_seconds(pid: int | None) -> float | None:
         return None
 
 
+def one_script(case: Case, workdir: Path) -> Path:
+    """The case's addons as one script, the way `make run` loads them (addons/openflare.py): each listed
+    addon module's addon classes, fresh instances, in the listed order."""
+    names = [Path(s).stem for s in case.scripts or []]
+    path = workdir / ("case_" + "".join(c if c.isalnum() else "_" for c in case.name) + ".py")
+    path.write_text(
+        "import importlib\n\n"
+        f"addons = [type(a)() for name in {names!r} for a in importlib.import_module('addons.' + name).addons]\n"
+    )
+    return path
+
+
 def start_case(procs: Procs, case: Case, upstream_port: int, confdir: Path) -> int:
     if case.scripts is None:
         return upstream_port
@@ -273,8 +286,8 @@ def start_case(procs: Procs, case: Case, upstream_port: int, confdir: Path) -> i
             "--mode", f"reverse:http://127.0.0.1:{upstream_port}", "-q"]
     for key, value in case.options.items():
         args += ["--set", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
-    for script in case.scripts:
-        args += ["-s", script]
+    if case.scripts:
+        args += ["-s", str(one_script(case, confdir.parent))]
     case.pid = procs.start("mitmdump-" + case.name.replace(" ", "_"), args, port, case.env, PROXY_CPUS).pid
     return port
 

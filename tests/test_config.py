@@ -17,10 +17,11 @@ from conftest import MITM_CONF
 from conftest import REPO
 from conftest import make_confdir
 
+BUNDLE = "openflare"  # addons/openflare.py: every addon below as one script (what `make run` loads)
 ADDON_MODULES = sorted(
     p.stem
     for p in (REPO / "addons").glob("*.py")
-    if re.search(r"^addons\s*=\s*\[", p.read_text(), re.M)
+    if re.search(r"^addons\s*=\s*\[", p.read_text(), re.M) and p.stem != BUNDLE
 )
 
 
@@ -97,7 +98,7 @@ def test_every_option_has_a_comment_in_mitm_conf():
             assert j >= 0 and lines[j].startswith("#"), f"mitm.conf: no comment above {line!r}"
 
 
-@pytest.mark.parametrize("name", ADDON_MODULES)
+@pytest.mark.parametrize("name", [*ADDON_MODULES, BUNDLE])
 def test_each_addon_loads_alone_as_a_script(name, model_conf, caplog):
     with taddons.context() as tctx:
         tctx.options.update_defer(**model_conf)
@@ -107,9 +108,26 @@ def test_each_addon_loads_alone_as_a_script(name, model_conf, caplog):
 
 
 def test_makefile_loads_the_documented_addon_order():
-    """`make run`/`make web` load every addon, in the order addons/common.py documents."""
+    """`make run`/`make web` load the bundle, which holds every addon in the order addons/common.py documents."""
     from addons import common
+    from addons import openflare
 
     line = next(ln for ln in (REPO / "Makefile").read_text().splitlines() if ln.startswith("ADDONS :="))
-    assert tuple(line.split()[3::2]) == common.ADDON_ORDER
+    assert line.split()[2:] == ["-s", f"addons/{BUNDLE}.py"]
     assert all((REPO / p).is_file() for p in common.ADDON_ORDER)
+    assert [f"addons/{type(a).__module__.rpartition('.')[2]}.py" for a in openflare.addons] == list(common.ADDON_ORDER)
+    assert sorted(common.ADDON_ORDER) == [f"addons/{m}.py" for m in ADDON_MODULES]  # a new addon joins the bundle
+
+
+def test_bundle_gives_fresh_addons_with_the_same_options(model_conf):
+    """Loading the bundle registers exactly the options of the addons loaded one by one."""
+    with taddons.context() as tctx:
+        alone = register_all(tctx)
+    with taddons.context() as tctx:
+        before = set(tctx.options.keys())
+        tctx.options.update_defer(**model_conf)
+        ns = tctx.script(str(REPO / "addons" / f"{BUNDLE}.py"))
+        bundled = sorted(set(tctx.options.keys()) - before)
+    assert bundled == alone
+    modules = {name: importlib.import_module(f"addons.{name}") for name in ADDON_MODULES}
+    assert not {id(a) for a in ns.addons} & {id(a) for m in modules.values() for a in m.addons}

@@ -70,6 +70,22 @@ def test_benign_passes_byte_for_byte(proxy, upstream, name):
         assert via[2] == f"{method} {target}\n".encode() + body  # the app got the request as sent
 
 
+def test_make_run_bundle(upstream, mitmdump, model_conf, tmp_path_factory):
+    """What `make run` loads: every addon as one script (addons/openflare.py), on embedded defaults."""
+    records = tmp_path_factory.mktemp("records")
+    conf = {**model_conf, "openflare_record_dir": str(records / "store"), "openflare_record_spill": str(records / "spill")}
+    proc = mitmdump(["addons/openflare.py"], mode=f"reverse:{upstream.url}", conf=conf,
+                    env={"OPENFLARE_REDIS_URL": "", "OPENFLARE_MONGO_URI": ""})  # fmt: skip
+    method, target, headers, body = ATTACKS["query"]
+    status, resp_headers, resp_body = http_request(proc.port, method, target, headers, body)
+    assert (status, resp_body) == (common.BLOCK_STATUS, common.BLOCK_BODY)
+    assert "x-upstream" not in resp_headers
+    method, target, headers, body = BENIGN["form"]
+    via = http_request(proc.port, method, target, headers, body)
+    direct = http_request(upstream.port, method, target, headers, body)
+    assert (via[0], via[1]["x-upstream"], via[2]) == (200, "openflare-demo", direct[2])
+
+
 def test_wrong_model_sha256_stops_startup(mitmdump, model_path, tmp_path):
     copy = tmp_path / "tampered.joblib"
     shutil.copyfile(model_path, copy)
