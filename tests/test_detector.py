@@ -100,3 +100,20 @@ def test_kernel_refuses_weights_of_the_wrong_size():
 def test_parse_path_is_the_path_parse_finds(feature):
     # AppProfile.check looks at the path first and parses the rest only under a learned root.
     assert detector.parse_path(feature) == detector.parse(feature)[1]
+
+
+def _char_classes_in_full(value: str) -> frozenset[str]:
+    """detector.char_classes by its regular expressions only (what the ASCII shortcut must agree with)."""
+    out = set(detector._ALNUM.sub("", value))
+    if detector._LETTER.search(value):
+        out.add("a")
+    if detector._DIGIT.search(value):
+        out.add("0")
+    return frozenset(out)
+
+
+@given(st.text(max_size=40) | st.text(alphabet="aZ09_.-/,=&;%+*<! ", max_size=40))
+@settings(max_examples=400)
+def test_char_classes_ascii_shortcut_changes_nothing(value):
+    assert detector.char_classes(value) == _char_classes_in_full(value)
+    assert detector.char_classes("ab12@x-Y_.") == frozenset("a0@-_.")

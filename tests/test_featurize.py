@@ -409,3 +409,27 @@ def test_ai_marker_prefilter_never_changes_the_result(text):
 def test_the_plain_text_shortcut_changes_nothing(s, plus):
     # normalise() lower-cases text of letters, digits and _ . - / , without decoding it: the full path agrees.
     assert normalise(s, plus=plus) == featurize._normalise(s, plus, featurize.MAX_CHARS)
+
+
+def _pairs_in_full(raw: str, sep: str, limit: int) -> str:
+    """featurize._pairs without its plain-text shortcut (the shortcut's condition made false)."""
+    saved = featurize._PLAIN_PAIRS
+    featurize._PLAIN_PAIRS = {}
+    try:
+        return featurize._pairs(raw, sep, limit)
+    finally:
+        featurize._PLAIN_PAIRS = saved
+
+
+@given(st.text(alphabet="aZ09_.-/,=&;%+*<! \\u\u00e9\uff0f", max_size=80), st.sampled_from("&;"), st.sampled_from([64, 16384]))
+@settings(max_examples=400)
+def test_the_plain_pairs_shortcut_changes_nothing(raw, sep, limit):
+    # Queries, forms and cookies of plain name=value pairs are only lower-cased and split: the full path agrees.
+    assert featurize._pairs(raw, sep, limit) == _pairs_in_full(raw, sep, limit)
+
+
+def test_the_plain_pairs_shortcut_respects_the_pair_cap():
+    raw = "&".join(f"a{i}=B" for i in range(featurize.MAX_PAIRS + 5))
+    assert featurize._pairs(raw, "&", 10**6) == _pairs_in_full(raw, "&", 10**6)
+    assert featurize._pairs(raw, "&", 10**6).count("=") == featurize.MAX_PAIRS
+    assert featurize._pairs("&&A=1&&b&", "&", 100) == "a=1 b"
