@@ -339,43 +339,69 @@ class AppProfile:
         if not self.in_scope(parse_path(feature)):  # most requests: out of scope, nothing more to parse
             return None
         method, path, pairs = parse(feature)
-        p = self.paths.get(path)
+        compiled = self.__dict__.get("_compiled")
+        if compiled is None or compiled[0] is not self.paths:
+            compiled = self._compiled = (self.paths, {})
+        p = compiled[1].get(path)
         if p is None:
-            return ["unknown path"]
+            learned = self.paths.get(path)
+            if learned is None:
+                return ["unknown path"]
+            p = compiled[1][path] = self._compile(learned)
+        methods, params = p
         problems = []
-        if method not in p["methods"]:
+        if method not in methods:
             problems.append(f"method {method} never seen on this path")
         for name, value in pairs:
-            prm = p["params"].get(name)
+            prm = params.get(name)
             if prm is None:
                 problems.append("unknown parameter")
                 continue
+            allowed, max_len, min_len, valued, bare, values, shapes = prm
             if value is None:
-                if not prm["bare"]:
+                if not bare:
                     problems.append("parameter without value")
                 continue
-            if not prm["valued"]:
+            if not valued:
                 problems.append("value on a bare parameter")
                 continue
-            allowed = prm["classes"]  # a str of single characters
             if any(c not in allowed for c in char_classes(value)):
                 problems.append("unseen characters in a value")
-            limit = max(prm["max_len"] * self.length_slack, prm["max_len"] + 8)
-            if len(value) > limit:
+            if len(value) > max_len:
                 problems.append("value longer than ever seen")
-            if len(value) < prm.get("min_len", 0):
+            if len(value) < min_len:
                 problems.append("value shorter than ever seen")
-            if prm.get("values") is not None and value not in prm["values"]:
+            if values is not None and value not in values:
                 problems.append("value outside the closed set seen")
-            elif prm.get("shapes") is not None and shape(value) not in prm["shapes"]:
+            elif shapes is not None and shape(value) not in shapes:
                 problems.append("value shape never seen")
         return problems
 
+    def _compile(self, learned: dict) -> tuple:
+        """One learned path as `check` reads it: (methods, {name: (classes, longest allowed, shortest,
+        valued, bare, closed set or None, shapes or None)}), sets for the lookups."""
+        params = {}
+        for name, prm in learned["params"].items():
+            values, shapes = prm.get("values"), prm.get("shapes")
+            params[name] = (
+                prm["classes"],
+                max(prm["max_len"] * self.length_slack, prm["max_len"] + 8),
+                prm.get("min_len", 0),
+                prm["valued"],
+                prm["bare"],
+                None if values is None else frozenset(values),
+                None if shapes is None else frozenset(shapes),
+            )
+        return frozenset(learned["methods"]), params
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_compiled", None)  # derived from paths: rebuilt on first use, never pickled
+        return state
+
     def in_scope(self, path: str) -> bool:
         """Under a learned root: `/tienda1/...`, and also `/tienda1.bak`, `/tienda1~` (same prefix)."""
-        if _root(path) in self.roots:
-            return True
-        return any(path.startswith(r) for r in self.roots)
+        return path.startswith(self.roots)  # a learned root itself, or a path under (or beside) one
 
     def summary(self) -> dict:
         return {

@@ -117,3 +117,66 @@ def _char_classes_in_full(value: str) -> frozenset[str]:
 def test_char_classes_ascii_shortcut_changes_nothing(value):
     assert detector.char_classes(value) == _char_classes_in_full(value)
     assert detector.char_classes("ab12@x-Y_.") == frozenset("a0@-_.")
+
+
+def _check_in_full(prof: detector.AppProfile, feature: str) -> list[str] | None:
+    """AppProfile.check read straight off the learned dicts (what its compiled view must agree with)."""
+    method, path, pairs = detector.parse(feature)
+    if not any(path.startswith(r) for r in prof.roots):
+        return None
+    p = prof.paths.get(path)
+    if p is None:
+        return ["unknown path"]
+    problems = [f"method {method} never seen on this path"] if method not in p["methods"] else []
+    for name, value in pairs:
+        prm = p["params"].get(name)
+        if prm is None:
+            problems.append("unknown parameter")
+        elif value is None:
+            if not prm["bare"]:
+                problems.append("parameter without value")
+        elif not prm["valued"]:
+            problems.append("value on a bare parameter")
+        else:
+            if detector.char_classes(value) - set(prm["classes"]):
+                problems.append("unseen characters in a value")
+            if len(value) > max(prm["max_len"] * prof.length_slack, prm["max_len"] + 8):
+                problems.append("value longer than ever seen")
+            if len(value) < prm.get("min_len", 0):
+                problems.append("value shorter than ever seen")
+            if prm.get("values") is not None and value not in prm["values"]:
+                problems.append("value outside the closed set seen")
+            elif prm.get("shapes") is not None and detector.shape(value) not in prm["shapes"]:
+                problems.append("value shape never seen")
+    return problems
+
+
+_SHIPPED_PROFILE = model.load(model.DEFAULT_MODEL).estimator.profile
+
+
+@st.composite
+def _profile_features(draw):
+    prof = _SHIPPED_PROFILE
+    path = draw(st.sampled_from(sorted(prof.paths)) | st.sampled_from(["/tienda1", "/tienda1x/a.jsp", "/other", "/"]))
+    names = sorted(prof.paths.get(path, {}).get("params", {})) or ["id"]
+    pairs = draw(st.lists(st.tuples(st.sampled_from(names) | st.text("abz", min_size=1, max_size=3),
+                                    st.none() | st.text("aZ09 .-@'%é", max_size=20)), max_size=5))
+    text = " ".join(n if v is None else f"{n}={v}".lower() for n, v in pairs)
+    method = draw(st.sampled_from(["get", "post", "put"]))
+    where = draw(st.sampled_from(["query", "body"]))
+    if where == "query" or not text:
+        return f"{method} {path}" + (f" ?{text}" if text else "")
+    return f"{method} {path} {featurize.SEP}b {text}"
+
+
+@given(_profile_features())
+@settings(max_examples=500, deadline=None)
+def test_profile_check_is_what_the_learned_dicts_say(feature):
+    assert _SHIPPED_PROFILE.check(feature) == _check_in_full(_SHIPPED_PROFILE, feature)
+
+
+def test_profile_compiled_view_is_never_pickled():
+    prof = pickle.loads(pickle.dumps(_SHIPPED_PROFILE))
+    prof.check("get /tienda1/index.jsp")
+    assert "_compiled" in prof.__dict__
+    assert "_compiled" not in pickle.loads(pickle.dumps(prof)).__dict__
