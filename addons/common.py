@@ -4,7 +4,6 @@ Addons never import each other; they talk only through these `flow.metadata` key
 Values stored under them are plain Python (str, int, float, bool, None, list, dict) so flows can be saved.
 """
 
-import copy
 import time
 
 from mitmproxy import http
