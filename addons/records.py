@@ -529,6 +529,8 @@ class Store:
             return 0
         cutoff = (now or utcnow()) - datetime.timedelta(days=days)
         self._close_sqlite()
+        if self.kind == "embedded" and self.coll.name not in self.coll.database.list_collection_names():
+            return 0  # nothing stored yet: montydb has no database file to open
         return self.coll.delete_many({"time": {"$lt": cutoff}}).deleted_count
 
     def ping(self) -> None:

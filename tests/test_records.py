@@ -273,6 +273,14 @@ def test_embedded_store_persists_ignores_duplicates_and_expires(tmp_path):
     assert records.verify(again.find(), days=30, now=now)["truncated"][0]["first_seq"] == 3
 
 
+def test_retention_on_a_new_embedded_store_expires_nothing(tmp_path):
+    # make run's first start: the store directory is new, montydb has no database file yet.
+    store = records.open_store(directory=tmp_path / "new")
+    assert store.expire(30) == 0
+    assert store.insert(chained(2))[:2] == (2, 0)
+    assert store.expire(30) == 0 and store.coll.count_documents({}) == 2
+
+
 def test_open_store_rejects_nothing_and_bad_uri():
     with pytest.raises(ValueError):
         records.open_store()
