@@ -97,6 +97,8 @@ CASES.append(
           "openflare_instance": "bench"}, {"OPENFLARE_MONGO_URI": ""})
 )  # fmt: skip
 BASELINE = "plain"
+# Paired rounds: (baseline, case) loaded at the same time on the proxy CPU; their targets are judged on these.
+PAIRS = [(BASELINE, "openflare"), ("openflare", "openflare+bans"), ("openflare", RECORDER_CASE)]
 
 # Used when no dataset is found: (label, method, target, headers, body).
 BUILTIN_MIX = [
@@ -515,8 +517,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency-requests", type=int, default=200, help="sequential requests per case per round (default 200)")
     ap.add_argument("--model", default=model.DEFAULT_MODEL, help="the model (name in models/ or path) for every case and the micro-benchmark")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--paired", type=int, default=4, help="rounds with plain and openflare loaded at the same time on "
-                    "the proxy CPU (default 4; 0: none; needs pinning)")
+    ap.add_argument("--paired", type=int, default=4, help="rounds per pair in PAIRS (plain with openflare, openflare with "
+                    "+bans and with +recorder) loaded at the same time on the proxy CPU (default 4; 0: none; needs pinning)")
     ap.add_argument("--no-pin", action="store_true", help="let the scheduler place the processes (default: every mitmdump "
                     "on the last CPU, the load generator and upstream on the others)")
     ap.add_argument("--cases", help="comma-separated case names to run (plain and openflare always run; default: all)")
@@ -569,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     statuses: dict[str, dict[int, int]] = {c.name: {} for c in CASES}
     errors: dict[str, int] = {c.name: 0 for c in CASES}
     cpu_ms: dict[str, list[float]] = {c.name: [] for c in CASES}  # mitmdump CPU ms per request, load phase
-    paired: list[float] = []  # openflare/plain requests done in each paired round
+    paired: dict[str, list[float]] = {}  # case -> its requests / its PAIRS baseline's, per paired round
     t_start = time.perf_counter()
     try:
         if any(BANS in (c.scripts or []) and c.env.get("OPENFLARE_REDIS_URL") for c in CASES):
@@ -608,19 +610,20 @@ def main(argv: list[str] | None = None) -> int:
                     statuses[name][st] = statuses[name].get(st, 0) + c
                 errors[name] += res.errors + lat.errors
                 print(f"  round {rnd + 1} {name:<18} {res.done / res.elapsed:8.0f} req/s", flush=True)
-        for rnd in range(args.paired if PROXY_CPUS else 0):
-            # plain and openflare under load at the same time, on the one proxy CPU: the scheduler gives them
-            # equal CPU time, so the req/s ratio is their cost ratio, and minute-to-minute drift hits both.
-            names = (BASELINE, "openflare")
+        for base, name in PAIRS:
+            if base not in ports or name not in ports:
+                continue
+            for rnd in range(args.paired if PROXY_CPUS else 0):
+                # Two cases under load at the same time, on the one proxy CPU: the scheduler gives them equal
+                # CPU time, so the req/s ratio is their cost ratio, and minute-to-minute drift hits both.
+                async def both(names=(base, name)) -> list[Result]:
+                    return await asyncio.gather(*(drive(ports[n], wires[n], args.concurrency, args.duration, 10**7) for n in names))
 
-            async def both() -> list[Result]:
-                return await asyncio.gather(*(drive(ports[n], wires[n], args.concurrency, args.duration, 10**7) for n in names))
-
-            a, b = asyncio.run(both())
-            if a.done:
-                paired.append(b.done / a.done)
-                print(f"  paired round {rnd + 1}: plain {a.done / a.elapsed:.0f} req/s, openflare {b.done / b.elapsed:.0f} "
-                      f"req/s at the same time ({paired[-1]:.1%})", flush=True)
+                a, b = asyncio.run(both())
+                if a.done:
+                    paired.setdefault(name, []).append(b.done / a.done)
+                    print(f"  paired round {rnd + 1}: {base} {a.done / a.elapsed:.0f} req/s, {name} {b.done / b.elapsed:.0f} "
+                          f"req/s at the same time ({paired[name][-1]:.1%})", flush=True)
         for rnd in range(LLM_EXTRA_ROUNDS if LLM_CASE in ports else 0):
             for name in ("openflare", LLM_CASE)[:: 1 if rnd % 2 == 0 else -1]:
                 lat = asyncio.run(drive(ports[name], wires[name], 1, 60.0, 400))
@@ -668,33 +671,38 @@ def main(argv: list[str] | None = None) -> int:
     if score_errors:
         print(f"WARNING: the model raised on {len(score_errors)} of {len(mix) * 2} requests "
               f"(in mitmdump: the fail policy), e.g. {score_errors[0]}")
-    ratio = statistics.median(r.done / r.elapsed for r in results["openflare"]) / base_rps
     p99 = pct(micro_res["featurize+score"], 99)
     print()
     if cpu_ms.get(BASELINE) and cpu_ms.get("openflare"):
         c_base, c_of = statistics.median(cpu_ms[BASELINE]), statistics.median(cpu_ms["openflare"])
         print(f"mitmdump CPU per request: plain {c_base:.2f} ms, openflare {c_of:.2f} ms (+{c_of - c_base:.2f} ms; "
               f"plain/openflare {c_base / c_of:.1%}, the throughput ratio a CPU-bound mitmdump would reach)")
-    if paired:
-        print(f"paired rounds (plain and openflare loaded at the same time on CPU {min(PROXY_CPUS)}): openflare/plain "
-              f"median {statistics.median(paired):.1%} (rounds: {', '.join(f'{x:.1%}' for x in paired)})")
-    # Judged on the paired rounds when there are some: sequential rounds drift by about 10 points here.
-    judged, how = (statistics.median(paired), "paired median") if paired else (ratio, "sequential rounds")
+    for base, name in PAIRS:
+        if name in paired:
+            print(f"paired rounds ({base} and {name} loaded at the same time on CPU {min(PROXY_CPUS)}): {name}/{base} "
+                  f"median {statistics.median(paired[name]):.1%} (rounds: {', '.join(f'{x:.1%}' for x in paired[name])})")
+
+    def judged_ratio(name: str, base: str) -> tuple[float, str]:
+        """Paired median when there are paired rounds (sequential rounds drift by 10 points or more here)."""
+        if paired.get(name):
+            return statistics.median(paired[name]), "paired median"
+        rps = {n: statistics.median(r.done / r.elapsed for r in results[n]) for n in (name, base)}
+        return rps[name] / rps[base], "sequential rounds"
+
+    judged, how = judged_ratio("openflare", BASELINE)
     print(f"targets: openflare >= 90 % of plain throughput: {judged:.1%}, {how} ({'met' if judged >= 0.9 else 'NOT met'}); "
           f"featurize+score p99 <= 1000 µs: {p99:.0f} µs ({'met' if p99 <= 1000 else 'NOT met'})")
     if "openflare+bans" in results:
-        rps_bans = statistics.median(r.done / r.elapsed for r in results["openflare+bans"])
-        rps_of = statistics.median(r.done / r.elapsed for r in results["openflare"])
+        r_bans, how = judged_ratio("openflare+bans", "openflare")
         added = (pct(latencies["openflare+bans"], 99) - pct(latencies["openflare"], 99)) * 1000
         check = pct(micro_res["ban check"], 99)
-        print(f"targets: openflare+bans >= 97 % of openflare throughput: {rps_bans / rps_of:.1%} "
-              f"({'met' if rps_bans / rps_of >= 0.97 else 'NOT met'}); ban check p99 <= 200 µs: {check:.1f} µs "
+        print(f"targets: openflare+bans >= 97 % of openflare throughput: {r_bans:.1%}, {how} "
+              f"({'met' if r_bans >= 0.97 else 'NOT met'}); ban check p99 <= 200 µs: {check:.1f} µs "
               f"({'met' if check <= 200 else 'NOT met'}); end-to-end p99 added over openflare: {added:+.2f} ms")
     if RECORDER_CASE in results:
-        rps_rec = statistics.median(r.done / r.elapsed for r in results[RECORDER_CASE])
-        rps_of = statistics.median(r.done / r.elapsed for r in results["openflare"])
-        print(f"targets: openflare+recorder >= 95 % of openflare throughput: {rps_rec / rps_of:.1%} "
-              f"({'met' if rps_rec / rps_of >= 0.95 else 'NOT met'}); the burst check: scripts/bench_recorder.py")
+        r_rec, how = judged_ratio(RECORDER_CASE, "openflare")
+        print(f"targets: openflare+recorder >= 95 % of openflare throughput: {r_rec:.1%}, {how} "
+              f"({'met' if r_rec >= 0.95 else 'NOT met'}); the burst check: scripts/bench_recorder.py")
         shutil.rmtree(RECORD_DIR, ignore_errors=True)
     if LLM_CASE in results:
         llm_report(mix, model_path, args.data, {n: list(zip(latencies[n], lat_index[n], strict=True)) + llm_lat[n] for n in llm_lat}, results)
