@@ -1,9 +1,10 @@
-"""What the OpenFlare addons share: flow metadata keys, the refusal body, and the addon order.
+"""What the OpenFlare addons share: flow metadata keys, the refusal body, the addon order and bundle.
 
 Addons never import each other; they talk only through these `flow.metadata` keys.
 Values stored under them are plain Python (str, int, float, bool, None, list, dict) so flows can be saved.
 """
 
+import inspect
 import time
 
 from mitmproxy import http
@@ -86,3 +87,49 @@ ADDON_ORDER = (
     "addons/recorder.py",
     "addons/labels.py",
 )
+
+
+def bundle(*instances) -> dict[str, object]:
+    """Module-level hooks and commands that serve these addons as one script, in the given order:
+    `globals().update(common.bundle(a, b, c))` in a script that has no `addons` list (addons/openflare.py).
+
+    mitmproxy walks every script's addon tree on every event of every flow, hooks or not (about ten
+    events a request). A script's own functions end the walk at the module; an `addons` list adds a
+    level and one more stop per addon. Each forwarder calls the addons' hooks one after the other, as
+    mitmproxy's walk would: a sync hook directly, an async one awaited, and an exception stops the rest
+    (mitmproxy catches it once for the whole script). Every command of every addon is exported too.
+    """
+    import mitmproxy.addonmanager  # noqa: F401 - registers the load hook
+    import mitmproxy.proxy.layers  # noqa: F401 - registers the HTTP, TCP, TLS, ... hooks
+    from mitmproxy import hooks
+
+    out: dict[str, object] = {}
+    for name in hooks.all_hooks:
+        funcs = [f for f in (getattr(a, name, None) for a in instances) if callable(f)]
+        if funcs:
+            out[name] = _forwarder(name, funcs)
+    for a in instances:
+        for attr in dir(a):
+            f = getattr(a, attr, None)
+            if not attr.startswith("__") and isinstance(getattr(f, "command_name", None), str):
+                out[f"{type(a).__name__}_{attr}"] = f
+    return out
+
+
+def _forwarder(name: str, funcs: list):
+    if any(inspect.iscoroutinefunction(f) for f in funcs):
+
+        async def forward(*args) -> None:
+            for f in funcs:
+                res = f(*args)
+                if res is not None and inspect.isawaitable(res):
+                    await res
+
+    else:
+
+        def forward(*args) -> None:
+            for f in funcs:
+                f(*args)
+
+    forward.__name__ = forward.__qualname__ = name
+    return forward

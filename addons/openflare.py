@@ -1,18 +1,22 @@
 """All of OpenFlare as one script, in the documented order: `mitmdump -s addons/openflare.py`.
 
 The same five addons as `-s addons/features.py -s addons/bans.py -s addons/scorer.py -s addons/recorder.py
--s addons/labels.py`, each a fresh instance. One script costs less: mitmproxy walks every script's chain
-(script, module, addons) for every event of every flow. Each addon module still loads alone with `-s`.
+-s addons/labels.py`, each a fresh instance, served by this module's own hook functions
+(`common.bundle`): mitmproxy walks every script's addons on every event of every flow, and module-level
+hooks end that walk here, where five scripts (or an `addons` list) would add a stop per addon.
+Each addon module still loads alone with `-s`.
 
 mitmproxy reloads this file when it changes, not the addon modules it imports: restart after editing those.
 """
 
 from addons import bans
+from addons import common
 from addons import features
 from addons import labels
 from addons import recorder
 from addons import scorer
 
 # The order of addons/common.py's ADDON_ORDER: features (client IP, feature string), bans (refuse banned IPs
-# first), scorer, recorder, labels.
-addons = [features.FeatureExtractor(), bans.IpBans(), scorer.Scorer(), recorder.Recorder(), labels.Labeler()]
+# first), scorer, recorder, labels. Not named `addons`: mitmproxy would then call each of them twice.
+BUNDLED = [features.FeatureExtractor(), bans.IpBans(), scorer.Scorer(), recorder.Recorder(), labels.Labeler()]
+globals().update(common.bundle(*BUNDLED))

@@ -263,12 +263,13 @@ def cpu_seconds(pid: int | None) -> float | None:
 
 def one_script(case: Case, workdir: Path) -> Path:
     """The case's addons as one script, the way `make run` loads them (addons/openflare.py): each listed
-    addon module's addon classes, fresh instances, in the listed order."""
+    addon module's addon classes, fresh instances, in the listed order, served by `common.bundle`."""
     names = [Path(s).stem for s in case.scripts or []]
     path = workdir / ("case_" + "".join(c if c.isalnum() else "_" for c in case.name) + ".py")
     path.write_text(
-        "import importlib\n\n"
-        f"addons = [type(a)() for name in {names!r} for a in importlib.import_module('addons.' + name).addons]\n"
+        "import importlib\n\nfrom addons import common\n\n"
+        f"BUNDLED = [type(a)() for name in {names!r} for a in importlib.import_module('addons.' + name).addons]\n"
+        "globals().update(common.bundle(*BUNDLED))\n"
     )
     return path
 

@@ -4,14 +4,19 @@ The addon modules are found, not listed: every addons/*.py that defines `addons 
 addon added later is covered without touching this file.
 """
 
+import asyncio
 import importlib
 import logging
 import re
 from pathlib import Path
 
 import pytest
+from mitmproxy import command
+from mitmproxy import eventsequence
 from mitmproxy import optmanager
+from mitmproxy.addons import script as script_addon
 from mitmproxy.test import taddons
+from mitmproxy.test import tflow
 
 from conftest import MITM_CONF
 from conftest import REPO
@@ -103,7 +108,7 @@ def test_each_addon_loads_alone_as_a_script(name, model_conf, caplog):
     with taddons.context() as tctx:
         tctx.options.update_defer(**model_conf)
         ns = tctx.script(str(REPO / "addons" / f"{name}.py"))
-        assert ns is not None and ns.addons
+        assert ns is not None and (ns.BUNDLED if name == BUNDLE else ns.addons)
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
@@ -115,7 +120,7 @@ def test_makefile_loads_the_documented_addon_order():
     line = next(ln for ln in (REPO / "Makefile").read_text().splitlines() if ln.startswith("ADDONS :="))
     assert line.split()[2:] == ["-s", f"addons/{BUNDLE}.py"]
     assert all((REPO / p).is_file() for p in common.ADDON_ORDER)
-    assert [f"addons/{type(a).__module__.rpartition('.')[2]}.py" for a in openflare.addons] == list(common.ADDON_ORDER)
+    assert [f"addons/{type(a).__module__.rpartition('.')[2]}.py" for a in openflare.BUNDLED] == list(common.ADDON_ORDER)
     assert sorted(common.ADDON_ORDER) == [f"addons/{m}.py" for m in ADDON_MODULES]  # a new addon joins the bundle
 
 
@@ -130,4 +135,65 @@ def test_bundle_gives_fresh_addons_with_the_same_options(model_conf):
         bundled = sorted(set(tctx.options.keys()) - before)
     assert bundled == alone
     modules = {name: importlib.import_module(f"addons.{name}") for name in ADDON_MODULES}
-    assert not {id(a) for a in ns.addons} & {id(a) for m in modules.values() for a in m.addons}
+    assert not {id(a) for a in ns.BUNDLED} & {id(a) for m in modules.values() for a in m.addons}
+
+
+class _Calls:
+    """Records every hook call as (addon, hook); `fail` names hooks that raise."""
+
+    log: list = []
+
+    def __init__(self, tag: str, fail: tuple[str, ...] = ()) -> None:
+        self.tag, self.fail = tag, fail
+
+    def _seen(self, hook: str) -> None:
+        self.log.append((self.tag, hook))
+        if hook in self.fail:
+            raise RuntimeError(f"{self.tag} {hook}")
+
+    def load(self, loader) -> None:
+        loader.add_option(f"test_bundle_{self.tag}", int, 1, "test")
+        self._seen("load")
+
+    def requestheaders(self, flow) -> None:
+        self._seen("requestheaders")
+
+    async def request(self, flow) -> None:
+        await asyncio.sleep(0)
+        self._seen("request")
+
+    def response(self, flow) -> None:
+        self._seen("response")
+
+    @command.command("test.bundle.cmd")
+    def cmd(self) -> str:
+        return self.tag
+
+
+async def test_bundle_calls_each_hook_once_in_order(tmp_path):
+    """Module-level forwarders: one call per addon and hook, in the listed order, sync and async alike;
+    commands and options registered as if each addon were loaded; an exception stops the rest, as it does
+    in mitmproxy's own walk of a script's addons."""
+    script = tmp_path / "bundled.py"
+    script.write_text(
+        "import test_config\nfrom addons import common\n"
+        "BUNDLED = [test_config._Calls('a'), test_config._Calls('b', fail=('response',)), test_config._Calls('c')]\n"
+        "globals().update(common.bundle(*BUNDLED))\n"
+    )
+    _Calls.log = []
+    loader = script_addon.ScriptLoader()  # as mitmdump -s loads it: the walk goes loader, script, module
+    with taddons.context(loader) as tctx:
+        tctx.configure(loader, scripts=[str(script)])
+        for _ in range(500):  # the script loads in its watcher task
+            if ns := loader.addons[0].ns:
+                break
+            await asyncio.sleep(0.01)
+        assert {"test_bundle_a", "test_bundle_b", "test_bundle_c"} <= set(tctx.options.keys())
+        assert tctx.master.commands.execute("test.bundle.cmd") == "c"  # the last one registered wins
+        assert not hasattr(ns, "addons") and not hasattr(ns, "responseheaders") and callable(ns.requestheaders)
+        _Calls.log = []
+        f = tflow.tflow(resp=True)
+        for e in eventsequence.iterate(f):
+            await tctx.master.addons.handle_lifecycle(e)
+    # b's response hook raised: c's never ran
+    assert _Calls.log == [(t, h) for h in ("requestheaders", "request", "response") for t in "abc"][:-1]
