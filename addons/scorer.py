@@ -64,6 +64,8 @@ class Scorer:
         self.llm_config: llm.Config | None = None
         self.judge: llm.Judge | None = None
         self.started: bool = False
+        # _decide_local's table: (score, llm status) -> (metadata but the time, comment head, marker)
+        self._local_table: dict[tuple[int, str], tuple[dict, str, str]] = {}
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -160,6 +162,7 @@ class Scorer:
     def _set_threshold(self) -> None:
         card = self.model.card.get("threshold") if self.model else None
         self.threshold = self.pinned_threshold or (card if isinstance(card, int) and 1 <= card <= 10 else 6)
+        self._local_table = {}  # made for the old model and threshold
 
     async def reload(self) -> bool:
         """Load the model file again in a worker thread; swap only if its sha256 matches its card."""
@@ -242,23 +245,36 @@ class Scorer:
             self._decide(flow, None, time.perf_counter() - start, reason=f"error: {type(e).__name__}")
             return
         judge = self.judge
-        result = llm.Result(llm.OFF if judge is None else llm.SKIPPED)
-        if judge is not None and judge.config.in_band(score):
-            try:
-                result = await judge.judge(features, flow.metadata.get(common.CLIENT_IP) or "")
-            except Exception as e:  # noqa: BLE001 - the judge catches its own failures; this is a last resort
-                logger.warning("OpenFlare LLM judge failed: %s", llm.sanitise(repr(e)))
-                result = llm.Result(llm.ERROR)
-            if flow.response or flow.error or not flow.live:
-                return  # killed or answered by someone else while we waited
-        self._decide(flow, score, time.perf_counter() - start, llm_result=result, cfg=judge.config if judge else None)
+        if judge is None or not judge.config.in_band(score):  # most requests: the local score decides
+            self._decide_local(flow, score, time.perf_counter() - start, llm.OFF if judge is None else llm.SKIPPED)
+            return
+        try:
+            result = await judge.judge(features, flow.metadata.get(common.CLIENT_IP) or "")
+        except Exception as e:  # noqa: BLE001 - the judge catches its own failures; this is a last resort
+            logger.warning("OpenFlare LLM judge failed: %s", llm.sanitise(repr(e)))
+            result = llm.Result(llm.ERROR)
+        if flow.response or flow.error or not flow.live:
+            return  # killed or answered by someone else while we waited
+        self._decide(flow, score, time.perf_counter() - start, llm_result=result, cfg=judge.config)
+
+    def _decide_local(self, flow: http.HTTPFlow, score: int, elapsed: float, status: str) -> None:
+        """`_decide` for a local score the LLM had no say in (status off or skipped): its verdict is made
+        once per score, status, model and threshold (`_set_threshold` empties the table)."""
+        verdict = self._local_table.get((score, status))
+        if verdict is None:
+            verdict = self._local_table[(score, status)] = self._verdict(score, "", llm.Result(status), None)
+        self._apply(flow, elapsed, *verdict)
 
     def _decide(
         self, flow: http.HTTPFlow, local: int | None, elapsed: float, reason: str = "",
         llm_result: llm.Result | None = None, cfg: llm.Config | None = None,
     ) -> None:  # fmt: skip
-        ms = round(elapsed * 1000, 3)
-        res = llm_result or llm.Result(llm.SKIPPED)
+        self._apply(flow, elapsed, *self._verdict(local, reason, llm_result or llm.Result(llm.SKIPPED), cfg))
+
+    def _verdict(
+        self, local: int | None, reason: str, res: llm.Result, cfg: llm.Config | None
+    ) -> tuple[dict, str, str, bool]:
+        """(metadata, the comment before the time, the comment after it, refuse?) of one scoring."""
         v = res.verdict if cfg else None
         score = local if local is None or v is None else llm.combine(local, v.score, self.threshold, cfg.max_lower)
         if score is None:
@@ -275,23 +291,35 @@ class Scorer:
             reason = reason or f"{what} {score} {'>' if blocked else '<='} threshold {self.threshold}"
         version = self.model.version if self.model else None
         llm_reason = llm.sanitise(v.reason) if v else None
-        flow.metadata[common.LOCAL_SCORE] = local
-        flow.metadata[common.SCORE] = score
-        flow.metadata[common.LLM_SCORE] = v.score if v else None
-        flow.metadata[common.LLM_CATEGORY] = v.category if v else None
-        flow.metadata[common.LLM_REASON] = llm_reason
-        flow.metadata[common.LLM_STATUS] = res.status
-        flow.metadata[common.LLM_MS] = res.ms
-        flow.metadata[common.CATEGORY] = v.category if v and v.category != "benign" else None
-        flow.metadata[common.VERDICT] = verdict
-        flow.metadata[common.MODEL_VERSION] = version
-        flow.metadata[common.SCORE_MS] = ms
-        flow.metadata[common.REASON] = reason
+        meta = {
+            common.LOCAL_SCORE: local,
+            common.SCORE: score,
+            common.LLM_SCORE: v.score if v else None,
+            common.LLM_CATEGORY: v.category if v else None,
+            common.LLM_REASON: llm_reason,
+            common.LLM_STATUS: res.status,
+            common.LLM_MS: res.ms,
+            common.CATEGORY: v.category if v and v.category != "benign" else None,
+            common.VERDICT: verdict,
+            common.MODEL_VERSION: version,
+            common.SCORE_MS: None,  # the time, set by _apply
+            common.REASON: reason,
+        }
         shown = f"{score}/10" if score is not None else "unscored"
-        flow.comment = f"openflare {verdict} {shown} ({reason}; model {version}; {ms} ms)"
+        head = f"openflare {verdict} {shown} ({reason}; model {version}; "
+        tail = ""
         if res.status not in (llm.OFF, llm.SKIPPED):
             said = f" {v.score}/10 {v.category}: {llm_reason}" if v else ""
-            flow.comment += f" [llm {res.status}{said}; {res.ms} ms]"
+            tail = f" [llm {res.status}{said}; {res.ms} ms]"
+        return meta, head, tail, blocked
+
+    def _apply(self, flow: http.HTTPFlow, elapsed: float, meta: dict, head: str, tail: str, blocked: bool) -> None:
+        """Write one verdict to the flow: metadata, comment, mark, and the refusal unless detect-only."""
+        ms = round(elapsed * 1000, 3)
+        md = flow.metadata
+        md.update(meta)
+        md[common.SCORE_MS] = ms
+        flow.comment = f"{head}{ms} ms){tail}"
         if blocked:
             flow.marked = common.BLOCK_MARKER
             if self.detect_only:

@@ -16,6 +16,7 @@ from mitmproxy.test import tutils
 from sklearn.dummy import DummyClassifier
 
 from addons import common
+from addons import llm
 from addons import model
 from addons.features import FeatureExtractor
 from addons.scorer import Scorer
@@ -143,6 +144,28 @@ async def test_detect_only_marks_but_forwards(tmp_path):
         assert f.metadata[common.SCORE] == 10
         assert f.marked == common.BLOCK_MARKER
         assert "detect-only" in f.comment
+
+
+@pytest.mark.parametrize("detect_only", [False, True])
+async def test_local_verdicts_from_the_table_are_what_decide_gives(tmp_path, detect_only):
+    """The table behind most requests' verdicts (_decide_local) against the full _decide, every score, both
+    statuses, first and later uses; a new model or threshold makes a new table."""
+    sc = Scorer()
+    with taddons.context(sc) as tctx:
+        tctx.configure(sc, openflare_model=constant_model(tmp_path, 0.5), openflare_detect_only=detect_only)
+        for status in (llm.OFF, llm.SKIPPED):
+            for score in [*range(1, 11)] * 2:
+                fast, slow = flow(), flow()
+                sc._decide_local(fast, score, 0.00125, status)
+                sc._decide(slow, score, 0.00125, llm_result=llm.Result(status))
+                assert list(fast.metadata.items()) == list(slow.metadata.items())
+                assert (fast.comment, fast.marked) == (slow.comment, slow.marked)
+                assert (fast.response is None) == (slow.response is None) == (detect_only or score <= 6)
+        tctx.configure(sc, openflare_model=constant_model(tmp_path, 0.5, name="other"), openflare_threshold=9)
+        f = flow()
+        sc._decide_local(f, 8, 0.001, llm.OFF)
+        assert f.metadata[common.MODEL_VERSION] == "other-1" and f.response is None
+        assert f.comment == "openflare pass 8/10 (local score 8 <= threshold 9; model other-1; 1.0 ms)"
 
 
 @pytest.mark.parametrize("policy, refused", [("open", False), ("closed", True)])
