@@ -407,6 +407,13 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return addr
 
 
+@functools.lru_cache(maxsize=4096)
+def _peer_text(peer: str) -> str:
+    """client_ip without trusted proxies: the peer's address as text (the peer itself if unparsable)."""
+    addr = _ip(peer)
+    return peer if addr is None else str(addr)
+
+
 def _in(addr, nets) -> bool:
     return any(addr.version == n.version and addr in n for n in nets)
 
@@ -419,10 +426,12 @@ def client_ip(peer: str, headers: Iterable[tuple[str, str]], trusted: Sequence =
     stops the walk. The two headers are never mixed: a proxy that sets one passes the other through
     from the client unchanged, so mixing them would let a client choose its address.
     """
+    if not trusted:
+        return _peer_text(peer)
     addr = _ip(peer)
     if addr is None:
         return peer
-    if not trusted or not _in(addr, trusted):
+    if not _in(addr, trusted):
         return str(addr)
     xff: list[str] = []
     fwd: list[str] = []
