@@ -9,6 +9,9 @@
  * of the text (request n-grams with the request salts, header n-grams with the header salts; none across
  * the seam). The hashing is detector.block_keys'; the constants are in CONSTANTS for the Python side to check.
  *
+ * proba(feature, ...) is Detector.supervised_proba of one feature string in one call: the split into request and
+ * header section (detector.split_headers), the UTF-8 encoding and the logistic function as well.
+ *
  * Distinct n-grams are counted in an open-addressing table instead of a sort: the sums then run in another
  * order than numpy's, so z differs from the numpy path by rounding only (about 1e-15).
  */
@@ -147,11 +150,118 @@ done:
     return out;
 }
 
+/* The header section's marker (detector._HSEC, SEP + "h ") and SEP, in UTF-8: SEP is U+2016. */
+static const char HSEC[] = "\xe2\x80\x96h ";
+static const char SEP_UTF8[] = "\xe2\x80\x96";
+
+static Py_ssize_t find(const char *s, Py_ssize_t n, Py_ssize_t from, const char *what, Py_ssize_t len) {
+    for (Py_ssize_t i = from; i + len <= n; i++) {
+        const char *hit = memchr(s + i, what[0], n - len + 1 - i);
+        if (hit == NULL)
+            return -1;
+        i = hit - s;
+        if (memcmp(s + i, what, len) == 0)
+            return i;
+    }
+    return -1;
+}
+
+static Py_ssize_t rstrip_spaces(const char *s, Py_ssize_t n) {
+    while (n > 0 && s[n - 1] == ' ')
+        n--;
+    return n;
+}
+
+/* proba(feature: str, weights, bits, header_scale, intercept, header_block) -> float | None: Detector's
+ * supervised probability of one feature string, detector.split_headers and the UTF-8 encoding included
+ * (UTF-8 is self-synchronising: the byte offsets of the markers are those of the characters). None for a
+ * string UTF-8 cannot encode (a lone surrogate): the caller then takes its own path. */
+static PyObject *proba(PyObject *self, PyObject *args) {
+    PyObject *feature, *encoded = NULL;
+    Py_buffer weights;
+    int bits, header_block;
+    double header_scale, intercept;
+    if (!PyArg_ParseTuple(args, "Uy*iddp", &feature, &weights, &bits, &header_scale, &intercept, &header_block))
+        return NULL;
+    PyObject *out = NULL;
+    char *joined = NULL;
+    Py_ssize_t buckets = (Py_ssize_t)1 << (bits > 0 && bits <= MAX_BITS ? bits : 0);
+    if (bits <= 0 || bits > MAX_BITS || weights.len != 2 * buckets * (Py_ssize_t)sizeof(float)) {
+        PyErr_SetString(PyExc_ValueError, "weights must be a float32 buffer of 2**bits (idf, coef) pairs");
+        goto done;
+    }
+    const char *s;
+    Py_ssize_t n;
+    if (PyUnicode_IS_ASCII(feature)) { /* no copy: the string's own bytes */
+        s = (const char *)PyUnicode_DATA(feature);
+        n = PyUnicode_GET_LENGTH(feature);
+    } else {
+        encoded = PyUnicode_AsUTF8String(feature); /* a temporary copy: nothing cached on the string */
+        if (encoded == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_UnicodeEncodeError))
+                goto done;
+            PyErr_Clear();
+            out = Py_NewRef(Py_None);
+            goto done;
+        }
+        s = PyBytes_AS_STRING(encoded);
+        n = PyBytes_GET_SIZE(encoded);
+    }
+    const char *req = s, *hdr = NULL;
+    Py_ssize_t req_len = n, hdr_len = 0;
+    Py_ssize_t i = header_block ? find(s, n, 0, HSEC, 5) : -1;
+    if (i >= 0) {
+        Py_ssize_t j = find(s, n, i + 3, SEP_UTF8, 3);
+        hdr = s + i;
+        if (j < 0) {
+            req_len = rstrip_spaces(s, i);
+            hdr_len = n - i;
+        } else { /* feature[:i] + feature[j:] */
+            hdr_len = rstrip_spaces(s + i, j - i);
+            req_len = i + (n - j);
+            joined = malloc(req_len > 0 ? req_len : 1);
+            if (joined == NULL) {
+                PyErr_NoMemory();
+                goto done;
+            }
+            memcpy(joined, s, i);
+            memcpy(joined + i, s + j, n - j);
+            req = joined;
+        }
+    }
+    int failed = 0;
+    double total;
+    total = block((const unsigned char *)req, req_len, 0, bits, weights.buf, &failed);
+    if (hdr_len > 0)
+        total += header_scale * block((const unsigned char *)hdr, hdr_len, HEADER_SALT_OFFSET, bits, weights.buf, &failed);
+    if (failed) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    double z = intercept + total, p; /* the same operations as Detector.supervised_proba */
+    if (z >= 0) {
+        p = 1.0 / (1.0 + exp(-z));
+    } else {
+        double e = exp(z);
+        p = e / (1.0 + e);
+    }
+    out = PyFloat_FromDouble(p);
+done:
+    free(joined);
+    Py_XDECREF(encoded);
+    PyBuffer_Release(&weights);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"z", z, METH_VARARGS,
      "z(request: bytes, headers: bytes, weights, bits: int, header_scale: float) -> float\n\n"
      "weights: float32, C order, shape (2**bits, 2): each bucket's idf and coef side by side (one cache line).\n"
      "block(request) + header_scale * block(headers): Detector's supervised logit without the intercept."},
+    {"proba", proba, METH_VARARGS,
+     "proba(feature: str, weights, bits: int, header_scale: float, intercept: float, header_block: bool) -> float | None\n\n"
+     "Detector.supervised_proba of one feature string, split into request and header section (header_block) here;\n"
+     "None when the string cannot be encoded as UTF-8 (a lone surrogate)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,5 +1,6 @@
 """The C scoring kernel (addons/_fastscore.c) against the detector's numpy path, which stays the reference."""
 
+import math
 import pickle
 
 import numpy as np
@@ -86,6 +87,45 @@ def test_the_side_by_side_weights_are_never_pickled_and_follow_new_arrays():
     assert det.supervised_proba("get /?q=<script>") == pytest.approx(1.0 - before)
 
 
+def _proba_by_parts(det: detector.Detector, feature: str) -> float:
+    """supervised_proba as it was before _fastscore.proba: split and encode in Python, then the kernel."""
+    z = det.intercept + _kernel(det, feature)
+    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+
+
+# Text with the section markers where split_headers looks for them, non-ASCII and lone surrogates.
+_MARKED = st.lists(
+    st.sampled_from([detector._HSEC, featurize.SEP, featurize.SEP + "b ", " ", "  ", "h ", "\ud800", "é", "‖"])
+    | st.text(max_size=40), max_size=12
+).map("".join)
+
+
+@given(_MARKED, st.sampled_from([12, 16]), st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_proba_in_one_call_is_split_encode_and_kernel(feature, bits, header_block):
+    det = _random_detector(bits, bits)
+    det.header_block = header_block
+    got = detector._fastscore.proba(feature, det._weights(), det.bits, det.header_scale, det.intercept, det.header_block)
+    try:
+        feature.encode("utf-8")
+    except UnicodeEncodeError:
+        assert got is None  # the caller's own path (surrogatepass) takes it
+    else:
+        assert got == _proba_by_parts(det, feature)
+    assert det.supervised_proba(feature) == pytest.approx(_proba_by_parts(det, feature), rel=1e-12)
+
+
+def test_proba_in_one_call_on_the_shipped_model():
+    det = model.load(model.DEFAULT_MODEL).estimator
+    for f in _shipped_strings():
+        assert det.supervised_proba(f) == _proba_by_parts(det, f), f[:200]
+
+
+def test_weights_sit_on_a_huge_page_boundary():
+    w = _random_detector(16, 3)._weights()
+    assert w.ctypes.data % detector.HUGE_PAGE == 0 and w.flags.c_contiguous and w.dtype == np.float32
+
+
 def test_kernel_refuses_weights_of_the_wrong_size():
     with pytest.raises(ValueError, match="2\\*\\*bits"):
         detector._fastscore.z(b"get /", b"", np.zeros((1 << 12, 2), dtype=np.float32), 13, 0.5)
@@ -93,6 +133,10 @@ def test_kernel_refuses_weights_of_the_wrong_size():
         detector._fastscore.z(b"get /", b"", np.zeros((4, 2), dtype=np.float32), 32, 0.5)  # keys are 32-bit
     with pytest.raises(TypeError):
         detector._fastscore.z("get /", b"", np.zeros((1 << 12, 2), dtype=np.float32), 12, 0.5)
+    with pytest.raises(ValueError, match="2\\*\\*bits"):
+        detector._fastscore.proba("get /", np.zeros((1 << 12, 2), dtype=np.float32), 13, 0.5, 0.0, True)
+    with pytest.raises(TypeError):
+        detector._fastscore.proba(b"get /", np.zeros((1 << 12, 2), dtype=np.float32), 12, 0.5, 0.0, True)
 
 
 @given(st.text(max_size=200) | st.builds(lambda m, t: featurize.featurize(m, t), st.sampled_from(["GET", "POST"]), st.text(max_size=80)))
