@@ -253,11 +253,122 @@ done:
     return out;
 }
 
+/* ---- featurize.normalise for plain ASCII text ---- */
+
+static int hexval(char c) {
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
+/* normalise_ascii(text: str, plus: bool, limit: int) -> str | None: featurize._normalise of an ASCII string
+ * whose only encodings are %XX (to ASCII) and `+`: the same bounded decoding rounds, lower case, control
+ * characters and whitespace runs as one space. None for anything else (not ASCII, a byte >= 0x80 once
+ * decoded, `&`, a backslash, `%u`, a `%` left after the rounds, a comment, NUL): featurize's own code decides.
+ * Every step here is the Python one restricted to ASCII (NFKC and casefold of ASCII are identity and lower). */
+#define DECODE_ROUNDS 4
+static PyObject *normalise_ascii(PyObject *self, PyObject *args) {
+    PyObject *text;
+    int plus;
+    Py_ssize_t limit;
+    if (!PyArg_ParseTuple(args, "Upn", &text, &plus, &limit))
+        return NULL;
+    if (!PyUnicode_IS_ASCII(text) || limit < 0 || limit > PY_SSIZE_T_MAX / 4)
+        Py_RETURN_NONE;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(text);
+    if (n > limit * 4)
+        n = limit * 4; /* s[: limit * 4] */
+    char stack[1024];
+    char *s = n < (Py_ssize_t)sizeof(stack) ? stack : malloc(n + 1);
+    if (s == NULL)
+        return PyErr_NoMemory();
+    memcpy(s, PyUnicode_DATA(text), n);
+    PyObject *out = NULL;
+    for (int round = 0; round < DECODE_ROUNDS; round++) {
+        int changed = 0;
+        Py_ssize_t j = 0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            char c = s[i];
+            if (c == '+' && plus) {
+                c = ' ';
+                changed = 1;
+            } else if (c == '\\' || c == '&') {
+                goto bail; /* \uXXXX, HTML entities */
+            } else if (c == '%') {
+                if (i + 1 < n && s[i + 1] == 'u')
+                    goto bail; /* %uXXXX */
+                int hi = i + 2 < n ? hexval(s[i + 1]) : -1, lo = hi >= 0 ? hexval(s[i + 2]) : -1;
+                if (lo >= 0) {
+                    c = (char)(hi << 4 | lo);
+                    if ((unsigned char)c >= 0x80)
+                        goto bail; /* not ASCII once decoded (UTF-8 or Latin-1 text) */
+                    i += 2;
+                    changed = 1;
+                }
+            }
+            s[j++] = c;
+        }
+        n = j;
+        /* The next round sees the decoded text: `+`, `%` and the rest, as Python's loop does. The checks above
+         * ran on the text before this round's decoding, so look for what decoding revealed. */
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (s[i] == '&' || s[i] == '\\')
+                goto bail;
+        if (!changed)
+            break;
+    }
+    if (memchr(s, '%', n) != NULL || memchr(s, '\0', n) != NULL)
+        goto bail; /* one more decoding pass in Python; NUL becomes " <nul> " */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        char c = s[i];
+        if (c >= 'A' && c <= 'Z')
+            s[i] = c + ('a' - 'A');
+        else if ((c >= 0x01 && c <= 0x08) || (c >= 0x0b && c <= 0x1f) || c == 0x7f)
+            s[i] = ' ';
+    }
+    for (Py_ssize_t i = 0; i + 1 < n; i++) {
+        if (s[i] == '/' && s[i + 1] == '*')
+            goto bail;
+        if (s[i] == '<' && i + 3 < n && memcmp(s + i, "<!--", 4) == 0)
+            goto bail;
+    }
+    Py_ssize_t j = 0;
+    int space = 1; /* collapse runs of space, tab and newline; none at the start */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        char c = s[i];
+        if (c == ' ' || c == '\t' || c == '\n') {
+            if (!space)
+                s[j++] = ' ';
+            space = 1;
+        } else {
+            s[j++] = c;
+            space = 0;
+        }
+    }
+    if (j > 0 && s[j - 1] == ' ')
+        j--;
+    out = PyUnicode_DecodeASCII(s, j < limit ? j : limit, NULL);
+    goto done;
+bail:
+    out = Py_NewRef(Py_None);
+done:
+    if (s != stack)
+        free(s);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"z", z, METH_VARARGS,
      "z(request: bytes, headers: bytes, weights, bits: int, header_scale: float) -> float\n\n"
      "weights: float32, C order, shape (2**bits, 2): each bucket's idf and coef side by side (one cache line).\n"
      "block(request) + header_scale * block(headers): Detector's supervised logit without the intercept."},
+    {"normalise_ascii", normalise_ascii, METH_VARARGS,
+     "normalise_ascii(text: str, plus: bool, limit: int) -> str | None\n\n"
+     "featurize._normalise of ASCII text whose only encodings are %XX and '+'; None for anything else."},
     {"proba", proba, METH_VARARGS,
      "proba(feature: str, weights, bits: int, header_scale: float, intercept: float, header_block: bool) -> float | None\n\n"
      "Detector.supervised_proba of one feature string, split into request and header section (header_block) here;\n"

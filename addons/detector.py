@@ -379,7 +379,7 @@ class AppProfile:
             if not valued:
                 problems.append("value on a bare parameter")
                 continue
-            if any(c not in allowed for c in char_classes(value)):
+            if not char_classes(value) <= allowed:
                 problems.append("unseen characters in a value")
             if len(value) > max_len:
                 problems.append("value longer than ever seen")
@@ -392,13 +392,13 @@ class AppProfile:
         return problems
 
     def _compile(self, learned: dict) -> tuple:
-        """One learned path as `check` reads it: (methods, {name: (classes, longest allowed, shortest,
+        """One learned path as `check` reads it: (methods, {name: (class set, longest allowed, shortest,
         valued, bare, closed set or None, shapes or None)}), sets for the lookups."""
         params = {}
         for name, prm in learned["params"].items():
             values, shapes = prm.get("values"), prm.get("shapes")
             params[name] = (
-                prm["classes"],
+                frozenset(prm["classes"]),  # single characters (char_classes): the learned string as a set
                 max(prm["max_len"] * self.length_slack, prm["max_len"] + 8),
                 prm.get("min_len", 0),
                 prm["valued"],

@@ -42,6 +42,11 @@ _JSON_HINT = re.compile(r"^\s*[\[{]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _PLAIN = re.compile(r"[A-Za-z0-9_./,\-]*")  # text that normalise() would only lower-case (paths too)
 
+try:  # _normalise for plain ASCII text, in C (setup.py builds it where a compiler is present; the same result)
+    from addons._fastscore import normalise_ascii as _ascii_normalise
+except ImportError:  # pragma: no cover - depends on the install
+    _ascii_normalise = None
+
 
 def _bytes_to_text(b: bytes) -> str:
     try:
@@ -79,6 +84,10 @@ def _c_comment(m: re.Match) -> str:
 
 def normalise(s: str, plus: bool = False, limit: int = MAX_CHARS) -> str:
     """Return the canonical, lower-case form of one piece of request text."""
+    if _ascii_normalise is not None:  # the C kernel takes ASCII text with only %XX and + in it (most)
+        out = _ascii_normalise(s, plus, limit)
+        if out is not None:
+            return out
     if len(s) <= 256 and _PLAIN.fullmatch(s):  # the common case (names, numbers, words): same result, faster
         return s.lower()[:limit]
     return _normalise(s, plus, limit)
@@ -284,7 +293,7 @@ def _featurize(method, target, headers, body, header_names, limit) -> str:
     parts = [normalise(method, limit=32) or "-", normalise(path, limit=limit) or "/"]
     if query or fragment:
         parts.append("?" + _pairs(query + ("&" + fragment if fragment else ""), "&", limit))
-    wanted = {h.lower() for h in header_names}
+    wanted = _wanted(tuple(header_names))
     content_type = ""
     hparts = []
     hsize = 0
@@ -303,10 +312,18 @@ def _featurize(method, target, headers, body, header_names, limit) -> str:
     btext = body_text(body, content_type, limit)
     if btext:
         parts.append(SEP + "b " + btext)
-    markers = ai_markers(" ".join(parts))
+    text = " ".join(parts)
+    markers = ai_markers(text)
+    if not markers and len(text) <= limit:
+        return text  # what the lines below give when nothing is cut (most requests)
     if markers:
         parts.append(SEP + "ai " + " ".join(markers))
     return " ".join(_fit(parts, limit))[:limit]
+
+
+@functools.lru_cache(maxsize=16)
+def _wanted(header_names: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(h.lower() for h in header_names)
 
 
 _CACHED_HEADER = 1024  # characters: shorter header values (most) are normalised once per distinct value

@@ -433,3 +433,47 @@ def test_the_plain_pairs_shortcut_respects_the_pair_cap():
     assert featurize._pairs(raw, "&", 10**6) == _pairs_in_full(raw, "&", 10**6)
     assert featurize._pairs(raw, "&", 10**6).count("=") == featurize.MAX_PAIRS
     assert featurize._pairs("&&A=1&&b&", "&", 100) == "a=1 b"
+
+
+# --- the C normaliser for plain ASCII text (addons/_fastscore.c: normalise_ascii) ---
+
+# Percent escapes of what decodes to something special, and the characters the Python path treats apart.
+_TRICKY = st.sampled_from(["%27", "%2B", "%25", "%2525", "%252B", "%20", "%0a", "%0D", "%09", "%00", "%7f", "%1f",
+                           "%3C", "%21", "%2F%2A", "%2A", "%26", "%5C", "%75", "%u0041", "%F3", "%C3%A9", "%ZZ", "%2",
+                           "+", " ", "  ", "\t", "\n", "\x0b", "\x1c", "/*", "*/", "<!--", "-->", "&amp;", "\\u0041",
+                           "A", "Z", "select", "UNION", "\x00", "\x7f", "\u00e9", "%", "u"])
+
+
+@given(st.lists(_TRICKY | st.text(alphabet="aZ09%+&\\/*<!- \t", max_size=5), max_size=16).map("".join), st.booleans(),
+       st.sampled_from([0, 3, 8, 64, 16384]))
+@settings(max_examples=1000)
+def test_the_c_normaliser_is_the_python_one(s, plus, limit):
+    out = featurize._ascii_normalise(s, plus, limit)
+    if out is not None:  # None: the Python path decides (not ASCII, entities, %u, comments, ...)
+        assert out == featurize._normalise(s, plus, limit)
+
+
+@pytest.mark.parametrize("s", ["%25252526amp;", "%2525255Cu0041", "%252525252B", "%25252527", "%2525252F%2A", "%252525252525"])
+@pytest.mark.parametrize("plus", [False, True])
+def test_the_c_normaliser_on_text_encoded_to_the_last_round(s, plus):
+    # What the fourth (last) decoding round reveals is still the Python path's: entities, escapes, a plus.
+    out = featurize._ascii_normalise(s, plus, featurize.MAX_CHARS)
+    assert out is None or out == featurize._normalise(s, plus, featurize.MAX_CHARS)
+
+
+def test_the_c_normaliser_takes_the_common_text():
+    # What most request values look like: it must not hand them all back to Python.
+    for s in ["id", "Blue+Shoes", "%27+AND+%271%27%3D%271", "1%20OR%201=1", "C%2F+Pare+Soler%2C+S%2FN+", "/tienda1/index.jsp"]:
+        assert featurize._ascii_normalise(s, True, featurize.MAX_CHARS) == featurize._normalise(s, True, featurize.MAX_CHARS)
+
+
+def test_feature_strings_are_the_same_without_the_c_normaliser(monkeypatch):
+    import probes
+
+    requests = [(m, t, h + extra, b) for h in probes.DEV_HEADERS.values()
+                for m, t, extra, b in probes.DEV_BENIGN + probes.HELDOUT_BENIGN + probes.ATTACKS]
+    with_c = [fz(*r) for r in requests]
+    monkeypatch.setattr(featurize, "_ascii_normalise", None)
+    featurize._header_text.cache_clear()
+    assert [fz(*r) for r in requests] == with_c
+    featurize._header_text.cache_clear()
