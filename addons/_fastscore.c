@@ -361,6 +361,90 @@ done:
     return out;
 }
 
+/* ---- featurize.ai_markers' substring prefilter ---- */
+
+#define MAX_LITERALS 64
+#define MAX_SETS 31
+typedef struct {
+    int n;                            /* literals */
+    int n_sets;
+    Py_UCS4 chars[MAX_LITERALS][32];  /* each literal, ASCII, at most 32 characters */
+    Py_ssize_t len[MAX_LITERALS];
+    int set[MAX_LITERALS];            /* which set (pattern) it belongs to */
+    signed char first[128][MAX_LITERALS + 1]; /* literals by first character, -1 terminated */
+} literals_t;
+static literals_t lits, next_lits;    /* next_lits: built by set_literals, copied to lits once all is valid */
+
+/* set_literals(sets: tuple[tuple[str, ...], ...]) -> None: the literal sets literal_hits tests. */
+static PyObject *set_literals(PyObject *self, PyObject *args) {
+    PyObject *sets;
+    if (!PyArg_ParseTuple(args, "O!", &PyTuple_Type, &sets))
+        return NULL;
+    Py_ssize_t n_sets = PyTuple_GET_SIZE(sets);
+    if (n_sets > MAX_SETS) {
+        PyErr_SetString(PyExc_ValueError, "too many literal sets");
+        return NULL;
+    }
+    literals_t *t = &next_lits;
+    int n = 0;
+    memset(t->first, -1, sizeof(t->first));
+    int n_first[128] = {0};
+    for (Py_ssize_t k = 0; k < n_sets; k++) {
+        PyObject *set = PyTuple_GET_ITEM(sets, k);
+        if (!PyTuple_Check(set)) {
+            PyErr_SetString(PyExc_TypeError, "each literal set must be a tuple of str");
+            return NULL;
+        }
+        for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(set); j++) {
+            PyObject *lit = PyTuple_GET_ITEM(set, j);
+            if (!PyUnicode_Check(lit) || !PyUnicode_IS_ASCII(lit) || PyUnicode_GET_LENGTH(lit) < 1 ||
+                PyUnicode_GET_LENGTH(lit) > 32 || n >= MAX_LITERALS) {
+                PyErr_SetString(PyExc_ValueError, "literals must be ASCII str of 1 to 32 characters, 64 at most");
+                return NULL;
+            }
+            t->len[n] = PyUnicode_GET_LENGTH(lit);
+            for (Py_ssize_t c = 0; c < t->len[n]; c++)
+                t->chars[n][c] = PyUnicode_READ_CHAR(lit, c);
+            t->set[n] = (int)k;
+            Py_UCS4 f = t->chars[n][0];
+            t->first[f][n_first[f]++] = (signed char)n;
+            n++;
+        }
+    }
+    t->n = n;
+    t->n_sets = (int)n_sets;
+    lits = *t;
+    Py_RETURN_NONE;
+}
+
+/* literal_hits(text: str) -> int: bit k set iff some literal of set k is a substring of text. */
+static PyObject *literal_hits(PyObject *self, PyObject *arg) {
+    if (!PyUnicode_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "literal_hits needs a str");
+        return NULL;
+    }
+    int kind = PyUnicode_KIND(arg);
+    const void *data = PyUnicode_DATA(arg);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(arg);
+    unsigned long mask = 0, all = (1UL << lits.n_sets) - 1;
+    for (Py_ssize_t i = 0; i < n && mask != all; i++) {
+        Py_UCS4 c = PyUnicode_READ(kind, data, i);
+        if (c >= 128)
+            continue;
+        for (const signed char *l = lits.first[c]; *l >= 0; l++) {
+            int k = *l;
+            if (mask >> lits.set[k] & 1 || i + lits.len[k] > n)
+                continue;
+            Py_ssize_t m = 1;
+            while (m < lits.len[k] && PyUnicode_READ(kind, data, i + m) == lits.chars[k][m])
+                m++;
+            if (m == lits.len[k])
+                mask |= 1UL << lits.set[k];
+        }
+    }
+    return PyLong_FromUnsignedLong(mask);
+}
+
 static PyMethodDef methods[] = {
     {"z", z, METH_VARARGS,
      "z(request: bytes, headers: bytes, weights, bits: int, header_scale: float) -> float\n\n"
@@ -369,6 +453,10 @@ static PyMethodDef methods[] = {
     {"normalise_ascii", normalise_ascii, METH_VARARGS,
      "normalise_ascii(text: str, plus: bool, limit: int) -> str | None\n\n"
      "featurize._normalise of ASCII text whose only encodings are %XX and '+'; None for anything else."},
+    {"set_literals", set_literals, METH_VARARGS,
+     "set_literals(sets: tuple[tuple[str, ...], ...]) -> None: the ASCII literal sets literal_hits looks for."},
+    {"literal_hits", literal_hits, METH_O,
+     "literal_hits(text: str) -> int: bit k set iff a literal of set k (set_literals) is a substring of text."},
     {"proba", proba, METH_VARARGS,
      "proba(feature: str, weights, bits: int, header_scale: float, intercept: float, header_block: bool) -> float | None\n\n"
      "Detector.supervised_proba of one feature string, split into request and header section (header_block) here;\n"

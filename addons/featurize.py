@@ -363,9 +363,21 @@ _AI_LITERALS = {
 }
 
 
+try:  # the substring prefilter in one pass, in C (the same hits as the loop below)
+    from addons._fastscore import literal_hits as _literal_hits
+    from addons._fastscore import set_literals as _set_literals
+
+    _set_literals(tuple(_AI_LITERALS[name] for name, _ in _AI_PATTERNS))
+except ImportError:  # pragma: no cover - depends on the install
+    _literal_hits = None
+
+
 def ai_markers(text: str) -> list[str]:
     """Marker tokens for the kinds of AI-addressing text in a normalised string (bounded scan)."""
     text = text[: 4 * MAX_CHARS]
+    if _literal_hits is not None:
+        hits = _literal_hits(text)
+        return [name for k, (name, pattern) in enumerate(_AI_PATTERNS) if hits >> k & 1 and pattern.search(text)] if hits else []
     out = []
     for name, pattern in _AI_PATTERNS:
         for lit in _AI_LITERALS[name]:
