@@ -265,29 +265,13 @@ static int hexval(char c) {
     return -1;
 }
 
-/* normalise_ascii(text: str, plus: bool, limit: int) -> str | None: featurize._normalise of an ASCII string
- * whose only encodings are %XX (to ASCII) and `+`: the same bounded decoding rounds, lower case, control
- * characters and whitespace runs as one space. None for anything else (not ASCII, a byte >= 0x80 once
+/* featurize._normalise of the ASCII text s[0:n] (already cut to limit * 4), in place, when its only encodings are
+ * %XX (to ASCII) and `+`: the same bounded decoding rounds, lower case, control characters and whitespace runs as
+ * one space. Returns the length of the result (at most limit), or -1 for anything else (a byte >= 0x80 once
  * decoded, `&`, a backslash, `%u`, a `%` left after the rounds, a comment, NUL): featurize's own code decides.
- * Every step here is the Python one restricted to ASCII (NFKC and casefold of ASCII are identity and lower). */
+ * Every step is the Python one restricted to ASCII (NFKC and casefold of ASCII are identity and lower). */
 #define DECODE_ROUNDS 4
-static PyObject *normalise_ascii(PyObject *self, PyObject *args) {
-    PyObject *text;
-    int plus;
-    Py_ssize_t limit;
-    if (!PyArg_ParseTuple(args, "Upn", &text, &plus, &limit))
-        return NULL;
-    if (!PyUnicode_IS_ASCII(text) || limit < 0 || limit > PY_SSIZE_T_MAX / 4)
-        Py_RETURN_NONE;
-    Py_ssize_t n = PyUnicode_GET_LENGTH(text);
-    if (n > limit * 4)
-        n = limit * 4; /* s[: limit * 4] */
-    char stack[1024];
-    char *s = n < (Py_ssize_t)sizeof(stack) ? stack : malloc(n + 1);
-    if (s == NULL)
-        return PyErr_NoMemory();
-    memcpy(s, PyUnicode_DATA(text), n);
-    PyObject *out = NULL;
+static Py_ssize_t norm_ascii(char *s, Py_ssize_t n, int plus, Py_ssize_t limit) {
     for (int round = 0; round < DECODE_ROUNDS; round++) {
         int changed = 0;
         Py_ssize_t j = 0;
@@ -297,15 +281,15 @@ static PyObject *normalise_ascii(PyObject *self, PyObject *args) {
                 c = ' ';
                 changed = 1;
             } else if (c == '\\' || c == '&') {
-                goto bail; /* \uXXXX, HTML entities */
+                return -1; /* \uXXXX, HTML entities */
             } else if (c == '%') {
                 if (i + 1 < n && s[i + 1] == 'u')
-                    goto bail; /* %uXXXX */
+                    return -1; /* %uXXXX (a `%` left would send it back anyway) */
                 int hi = i + 2 < n ? hexval(s[i + 1]) : -1, lo = hi >= 0 ? hexval(s[i + 2]) : -1;
                 if (lo >= 0) {
                     c = (char)(hi << 4 | lo);
                     if ((unsigned char)c >= 0x80)
-                        goto bail; /* not ASCII once decoded (UTF-8 or Latin-1 text) */
+                        return -1; /* not ASCII once decoded (UTF-8 or Latin-1 text) */
                     i += 2;
                     changed = 1;
                 }
@@ -313,16 +297,16 @@ static PyObject *normalise_ascii(PyObject *self, PyObject *args) {
             s[j++] = c;
         }
         n = j;
-        /* The next round sees the decoded text: `+`, `%` and the rest, as Python's loop does. The checks above
-         * ran on the text before this round's decoding, so look for what decoding revealed. */
+        /* Python looks for entities after this round's decoding (and escapes in the next round, if any): what
+         * decoding revealed, the last round included. */
         for (Py_ssize_t i = 0; i < n; i++)
             if (s[i] == '&' || s[i] == '\\')
-                goto bail;
+                return -1;
         if (!changed)
             break;
     }
     if (memchr(s, '%', n) != NULL || memchr(s, '\0', n) != NULL)
-        goto bail; /* one more decoding pass in Python; NUL becomes " <nul> " */
+        return -1; /* one more decoding pass in Python; NUL becomes " <nul> " */
     for (Py_ssize_t i = 0; i < n; i++) {
         char c = s[i];
         if (c >= 'A' && c <= 'Z')
@@ -332,9 +316,9 @@ static PyObject *normalise_ascii(PyObject *self, PyObject *args) {
     }
     for (Py_ssize_t i = 0; i + 1 < n; i++) {
         if (s[i] == '/' && s[i + 1] == '*')
-            goto bail;
+            return -1;
         if (s[i] == '<' && i + 3 < n && memcmp(s + i, "<!--", 4) == 0)
-            goto bail;
+            return -1;
     }
     Py_ssize_t j = 0;
     int space = 1; /* collapse runs of space, tab and newline; none at the start */
@@ -351,14 +335,103 @@ static PyObject *normalise_ascii(PyObject *self, PyObject *args) {
     }
     if (j > 0 && s[j - 1] == ' ')
         j--;
-    out = PyUnicode_DecodeASCII(s, j < limit ? j : limit, NULL);
-    goto done;
-bail:
-    out = Py_NewRef(Py_None);
-done:
+    return j < limit ? j : limit;
+}
+
+/* normalise_ascii(text: str, plus: bool, limit: int) -> str | None: norm_ascii of text[: limit * 4]. */
+static PyObject *normalise_ascii(PyObject *self, PyObject *args) {
+    PyObject *text;
+    int plus;
+    Py_ssize_t limit;
+    if (!PyArg_ParseTuple(args, "Upn", &text, &plus, &limit))
+        return NULL;
+    if (!PyUnicode_IS_ASCII(text) || limit < 0 || limit > PY_SSIZE_T_MAX / 4)
+        Py_RETURN_NONE;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(text);
+    if (n > limit * 4)
+        n = limit * 4; /* s[: limit * 4] */
+    char stack[1024];
+    char *s = n < (Py_ssize_t)sizeof(stack) ? stack : malloc(n + 1);
+    if (s == NULL)
+        return PyErr_NoMemory();
+    memcpy(s, PyUnicode_DATA(text), n);
+    Py_ssize_t len = norm_ascii(s, n, plus, limit);
+    PyObject *out = len < 0 ? Py_NewRef(Py_None) : PyUnicode_DecodeASCII(s, len, NULL);
     if (s != stack)
         free(s);
     return out;
+}
+
+/* pairs_ascii(raw: str, sep: str, limit: int, max_pairs: int) -> str | None: featurize._pairs of ASCII text,
+ * each name and value through norm_ascii; None if any of them is not for norm_ascii (featurize's own code
+ * then takes the whole text). */
+static PyObject *pairs_ascii(PyObject *self, PyObject *args) {
+    PyObject *raw;
+    int sep;
+    Py_ssize_t limit, max_pairs;
+    if (!PyArg_ParseTuple(args, "UCnn", &raw, &sep, &limit, &max_pairs))
+        return NULL;
+    if (!PyUnicode_IS_ASCII(raw) || sep <= 0 || sep >= 128 || limit < 0 || limit > PY_SSIZE_T_MAX / 8 || max_pairs < 0 ||
+        max_pairs > PY_SSIZE_T_MAX / 8)
+        Py_RETURN_NONE;
+    const char *src = (const char *)PyUnicode_DATA(raw);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(raw);
+    if (n > limit * 4)
+        n = limit * 4; /* raw[: limit * 4] */
+    char stack[2048];
+    char *buf = 3 * n + 2 <= (Py_ssize_t)sizeof(stack) ? stack : malloc(3 * n + 2);
+    if (buf == NULL)
+        return PyErr_NoMemory();
+    char *out = buf, *piece = buf + 2 * n + 1; /* a normalised piece is never longer than it was */
+    Py_ssize_t o = 0, pairs = 0, size = 0, parts = 0, start = 0;
+    PyObject *result = NULL;
+    /* raw.split(sep, 4 * max_pairs)[: 4 * max_pairs]: at most that many parts, the rest dropped */
+    while (start <= n && parts < 4 * max_pairs) {
+        const char *end = memchr(src + start, sep, n - start);
+        Py_ssize_t stop = end ? end - src : n;
+        parts++;
+        if (stop > start) {
+            if (pairs >= max_pairs)
+                break;
+            const char *eq = memchr(src + start, '=', stop - start);
+            Py_ssize_t name_len = eq ? eq - (src + start) : stop - start;
+            memcpy(piece, src + start, name_len);
+            Py_ssize_t len = norm_ascii(piece, name_len, 1, limit);
+            if (len < 0)
+                goto bail;
+            Py_ssize_t text = len;
+            if (pairs)
+                out[o++] = ' ';
+            memcpy(out + o, piece, len);
+            o += len;
+            if (eq) {
+                Py_ssize_t value_len = stop - (eq - src) - 1;
+                memcpy(piece, eq + 1, value_len);
+                len = norm_ascii(piece, value_len, 1, limit);
+                if (len < 0)
+                    goto bail;
+                out[o++] = '=';
+                memcpy(out + o, piece, len);
+                o += len;
+                text += 1 + len;
+            }
+            pairs++;
+            size += text + 1;
+            if (size >= limit)
+                break;
+        }
+        if (end == NULL)
+            break;
+        start = stop + 1;
+    }
+    result = PyUnicode_DecodeASCII(out, o < limit ? o : limit, NULL); /* " ".join(out)[:limit] */
+    goto done;
+bail:
+    result = Py_NewRef(Py_None);
+done:
+    if (buf != stack)
+        free(buf);
+    return result;
 }
 
 /* ---- featurize.ai_markers' substring prefilter ---- */
@@ -457,6 +530,9 @@ static PyMethodDef methods[] = {
      "set_literals(sets: tuple[tuple[str, ...], ...]) -> None: the ASCII literal sets literal_hits looks for."},
     {"literal_hits", literal_hits, METH_O,
      "literal_hits(text: str) -> int: bit k set iff a literal of set k (set_literals) is a substring of text."},
+    {"pairs_ascii", pairs_ascii, METH_VARARGS,
+     "pairs_ascii(raw: str, sep: str, limit: int, max_pairs: int) -> str | None\n\n"
+     "featurize._pairs of ASCII text whose names and values normalise_ascii takes; None for anything else."},
     {"proba", proba, METH_VARARGS,
      "proba(feature: str, weights, bits: int, header_scale: float, intercept: float, header_block: bool) -> float | None\n\n"
      "Detector.supervised_proba of one feature string, split into request and header section (header_block) here;\n"

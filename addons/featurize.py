@@ -42,10 +42,11 @@ _JSON_HINT = re.compile(r"^\s*[\[{]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _PLAIN = re.compile(r"[A-Za-z0-9_./,\-]*")  # text that normalise() would only lower-case (paths too)
 
-try:  # _normalise for plain ASCII text, in C (setup.py builds it where a compiler is present; the same result)
+try:  # _normalise and _pairs for plain ASCII text, in C (setup.py builds it where a compiler is present; the same result)
     from addons._fastscore import normalise_ascii as _ascii_normalise
+    from addons._fastscore import pairs_ascii as _ascii_pairs
 except ImportError:  # pragma: no cover - depends on the install
-    _ascii_normalise = None
+    _ascii_normalise = _ascii_pairs = None
 
 
 def _bytes_to_text(b: bytes) -> str:
@@ -118,6 +119,10 @@ _PLAIN_PAIRS = {sep: re.compile(r"[A-Za-z0-9_./,\-=" + sep + "]*") for sep in "&
 
 def _pairs(raw: str, sep: str, limit: int) -> str:
     """Normalise a query string, a form body or a cookie header: `name=value` pairs, space separated."""
+    if _ascii_pairs is not None:  # the C kernel: ASCII pairs whose names and values _ascii_normalise takes
+        out = _ascii_pairs(raw, sep, limit, MAX_PAIRS)
+        if out is not None:
+            return out
     plain = _PLAIN_PAIRS.get(sep)
     if plain is not None and len(raw) <= limit // 2 and raw.count(sep) < MAX_PAIRS and plain.fullmatch(raw):
         return " ".join(p for p in raw.lower().split(sep) if p)  # the common case: same result, faster

@@ -411,14 +411,14 @@ def test_the_plain_text_shortcut_changes_nothing(s, plus):
     assert normalise(s, plus=plus) == featurize._normalise(s, plus, featurize.MAX_CHARS)
 
 
-def _pairs_in_full(raw: str, sep: str, limit: int) -> str:
-    """featurize._pairs without its plain-text shortcut (the shortcut's condition made false)."""
-    saved = featurize._PLAIN_PAIRS
-    featurize._PLAIN_PAIRS = {}
+def _pairs_in_full(raw: str, sep: str, limit: int, max_pairs: int = featurize.MAX_PAIRS) -> str:
+    """featurize._pairs without its shortcuts: neither the C kernel nor the plain-text one (its condition made false)."""
+    saved = featurize._PLAIN_PAIRS, featurize._ascii_pairs, featurize.MAX_PAIRS
+    featurize._PLAIN_PAIRS, featurize._ascii_pairs, featurize.MAX_PAIRS = {}, None, max_pairs
     try:
         return featurize._pairs(raw, sep, limit)
     finally:
-        featurize._PLAIN_PAIRS = saved
+        featurize._PLAIN_PAIRS, featurize._ascii_pairs, featurize.MAX_PAIRS = saved
 
 
 @given(st.text(alphabet="aZ09_.-/,=&;%+*<! \\u\u00e9\uff0f", max_size=80), st.sampled_from("&;"), st.sampled_from([64, 16384]))
@@ -503,3 +503,22 @@ def test_the_c_literal_prefilter_refuses_what_it_cannot_hold():
     # A refused call changes nothing: the sets featurize gave at import still hold.
     assert featurize.ai_markers("ignore all previous instructions") == ["ai-override"]
     assert featurize._literal_hits("do anything now") == 2
+
+
+@given(st.lists(_TRICKY | st.sampled_from(["=", "&", ";", "&&", "==", "a=", "=b", "; "]) | st.text(alphabet="aZ09=&;%+ ", max_size=5),
+                max_size=24).map("".join), st.sampled_from("&;"), st.sampled_from([0, 5, 16, 64, 16384]), st.sampled_from([0, 1, 2, 3, 512]))
+@settings(max_examples=1000)
+def test_the_c_pairs_are_the_python_pairs(raw, sep, limit, max_pairs):
+    out = featurize._ascii_pairs(raw, sep, limit, max_pairs)
+    if out is not None:  # None: some name or value is not for the C normaliser, and Python takes the whole text
+        assert out == _pairs_in_full(raw, sep, limit, max_pairs)
+
+
+def test_the_c_pairs_take_the_common_queries():
+    for raw in ["q=blue+shoes&page=2", "id=1%27%20OR%20%271%27=%271", "a=1&&b&=c&d=", "user=admin%27--&password=x"]:
+        assert featurize._ascii_pairs(raw, "&", featurize.MAX_CHARS, featurize.MAX_PAIRS) == _pairs_in_full(raw, "&", featurize.MAX_CHARS)
+    for raw in ["&&&a=%27", "&&&&a=%27", "&&&&&&&b"]:  # empty parts count toward the part cap (4 per pair)
+        assert featurize._ascii_pairs(raw, "&", 100, 1) == _pairs_in_full(raw, "&", 100, 1)
+    many = "&".join(f"k{i}=%27v{i}" for i in range(3000))  # past the part cap and the pair cap
+    assert featurize._ascii_pairs(many, "&", 10**6, featurize.MAX_PAIRS) == _pairs_in_full(many, "&", 10**6)
+    assert featurize._ascii_pairs(many, "&", 100, featurize.MAX_PAIRS) == _pairs_in_full(many, "&", 100)
