@@ -518,8 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency-requests", type=int, default=200, help="sequential requests per case per round (default 200)")
     ap.add_argument("--model", default=model.DEFAULT_MODEL, help="the model (name in models/ or path) for every case and the micro-benchmark")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--paired", type=int, default=4, help="rounds per pair in PAIRS (plain with openflare, openflare with "
-                    "+bans and with +recorder) loaded at the same time on the proxy CPU (default 4; 0: none; needs pinning)")
+    ap.add_argument("--paired", type=int, default=8, help="rounds per pair in PAIRS (plain with openflare, openflare with "
+                    "+bans and with +recorder) loaded at the same time on the proxy CPU (default 8; 0: none; needs pinning)")
     ap.add_argument("--no-pin", action="store_true", help="let the scheduler place the processes (default: every mitmdump "
                     "on the last CPU, the load generator and upstream on the others)")
     ap.add_argument("--cases", help="comma-separated case names to run (plain and openflare always run; default: all)")
