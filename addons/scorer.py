@@ -64,8 +64,8 @@ class Scorer:
         self.llm_config: llm.Config | None = None
         self.judge: llm.Judge | None = None
         self.started: bool = False
-        # _decide_local's table: (score, llm status) -> (metadata but the time, comment head, marker)
-        self._local_table: dict[tuple[int, str], tuple[dict, str, str]] = {}
+        # _decide_local's table: (score, llm status) -> _verdict's (metadata, comment head and tail, refuse?)
+        self._local_table: dict[tuple[int, str], tuple[dict, str, str, bool]] = {}
 
     def load(self, loader) -> None:
         loader.add_option(
