@@ -556,5 +556,10 @@ PyMODINIT_FUNC PyInit__fastscore(void) {
         Py_DECREF(m);
         return NULL;
     }
+    /* featurize uses the normaliser only if its DECODE_ROUNDS is this one */
+    if (PyModule_AddIntConstant(m, "DECODE_ROUNDS", DECODE_ROUNDS) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     return m;
 }

@@ -43,9 +43,12 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _PLAIN = re.compile(r"[A-Za-z0-9_./,\-]*")  # text that normalise() would only lower-case (paths too)
 
 try:  # _normalise and _pairs for plain ASCII text, in C (setup.py builds it where a compiler is present; the same result)
+    from addons._fastscore import DECODE_ROUNDS as _C_ROUNDS
     from addons._fastscore import normalise_ascii as _ascii_normalise
     from addons._fastscore import pairs_ascii as _ascii_pairs
 except ImportError:  # pragma: no cover - depends on the install
+    _C_ROUNDS, _ascii_normalise, _ascii_pairs = None, None, None
+if _C_ROUNDS != DECODE_ROUNDS:  # pragma: no cover - a build that decodes another number of rounds
     _ascii_normalise = _ascii_pairs = None
 
 

@@ -461,6 +461,12 @@ def test_the_c_normaliser_on_text_encoded_to_the_last_round(s, plus):
     assert out is None or out == featurize._normalise(s, plus, featurize.MAX_CHARS)
 
 
+def test_the_c_parts_are_built_and_in_use():
+    # `make install` compiles addons/_fastscore.c; featurize takes its normaliser only if it decodes as many rounds.
+    assert featurize._C_ROUNDS == featurize.DECODE_ROUNDS
+    assert None not in (featurize._ascii_normalise, featurize._ascii_pairs, featurize._literal_hits)
+
+
 def test_the_c_normaliser_takes_the_common_text():
     # What most request values look like: it must not hand them all back to Python.
     for s in ["id", "Blue+Shoes", "%27+AND+%271%27%3D%271", "1%20OR%201=1", "C%2F+Pare+Soler%2C+S%2FN+", "/tienda1/index.jsp"]:
