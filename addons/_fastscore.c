@@ -556,6 +556,11 @@ PyMODINIT_FUNC PyInit__fastscore(void) {
         Py_DECREF(m);
         return NULL;
     }
+    /* detector uses proba only if its header-section marker is this one */
+    if (PyModule_AddObject(m, "HEADER_MARK", PyBytes_FromStringAndSize(HSEC, sizeof(HSEC) - 1)) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     /* featurize uses the normaliser only if its DECODE_ROUNDS is this one */
     if (PyModule_AddIntConstant(m, "DECODE_ROUNDS", DECODE_ROUNDS) < 0) {
         Py_DECREF(m);

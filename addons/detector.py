@@ -79,7 +79,10 @@ _POW = _powers()
 _SALTS = np.array([int(_SALT[k]) for k in range(1, NGRAMS[1] + 1)], dtype=np.uint64)
 _SALTS_HEADERS = np.array([int(_SALT_HEADERS[k]) for k in range(1, NGRAMS[1] + 1)], dtype=np.uint64)
 # The kernel hashes as block_keys does only if it was built with these constants.
-if _fastscore is not None and _fastscore.CONSTANTS != (*NGRAMS, int(_P), int(_MIX), _SALT_STEP, _HEADER_SALT_OFFSET):
+if _fastscore is not None and (
+    _fastscore.CONSTANTS != (*NGRAMS, int(_P), int(_MIX), _SALT_STEP, _HEADER_SALT_OFFSET)
+    or _fastscore.HEADER_MARK != _HSEC.encode("utf-8")  # proba splits the header section off at this marker
+):
     _fastscore = None  # pragma: no cover - a stale build
 # Of the last K-1 windows (start n-K+1+i), the n-gram of length k+1 fits in the text iff i + k < K-1.
 _TAIL = np.array([[i + k < NGRAMS[1] - 1 for k in range(NGRAMS[1])] for i in range(NGRAMS[1] - 1)])
