@@ -75,6 +75,29 @@ class StoreUnavailable(Exception):
     """The store could not be reached (or refused the write for a reason that may pass)."""
 
 
+# --- operator labels ---------------------------------------------------------------------------------
+
+LABEL_BENIGN = "benign"
+LABEL_ATTACK = "attack"
+
+
+def label_conflict(verdict: str | None, label: str) -> str | None:
+    """Why an operator's `label` contradicts the verdict a flow got (None when it does not).
+
+    The one rule for every way of labelling (`openflare.label` in mitmweb, the `openflare label` CLI):
+    labelling a refused flow benign, or a passed one attack, teaches the model the opposite of what it
+    did. That is what an operator correcting a false positive means to do, and what a slip (a flow list
+    that holds more than the flows meant) does by accident; so it takes an explicit `force`, and the
+    label is then stored with `label_override: true`. Flows without a verdict (`error`, unscored)
+    contradict nothing.
+    """
+    if verdict == "block" and label == LABEL_BENIGN:
+        return "OpenFlare refused it (verdict block): labelled benign, retraining learns to let such requests through"
+    if verdict == "pass" and label == LABEL_ATTACK:
+        return "OpenFlare passed it (verdict pass): labelled attack, retraining learns to refuse such requests"
+    return None
+
+
 # --- time -----------------------------------------------------------------------------------------
 
 
