@@ -5,6 +5,10 @@ client IP, verdict and score only (privacy). `openflare_record_benign_one_in` re
 flows in full for retraining. The hooks only take a capture and put it on a bounded queue; a
 background task builds, masks, hash-chains and inserts the records in batches in a worker thread
 (pymongo blocks). The record shape, masking, hash chain, store, spill and replay are `addons.records`.
+
+One recording process per embedded store and spill file: `running` takes their locks
+(`records.acquire_locks`); held by another process, it logs an error naming that process's pid and
+records nothing, and mitmproxy, seeing an error at startup, exits. It logs the store it writes to.
 """
 
 import asyncio

@@ -23,6 +23,10 @@ The candidate is a fine-tune of the current Detector (`finetune`): same hashed n
 (`term_rows`, `tfidf_rows`), and L-BFGS from the current weights with an L2 pull toward them, moving
 only the weights of the n-grams the app's rows contain. Its memory is bounded by the row caps, not by
 the number of recorded flows.
+
+The promotion gate compares candidate and current model on held-out data (`evaluate`, `gate`) and on
+the fixed probe set of `addons.probes` (`probe_gate`): a candidate that lets through an attack probe
+the current model refuses is refused, whatever the operator's labels say.
 """
 
 from __future__ import annotations
@@ -872,9 +876,10 @@ def versions(current: Path) -> list[dict]:
     out = []
     for p in sorted(history_dir(current).glob("*" + model.CARD_SUFFIX)):
         try:
-            out.append(json.loads(p.read_text()))
-        except (OSError, ValueError):
-            continue
+            card = json.loads(p.read_text())
+        except (OSError, ValueError) as e:  # listed, not hidden: `rollback --list` shows it
+            card = {"version": f"(unreadable card {p.name}: {type(e).__name__})"}
+        out.append(card if isinstance(card, dict) else {"version": f"(unreadable card {p.name}: not an object)"})
     return sorted(out, key=lambda c: str(c.get("created", "")))
 
 

@@ -135,13 +135,21 @@ def test_data_given_as_a_directory(tmp_path, corpus, capsys):
         assert_clean(capsys, f"{tmp_path / 'empty'} is a directory without *.jsonl or *.jsonl.gz files")
 
 
-def test_a_truncated_model_card(truncated, corpus, capsys):
+def test_a_truncated_model_card(truncated, corpus, model_path, capsys):
     assert script("eval").main(["--model", str(truncated), "--data", str(corpus)]) == 2
     assert_clean(capsys, "model card unreadable", str(model.card_path(truncated)))
     assert script("rollback").main(["--model", str(truncated)]) == 2
     assert_clean(capsys, "model card unreadable")
     assert script("rollback").main(["--model", str(truncated), "--list"]) == 2
     assert_clean(capsys, "model card unreadable")
+    # A truncated card in the history is listed as such, not left out.
+    good = truncated.with_name("good.joblib")
+    good.write_bytes(truncated.read_bytes())
+    model.card_path(good).write_text(model.card_path(model_path).read_text())
+    (good.parent / "history").mkdir()
+    (good.parent / "history" / "good-old.card.json").write_text('{"version": "old", "crea')
+    assert script("rollback").main(["--model", str(good), "--list"]) == 0
+    assert_clean(capsys, "(unreadable card good-old.card.json: JSONDecodeError)")
 
 
 def test_unwritable_outputs(tmp_path, corpus, capsys):
