@@ -711,7 +711,7 @@ def open_store(uri: str | None = None, directory: str | os.PathLike | None = Non
     from montydb import MontyClient, set_storage
 
     path = Path(directory).resolve()
-    if not create:
+    if not create:  # a reader: the store must be there, and its files are left as they are
         if not path.is_dir():
             raise StoreMissing(
                 f"no record store at {path}: the directory does not exist. The proxy writes to openflare_record_dir "
@@ -720,8 +720,9 @@ def open_store(uri: str | None = None, directory: str | os.PathLike | None = Non
             )
         if not (path / "monty.storage.cfg").is_file():
             raise StoreMissing(f"{path} is not an OpenFlare record store (no monty.storage.cfg in it); check --dir")
-    path.mkdir(parents=True, exist_ok=True)
-    set_storage(str(path), storage="sqlite", use_bson=True)
+    else:
+        path.mkdir(parents=True, exist_ok=True)
+        set_storage(str(path), storage="sqlite", use_bson=True)
     client = MontyClient(str(path))
     return Store(client[DB_NAME][COLLECTION], "embedded", client, f"embedded store {path}")
 
