@@ -244,8 +244,7 @@ class IpBans:
         self._note(flow, key, res)
 
     def _mark(self, flow: http.HTTPFlow, text: str) -> None:
-        flow.comment = f"openflare {text}"
-        flow.marked = common.BLOCK_MARKER
+        flow.comment = f"openflare {text}"  # not marked: @marked is the operator's alone (openflare.label)
 
     def _note(self, flow: http.HTTPFlow, key: str, res: banstore.StrikeResult) -> None:
         if res.status == "banned":

@@ -75,9 +75,6 @@ def _shallow_copy(obj):
     return new
 
 
-# mitmweb marker for refused flows.
-BLOCK_MARKER = ":no_entry:"
-
 # The documented order of the addons: addons/openflare.py (what `make run` loads) lists them so, and
 # loading them as separate scripts takes this `-s` order.
 ADDON_ORDER = (

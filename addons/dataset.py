@@ -128,25 +128,51 @@ def read(path: str | Path) -> Iterator[Record]:
         raise DatasetError(f"{path}: cannot read: {e}") from e
 
 
-def default_files(data_dir: Path = DEFAULT_DATA_DIR) -> list[Path]:
+DATA_HELP = (
+    "The corpora are labelled HTTP requests, one JSON object per line (README.md, \"Corpus format\"). The default "
+    "is every *.jsonl[.gz] in the shared datasets directory next to this checkout ({dir}); its README.md says what "
+    "each file is and where it comes from, and its build_datasets.py rebuilds them from their public sources. "
+    "Or name your own: make train DATA=a.jsonl.gz,b.jsonl (a directory stands for its *.jsonl[.gz] files)"
+)
+
+
+def _corpora_in(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.glob("*.jsonl*") if p.is_file() and p.name.endswith((".jsonl", ".jsonl.gz")))
+
+
+def default_files(data_dir: Path | None = None) -> list[Path]:
     """All corpora in the shared datasets directory, sorted by name."""
-    files = sorted(p for p in data_dir.glob("*.jsonl*") if p.name.endswith((".jsonl", ".jsonl.gz")))
+    data_dir = DEFAULT_DATA_DIR if data_dir is None else data_dir
+    if not data_dir.is_dir():
+        raise DatasetError(f"no training data: {data_dir} does not exist. " + DATA_HELP.format(dir=data_dir))
+    files = _corpora_in(data_dir)
     if not files:
-        raise DatasetError(f"no *.jsonl or *.jsonl.gz files in {data_dir}")
+        raise DatasetError(f"no training data: no *.jsonl or *.jsonl.gz file in {data_dir}. " + DATA_HELP.format(dir=data_dir))
     return files
 
 
-def parse_data_arg(value: str | None, data_dir: Path = DEFAULT_DATA_DIR) -> list[Path]:
-    """`a.jsonl.gz,b.jsonl` (or None for every file in the shared datasets directory) -> paths."""
+def parse_data_arg(value: str | None, data_dir: Path | None = None) -> list[Path]:
+    """`a.jsonl.gz,b.jsonl,some/dir` (or None for every file in the shared datasets directory) -> paths.
+
+    A directory stands for the *.jsonl and *.jsonl.gz files in it (sorted by name)."""
     if not value:
         return default_files(data_dir)
     paths = [Path(v.strip()) for v in value.split(",") if v.strip()]
     if not paths:
         raise DatasetError("--data names no file")
+    out: list[Path] = []
     for p in paths:
-        if not p.is_file():
+        if p.is_dir():
+            found = _corpora_in(p)
+            if not found:
+                raise DatasetError(f"{p} is a directory without *.jsonl or *.jsonl.gz files; name the corpus files "
+                                   "(DATA=a.jsonl.gz,b.jsonl) or a directory that holds them")
+            out.extend(found)
+        elif not p.is_file():
             raise DatasetError(f"dataset file not found: {p}")
-    return paths
+        else:
+            out.append(p)
+    return out
 
 
 def load(paths: Iterable[str | Path]) -> list[Record]:

@@ -5,6 +5,10 @@ client IP, verdict and score only (privacy). `openflare_record_benign_one_in` re
 flows in full for retraining. The hooks only take a capture and put it on a bounded queue; a
 background task builds, masks, hash-chains and inserts the records in batches in a worker thread
 (pymongo blocks). The record shape, masking, hash chain, store, spill and replay are `addons.records`.
+
+One recording process per embedded store and spill file: `running` takes their locks
+(`records.acquire_locks`); held by another process, it logs an error naming that process's pid and
+records nothing, and mitmproxy, seeing an error at startup, exits. It logs the store it writes to.
 """
 
 import asyncio
@@ -57,6 +61,7 @@ class Recorder:
         self.inflight: list[dict] = []
         self.benign_seen: int = 0
         self.started_at: float = 0.0
+        self.locks: list = []  # records.acquire_locks: the store's and the spill file's, held while running
 
     def load(self, loader) -> None:
         loader.add_option("openflare_record", bool, True, "Record flows (MongoDB, or the embedded store without a URI).")
@@ -145,11 +150,26 @@ class Recorder:
     def running(self) -> None:
         if not self.enabled or self.writer is not None:
             return
-        uri = self.uri or os.environ.get(ENV_URI) or None
+        env_uri = os.environ.get(ENV_URI) or None
+        uri = self.uri or env_uri
+        where = "openflare_mongo_uri" if self.uri else ENV_URI if uri else f"no MongoDB URI (openflare_mongo_uri, {ENV_URI})"
+        # One recording process per embedded store and spill file: a second one would write the same
+        # SQLite files and replay (and delete) the first one's spill. It does not start (see README).
+        try:
+            self.locks = records.acquire_locks(records.lock_paths(None if uri else self.directory, self.spill))
+        except (records.StoreBusy, OSError) as e:
+            logger.error(
+                "OpenFlare recorder: %s. Two proxies must not share one record store and spill file: stop the other "
+                "one, or give this one its own openflare_record_dir and openflare_record_spill (or openflare_record: "
+                "false to run without recording). Not starting.", e,
+            )
+            return
         try:
             store = records.open_store(uri=uri, directory=None if uri else self.directory)
         except Exception as e:  # noqa: BLE001 - pymongo ConfigurationError, montydb errors, OSError
-            logger.error("OpenFlare recorder cannot open its store: %s: %s", type(e).__name__, e)
+            records.release_locks(self.locks)
+            self.locks = []
+            logger.error("OpenFlare recorder cannot open its store (%s): %s: %s", where, type(e).__name__, e)
             return
         self.started_at = time.time()
         self.writer = records.Writer(
@@ -157,7 +177,8 @@ class Recorder:
         )
         self.queue = asyncio.Queue(self.queue_size)
         self.task = asyncio_utils.create_task(self._run(), name="openflare recorder", keep_ref=True)
-        logger.info("OpenFlare recorder writing to %s (chain %s)", store.description, self.writer.chain.id)
+        logger.info("OpenFlare recorder writing to %s (%s); spill file %s; chain %s",
+                    store.description, where, self.writer.spill.path.resolve(), self.writer.chain.id)
 
     async def _run(self) -> None:
         assert self.queue is not None and self.writer is not None
@@ -266,6 +287,8 @@ class Recorder:
             self.task = None
         writer, queue = self.writer, self.queue
         if writer is None or queue is None:
+            records.release_locks(self.locks)
+            self.locks = []
             return
         self.writer = self.queue = None
         # Whatever the task took but did not hand to the thread, then what is still queued: written
@@ -278,6 +301,8 @@ class Recorder:
         for i in range(0, len(left), self.batch):
             writer.write(left[i : i + self.batch])
         writer.close()
+        records.release_locks(self.locks)
+        self.locks = []
         s = writer.stats
         logger.info(
             "OpenFlare recorder: %d records this run: %d stored, %d spilled, %d replayed, %d overflowed, %d rejected, %d lost",

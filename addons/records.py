@@ -25,6 +25,7 @@ and are chained and written by the writer later. Losses are counted and logged.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import hashlib
 import json
@@ -73,6 +74,127 @@ EXPIRE_EVERY_S = 3600.0
 
 class StoreUnavailable(Exception):
     """The store could not be reached (or refused the write for a reason that may pass)."""
+
+
+class StoreMissing(ValueError):
+    """A reader was pointed at an embedded store that does not exist (a typo in --dir, another checkout)."""
+
+
+class StoreBusy(Exception):
+    """Another process holds the lock of an embedded store or a spill file."""
+
+
+# --- operator labels ---------------------------------------------------------------------------------
+
+LABEL_BENIGN = "benign"
+LABEL_ATTACK = "attack"
+
+
+def label_conflict(verdict: str | None, label: str) -> str | None:
+    """Why an operator's `label` contradicts the verdict a flow got (None when it does not).
+
+    The one rule for every way of labelling (`openflare.label` in mitmweb, the `openflare label` CLI):
+    labelling a refused flow benign, or a passed one attack, teaches the model the opposite of what it
+    did. That is what an operator correcting a false positive means to do, and what a slip (a flow list
+    that holds more than the flows meant) does by accident; so it takes an explicit `force`, and the
+    label is then stored with `label_override: true`. Flows without a verdict (`error`, unscored)
+    contradict nothing.
+    """
+    if verdict == "block" and label == LABEL_BENIGN:
+        return "OpenFlare refused it (verdict block): labelled benign, retraining learns to let such requests through"
+    if verdict == "pass" and label == LABEL_ATTACK:
+        return "OpenFlare passed it (verdict pass): labelled attack, retraining learns to refuse such requests"
+    return None
+
+
+# --- one writing process per embedded store and spill file --------------------------------------------
+
+STORE_LOCK_NAME = "openflare.lock"
+_LOCKS: dict[str, list] = {}  # resolved lock path -> [fd, count]: re-entrant within one process
+_LOCKS_GUARD = threading.Lock()
+
+
+def lock_paths(directory: str | os.PathLike | None, spill: str | os.PathLike) -> list[tuple[Path, str]]:
+    """The lock files a recording process holds: (path, what it guards). The embedded store's lives in
+    its directory; the spill file's (which also covers `.overflow` and `.rejected`) next to it."""
+    out = []
+    if directory is not None:
+        d = Path(directory).resolve()
+        out.append((d / STORE_LOCK_NAME, f"the embedded record store {d}"))
+    sp = Path(spill).resolve()
+    out.append((sp.with_name(sp.name + ".lock"), f"the spill file {sp}"))
+    return out
+
+
+def _holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode("utf-8") or "{}")
+    except (OSError, ValueError):
+        info = {}
+    if not isinstance(info, dict) or not info.get("pid"):
+        return "another process (its pid is not written yet)"
+    what = f"pid {info['pid']}"
+    if info.get("prog"):
+        what += f", {info['prog']}"
+    if info.get("host") and info["host"] != socket.gethostname():
+        what += f" on {info['host']}"
+    if info.get("since"):
+        what += f", since {info['since']}"
+    return f"another process ({what})"
+
+
+def acquire_locks(paths: list[tuple[Path, str]]) -> list[Path]:
+    """Take every lock in `paths` (fcntl.flock, exclusive, non-blocking) or none: raises StoreBusy
+    naming the holder's pid. A lock goes with its process (a crash frees it); taking one again in the
+    same process only counts. Release with `release_locks`."""
+    import fcntl
+    import sys
+
+    taken: list[Path] = []
+    try:
+        for path, what in paths:
+            key = str(path)
+            with _LOCKS_GUARD:
+                held = _LOCKS.get(key)
+                if held is not None:
+                    held[1] += 1
+                    taken.append(path)
+                    continue
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = _holder(fd)
+                    os.close(fd)
+                    raise StoreBusy(f"{what} is in use by {holder}; lock file {path}") from None
+                except OSError:
+                    os.close(fd)
+                    raise
+                info = {"pid": os.getpid(), "prog": os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "",
+                        "host": socket.gethostname(), "since": time_text(utcnow())}
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, (json.dumps(info) + "\n").encode("utf-8"), 0)
+                _LOCKS[key] = [fd, 1]
+                taken.append(path)
+    except BaseException:
+        release_locks(taken)
+        raise
+    return taken
+
+
+def release_locks(paths: list[Path]) -> None:
+    for path in paths:
+        with _LOCKS_GUARD:
+            held = _LOCKS.get(str(path))
+            if held is None:
+                continue
+            held[1] -= 1
+            if held[1] <= 0:
+                del _LOCKS[str(path)]
+                with contextlib.suppress(OSError):
+                    os.ftruncate(held[0], 0)  # the holder's pid leaves with it (the file stays: unlinking races)
+                os.close(held[0])  # closing the last descriptor releases the flock
 
 
 # --- time -----------------------------------------------------------------------------------------
@@ -561,8 +683,13 @@ class Store:
             self.client.close()
 
 
-def open_store(uri: str | None = None, directory: str | os.PathLike | None = None) -> Store:
-    """MongoDB through pymongo when `uri` is given, else the embedded montydb (SQLite) in `directory`."""
+def open_store(uri: str | None = None, directory: str | os.PathLike | None = None, create: bool = True) -> Store:
+    """MongoDB through pymongo when `uri` is given, else the embedded montydb (SQLite) in `directory`.
+
+    The description names the store in use: `MongoDB host:port/db` (never the URI's user or password)
+    or `embedded store /absolute/path`. With `create=False` (readers: scripts, the CLI) a missing
+    embedded store raises StoreMissing instead of being created empty.
+    """
     if uri:
         import pymongo
         import pymongo.uri_parser
@@ -583,9 +710,19 @@ def open_store(uri: str | None = None, directory: str | os.PathLike | None = Non
         raise ValueError("no MongoDB URI and no directory for the embedded store")
     from montydb import MontyClient, set_storage
 
-    path = Path(directory)
-    path.mkdir(parents=True, exist_ok=True)
-    set_storage(str(path), storage="sqlite", use_bson=True)
+    path = Path(directory).resolve()
+    if not create:  # a reader: the store must be there, and its files are left as they are
+        if not path.is_dir():
+            raise StoreMissing(
+                f"no record store at {path}: the directory does not exist. The proxy writes to openflare_record_dir "
+                "(default data/records, relative to the directory mitmdump runs in); pass that with --dir, "
+                "or a MongoDB URI with --uri / OPENFLARE_MONGO_URI"
+            )
+        if not (path / "monty.storage.cfg").is_file():
+            raise StoreMissing(f"{path} is not an OpenFlare record store (no monty.storage.cfg in it); check --dir")
+    else:
+        path.mkdir(parents=True, exist_ok=True)
+        set_storage(str(path), storage="sqlite", use_bson=True)
     client = MontyClient(str(path))
     return Store(client[DB_NAME][COLLECTION], "embedded", client, f"embedded store {path}")
 
@@ -924,7 +1061,8 @@ def _is_utf8(b: bytes) -> bool:
         return False
 
 
-def store_from_args(uri: str | None, directory: str | None) -> Store:
-    """For scripts: --uri, else OPENFLARE_MONGO_URI, else the embedded store in --dir."""
+def store_from_args(uri: str | None, directory: str | None, create: bool = False) -> Store:
+    """For scripts: --uri, else OPENFLARE_MONGO_URI, else the embedded store in --dir (which must exist
+    unless `create`: a reader pointed at a typo says so instead of reading an empty store it made)."""
     uri = uri or os.environ.get("OPENFLARE_MONGO_URI") or None
-    return open_store(uri=uri, directory=None if uri else (directory or "data/records"))
+    return open_store(uri=uri, directory=None if uri else (directory or "data/records"), create=create)

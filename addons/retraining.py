@@ -23,6 +23,10 @@ The candidate is a fine-tune of the current Detector (`finetune`): same hashed n
 (`term_rows`, `tfidf_rows`), and L-BFGS from the current weights with an L2 pull toward them, moving
 only the weights of the n-grams the app's rows contain. Its memory is bounded by the row caps, not by
 the number of recorded flows.
+
+The promotion gate compares candidate and current model on held-out data (`evaluate`, `gate`) and on
+the fixed probe set of `addons.probes` (`probe_gate`): a candidate that lets through an attack probe
+the current model refuses is refused, whatever the operator's labels say.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from addons import dataset
 from addons import detector
 from addons import featurize
 from addons import model
+from addons import probes
 from addons import records
 
 LABELS_COLLECTION = "labels"
@@ -672,6 +677,83 @@ def gate(current: dict, candidate: dict, tpr_tolerance: float = 0.005, fpr_toler
     return Gate(not reasons, reasons)
 
 
+@dataclass
+class ProbeGate:
+    """The fixed probe set (addons/probes.py) scored by both models, each at its own threshold."""
+
+    promote: bool
+    reasons: list[str]
+    summary: dict  # counts per model, and the flipped probes by name, for the card and --json
+    attacks_passed: list[tuple[probes.Probe, int, int]]  # refused by the current model, passed by the candidate
+    benign_refused: list[tuple[probes.Probe, int, int]]  # passed by the current model, refused by the candidate
+
+
+def probe_gate(current: model.LocalModel, candidate: model.LocalModel, benign_slack: int = 10,
+               items: list[probes.Probe] | None = None) -> ProbeGate:
+    """Refuse a candidate that passes any attack probe the current model refuses, or refuses more than
+    `benign_slack` more everyday probes than it. Each probe is featurized and scored as the addons do
+    (`probes.score`), so the gate holds whatever the models are inside.
+
+    Why: the app's own held-out labels share the operator's mistakes (six attacks labelled benign are
+    in the gate slice as benign too), and the base test splits are too large to move for a handful of
+    flows; a fixed set of short, classic attacks is what such a mistake flips."""
+    items = probes.probes() if items is None else items
+    tc, tn = threshold_of(current), threshold_of(candidate)
+    rows = [(p, probes.score(current, p), probes.score(candidate, p)) for p in items]
+    attacks = [r for r in rows if r[0].kind == probes.ATTACK]
+    benign = [r for r in rows if r[0].kind == probes.BENIGN]
+    passed = [r for r in attacks if r[1] > tc and r[2] <= tn]
+    refused = [r for r in benign if r[1] <= tc and r[2] > tn]
+    fp_c, fp_n = sum(r[1] > tc for r in benign), sum(r[2] > tn for r in benign)
+    reasons = []
+    if passed:
+        reasons.append(f"probe gate: the candidate passes {len(passed)} attack probe(s) the current model refuses "
+                       f"({', '.join(sorted({f'{p.method} {p.target}' for p, _, _ in passed})[:3])}{', ...' if len({(p.method, p.target) for p, _, _ in passed}) > 3 else ''})")
+    if fp_n > fp_c + benign_slack:
+        reasons.append(f"probe gate: the candidate refuses {fp_n} everyday probes, the current model {fp_c} "
+                       f"(at most {benign_slack} more allowed)")
+    summary = {
+        "attacks": len(attacks), "benign": len(benign), "benign_slack": benign_slack,
+        "attacks_refused": {"current": sum(r[1] > tc for r in attacks), "candidate": sum(r[2] > tn for r in attacks)},
+        "benign_refused": {"current": fp_c, "candidate": fp_n},
+        "attacks_passed": [f"{p.name}: {c} -> {n}" for p, c, n in passed],
+        "benign_newly_refused": [f"{p.name}: {c} -> {n}" for p, c, n in refused],
+    }
+    return ProbeGate(not reasons, reasons, summary, passed, refused)
+
+
+def _flips(rows: list[tuple[probes.Probe, int, int]], limit: int) -> list[str]:
+    """Flipped probes grouped by request: scores current -> candidate and under how many header sets."""
+    groups: dict[tuple, list] = {}
+    for p, c, n in rows:
+        groups.setdefault((p.method, p.target, p.body), []).append((p, c, n))
+    n_sets = len(probes.all_headers())
+    out = []
+    for (method, target, body), g in list(groups.items())[:limit]:
+        cs, ns = sorted(c for _, c, _ in g), sorted(n for _, _, n in g)
+        span = lambda v: f"{v[0]}" if v[0] == v[-1] else f"{v[0]}-{v[-1]}"  # noqa: E731
+        where = "its header" if g[0][0].header_set == "-" else f"{len(g)} of {n_sets} header sets"
+        req = f"{method} {target}" + (f" body {body[:40]!r}" if body else "")
+        out.append(f"  {ascii(req)[1:-1][:90]}: score {span(cs)} -> {span(ns)} ({where})")
+    if len(groups) > limit:
+        out.append(f"  ... and {len(groups) - limit} more requests")
+    return out
+
+
+def probe_table(pg: ProbeGate, limit: int = 20) -> str:
+    s = pg.summary
+    lines = [f"{'probe set (addons/probes.py)':34} {'current':>9} {'candidate':>9}",
+             f"{'attack probes refused (of ' + str(s['attacks']) + ')':34} {s['attacks_refused']['current']:>9} {s['attacks_refused']['candidate']:>9}",
+             f"{'everyday probes refused (of ' + str(s['benign']) + ')':34} {s['benign_refused']['current']:>9} {s['benign_refused']['candidate']:>9}"]
+    if pg.attacks_passed:
+        lines.append(f"attack probes the current model refuses and the candidate passes ({len(pg.attacks_passed)}):")
+        lines += _flips(pg.attacks_passed, limit)
+    if pg.benign_refused:
+        lines.append(f"everyday probes the current model passes and the candidate refuses ({len(pg.benign_refused)}):")
+        lines += _flips(pg.benign_refused, limit)
+    return "\n".join(lines)
+
+
 def _pct(v) -> str:
     return "     -" if v is None else f"{100 * v:6.2f}"
 
@@ -794,9 +876,10 @@ def versions(current: Path) -> list[dict]:
     out = []
     for p in sorted(history_dir(current).glob("*" + model.CARD_SUFFIX)):
         try:
-            out.append(json.loads(p.read_text()))
-        except (OSError, ValueError):
-            continue
+            card = json.loads(p.read_text())
+        except (OSError, ValueError) as e:  # listed, not hidden: `rollback --list` shows it
+            card = {"version": f"(unreadable card {p.name}: {type(e).__name__})"}
+        out.append(card if isinstance(card, dict) else {"version": f"(unreadable card {p.name}: not an object)"})
     return sorted(out, key=lambda c: str(c.get("created", "")))
 
 

@@ -1,7 +1,7 @@
 """Scorer: score every request 1-10 with the local model and refuse those above the threshold.
 
 Reads `openflare.features` (FeatureExtractor) and writes score, verdict, model version and scoring
-time to flow metadata, `flow.comment` and `flow.marked`, so mitmweb shows them. The refusal is the
+time to flow metadata and `flow.comment` (never `flow.marked`: that is the operator's), for mitmweb. The refusal is the
 one fixed 403 from `addons.common`: it never carries the score or the reason.
 
 The ensemble's LLM half (`addons.llm`): when an endpoint is configured, requests whose local score
@@ -314,14 +314,13 @@ class Scorer:
         return meta, head, tail, blocked
 
     def _apply(self, flow: http.HTTPFlow, elapsed: float, meta: dict, head: str, tail: str, blocked: bool) -> None:
-        """Write one verdict to the flow: metadata, comment, mark, and the refusal unless detect-only."""
+        """Write one verdict to the flow: metadata, comment, and the refusal unless detect-only."""
         ms = round(elapsed * 1000, 3)
         md = flow.metadata
         md.update(meta)
         md[common.SCORE_MS] = ms
         flow.comment = f"{head}{ms} ms){tail}"
-        if blocked:
-            flow.marked = common.BLOCK_MARKER
+        if blocked:  # not marked: @marked is the operator's alone (openflare.label); ~comment finds refusals
             if self.detect_only:
                 flow.comment += " [detect-only: forwarded]"
             else:

@@ -524,6 +524,11 @@ def main(argv: list[str] | None = None) -> int:
                     "on the last CPU, the load generator and upstream on the others)")
     ap.add_argument("--cases", help="comma-separated case names to run (plain and openflare always run; default: all)")
     args = ap.parse_args(argv)
+    for name, low in (("requests", 1), ("rounds", 1), ("concurrency", 1), ("latency_requests", 0), ("paired", 0)):
+        if getattr(args, name) < low:
+            ap.error(f"--{name.replace('_', '-')} must be at least {low}")
+    if args.duration <= 0 or not 0 <= args.attack_share <= 1:
+        ap.error("--duration must be > 0 and --attack-share between 0 and 1")
     if args.cases:
         wanted = {c.strip() for c in args.cases.split(",") if c.strip()} | {BASELINE, "openflare"}
         unknown = wanted - {c.name for c in CASES}

@@ -193,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", help="openflare_model for the proxies (default: mitm.conf's)")
     ap.add_argument("--json", help="write the results here as JSON")
     args = ap.parse_args(argv)
+    if min(args.requests, args.rounds, args.burst) < 0 or args.concurrency < 1:
+        ap.error("--requests, --rounds and --burst must be >= 0, --concurrency >= 1")
     workdir = Path(tempfile.mkdtemp(prefix="openflare-bench-recorder-"))
     up = start_upstream(workdir)
     out: dict = {}
@@ -211,9 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         os.killpg(up.pid, signal.SIGTERM)
         up.wait(10)
-        if args.json:
-            Path(args.json).write_text(json.dumps(out, indent=2, default=str) + "\n")
         shutil.rmtree(workdir, ignore_errors=True)
+        if args.json:
+            try:
+                Path(args.json).write_text(json.dumps(out, indent=2, default=str) + "\n")
+            except OSError as e:
+                print(f"bench-recorder: cannot write --json {args.json}: {e.strerror or e}", file=sys.stderr)
+                return 2
     return 0 if out.get("burst", {}).get("ok", True) else 1
 
 

@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("retrain_args", nargs="*", help="more arguments for scripts/retrain.py (after --)")
     args = ap.parse_args(argv)
+    if args.flows < 1 or args.distinct < 1 or not 0 <= args.labels <= args.flows:
+        ap.error("--flows and --distinct must be >= 1, --labels between 0 and --flows")
     work = args.keep or Path(tempfile.mkdtemp(prefix="openflare-bench-retrain-"))
     store_dir = work / "store"
     try:

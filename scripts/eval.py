@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threshold", type=int, default=6, help="refuse above this score, as openflare_threshold (default 6)")
     ap.add_argument("--json", type=Path, help="also write the metrics as JSON here")
     args = ap.parse_args(argv)
+    if not 1 <= args.threshold <= 10:
+        ap.error("--threshold must be between 1 and 10")
     try:
         lm = model.load(args.model)
         files = dataset.parse_data_arg(args.data)
@@ -109,7 +111,11 @@ def main(argv: list[str] | None = None) -> int:
           f"(probability >= {lm.operating_point:.4f}); rates in %")
     print(report(result))
     if args.json:
-        args.json.write_text(json.dumps({"model": lm.version, "split": args.split, **result}, indent=2) + "\n")
+        try:
+            args.json.write_text(json.dumps({"model": lm.version, "split": args.split, **result}, indent=2) + "\n")
+        except OSError as e:
+            print(f"eval: cannot write --json {args.json}: {e.strerror or e}", file=sys.stderr)
+            return 2
     return 0
 
 

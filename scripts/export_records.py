@@ -51,7 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"export: cannot open the store: {e}", file=sys.stderr)
         return 2
-    out = sys.stdout if args.out == "-" else open(args.out, "w", encoding="utf-8")
+    try:
+        out = sys.stdout if args.out == "-" else open(args.out, "w", encoding="utf-8")
+    except OSError as e:
+        store.close()
+        print(f"export: cannot write --out {args.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    print(f"export: reading {store.description}", file=sys.stderr)
     n = n_labels = n_labelled = 0
     labelled: set[bytes] = set()  # requests an operator labelled: one 32-byte key per label
     try:

@@ -19,8 +19,12 @@
    calibration slice.
 4. Its threshold is calibrated for --target-app-fpr on the app's benign calibration strings.
 5. Candidate and current model are scored on the same held-out data (base test splits + the app's gate
-   slice); the table is printed either way; the candidate is promoted (history kept, parent recorded,
-   files replaced atomically) only if the gate passes. Exit 0: promoted (or --dry-run), 3: refused, 2: error.
+   slice), and on the fixed probe set of addons/probes.py (everyday requests and short classic attacks
+   under 19 header sets, each model at its own threshold); both tables are printed either way. The
+   candidate is promoted (history kept, parent recorded, files replaced atomically) only if both gates
+   pass: the probe gate refuses a candidate that passes an attack probe the current model refuses, or
+   refuses more than --probe-benign-slack more everyday probes. Exit 0: promoted (or --dry-run),
+   3: refused, 2: bad input (a message, never a traceback).
 """
 
 from __future__ import annotations
@@ -134,6 +138,8 @@ def parse_args(argv):
     ap.add_argument("--base-sample", type=int, default=40_000,
                     help="fine-tune: base training records sampled (deterministically) for the fit; 0: all (default 40000)")
     ap.add_argument("--maxiter", type=int, default=100, help="fine-tune: most L-BFGS iterations (default 100)")
+    ap.add_argument("--probe-benign-slack", type=int, default=10,
+                    help="probe gate: everyday probes the candidate may refuse beyond the current model's count (default 10 of 1520)")
     ap.add_argument("--json", type=Path, help="also write the comparison as JSON here")
     args, rest = ap.parse_known_args(argv)
     # Every option of scripts/train.py (--data, --bits, --synthetic, --seed, --version, ...) with its defaults:
@@ -146,7 +152,17 @@ def parse_args(argv):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    try:
+        return run(parse_args(argv))
+    except (OSError, dataset.DatasetError, model.ModelError, retraining.RetrainError) as e:
+        # Bad input or a full disk, not a bug: a message and exit code 2, never a traceback.
+        if isinstance(e, OSError):
+            e = f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}"
+        print(f"retrain: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
     current_path = Path(args.model)
     candidate_path = args.candidate or current_path.with_name("candidate" + model.MODEL_SUFFIX)
     policy = retraining.Policy(local_attack=args.local_attack, local_benign=args.local_benign,
@@ -181,7 +197,11 @@ def main(argv: list[str] | None = None) -> int:
 
     t_base = time.perf_counter()
     log("reading base corpora " + ", ".join(str(f) for f in files))
-    recs = dataset.load(files)
+    try:
+        recs = dataset.load(files)
+    except dataset.DatasetError as e:
+        print(f"retrain: {e}", file=sys.stderr)
+        return 2
     split = dataset.honest_split(recs)
     del recs
     base_test = retraining.base_rows(split.test)
@@ -345,16 +365,22 @@ def main(argv: list[str] | None = None) -> int:
         bar = Progress(f"scoring {name}", len(base_test) + len(gate_rows))
         res[name] = retraining.evaluate(lm, base_test, gate_rows, args.fixed_fpr, progress=bar, workers=args.workers)
         bar.close()
+    t_probe = time.perf_counter()
+    probe_res = retraining.probe_gate(current, candidate, args.probe_benign_slack)
     timings["evaluation"] = round(time.perf_counter() - t_eval, 1)
+    log(f"probe set scored by both in {time.perf_counter() - t_probe:.1f} s")
     decision = retraining.gate(res["current"], res["candidate"], args.tolerance)
-    card["metrics"] = {"held_out": res["candidate"], "parent_held_out": res["current"]}
+    decision.reasons += probe_res.reasons
+    decision.promote = decision.promote and probe_res.promote
+    card["metrics"] = {"held_out": res["candidate"], "parent_held_out": res["current"], "probes": probe_res.summary}
     model.write_card(candidate_path, card)
     print(f"current {current.version} vs candidate {version} (rates in %, fixed FPR {100 * args.fixed_fpr:g} %)")
     print(retraining.table(res["current"], res["candidate"]))
+    print(retraining.probe_table(probe_res))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if args.json:
         args.json.write_text(json.dumps({"current": res["current"], "candidate": res["candidate"], "promote": decision.promote,
-                                         "reasons": decision.reasons, "version": version, "threshold": threshold,
+                                         "reasons": decision.reasons, "probes": probe_res.summary, "version": version, "threshold": threshold,
                                          "stats": col.stats, "peak_rss_mb": rss, "seconds": timings,
                                          "training": training}, indent=2) + "\n")
     log(f"peak RSS {rss:.0f} MB; seconds: {timings}")

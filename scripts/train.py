@@ -1152,6 +1152,14 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    try:
+        return train(args)
+    except OSError as e:  # an unwritable --out, a full disk: a message, not a traceback (corpora: DatasetError)
+        print(f"train: cannot write {args.out}: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}", file=sys.stderr)
+        return 2
+
+
+def train(args: argparse.Namespace) -> int:
 
     from sklearn import __version__ as sklearn_version
     import joblib

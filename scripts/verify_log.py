@@ -35,8 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     key = lambda r: (str(r.get("chain")), r.get("seq") if isinstance(r.get("seq"), int) else -1)  # noqa: E731
     spilled: list[dict] = []
     if args.spill and Path(args.spill).exists():
-        for batch in records.SpillFile(args.spill).read(10000):
-            spilled.extend(batch)
+        try:
+            for batch in records.SpillFile(args.spill).read(10000):
+                spilled.extend(batch)
+        except (OSError, ValueError) as e:
+            store.close()
+            print(f"verify-log: cannot read the spill file {args.spill}: {e}", file=sys.stderr)
+            return 2
         spilled.sort(key=key)
 
     def merged():

@@ -69,8 +69,29 @@ def test_missing_file_and_bad_gzip(tmp_path):
         list(dataset.read(bad))
     with pytest.raises(dataset.DatasetError, match="not found"):
         dataset.parse_data_arg(f"{tmp_path / 'nope.jsonl'}")
+    (tmp_path / "empty").mkdir()
     with pytest.raises(dataset.DatasetError, match="no \\*.jsonl"):
         dataset.default_files(tmp_path / "empty")
+
+
+def test_missing_datasets_directory_says_where_the_data_comes_from(tmp_path):
+    with pytest.raises(dataset.DatasetError) as e:
+        dataset.default_files(tmp_path / "shared" / "datasets")
+    msg = str(e.value)
+    assert f"no training data: {tmp_path / 'shared' / 'datasets'} does not exist" in msg
+    assert "README.md" in msg and "build_datasets.py" in msg and "make train DATA=" in msg
+
+
+def test_a_directory_stands_for_its_corpora(tmp_path):
+    (tmp_path / "d").mkdir()
+    a = _write(tmp_path / "d" / "a.jsonl.gz", [_rec()], gz=True)
+    b = _write(tmp_path / "d" / "b.jsonl", [_rec()])
+    (tmp_path / "d" / "notes.txt").write_text("not a corpus")
+    c = _write(tmp_path / "c.jsonl", [_rec()])
+    assert dataset.parse_data_arg(f"{tmp_path / 'd'},{c}") == [a, b, c]
+    (tmp_path / "e").mkdir()
+    with pytest.raises(dataset.DatasetError, match="is a directory without \\*.jsonl or \\*.jsonl.gz files"):
+        dataset.parse_data_arg(str(tmp_path / "e"))
 
 
 def test_parse_data_arg(tmp_path):

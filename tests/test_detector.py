@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 
-import probes
+from addons import probes
 from addons import detector
 from addons import featurize
 from addons import model

@@ -474,7 +474,7 @@ def test_the_c_normaliser_takes_the_common_text():
 
 
 def test_feature_strings_are_the_same_without_the_c_normaliser(monkeypatch):
-    import probes
+    from addons import probes
 
     requests = [(m, t, h + extra, b) for h in probes.DEV_HEADERS.values()
                 for m, t, extra, b in probes.DEV_BENIGN + probes.HELDOUT_BENIGN + probes.ATTACKS]

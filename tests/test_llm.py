@@ -444,7 +444,7 @@ async def test_in_band_request_gets_a_second_opinion_that_can_block(tscorer, ser
     assert (md[common.LOCAL_SCORE], md[common.LLM_SCORE], md[common.SCORE]) == (6, 9, 9)
     assert md[common.LLM_STATUS] == llm.OK and md[common.LLM_CATEGORY] == md[common.CATEGORY] == "sqli"
     assert md[common.LLM_REASON] == "looks like sqli" and md[common.LLM_MS] > 0
-    assert md[common.VERDICT] == common.VERDICT_BLOCK and f.marked == common.BLOCK_MARKER
+    assert md[common.VERDICT] == common.VERDICT_BLOCK and not f.marked
     assert f.response.status_code == 403 and f.response.content == common.BLOCK_BODY
     assert b"sqli" not in f.response.content and "9" not in f.response.content.decode()
     assert "[llm ok 9/10 sqli: looks like sqli;" in f.comment and "local 6, llm 9" in f.comment

@@ -4,7 +4,7 @@ import shutil
 import numpy as np
 import pytest
 
-import probes
+from addons import probes
 from addons import detector
 from addons import featurize
 from addons import model

@@ -271,3 +271,111 @@ async def test_done_writes_the_batch_the_writer_was_still_gathering(tmp_path):
         assert len(r.inflight) == 1 and r.queue.qsize() == 2
         r.done()
     assert len(stored(tmp_path)) == 3
+
+
+# ---- one recording process per embedded store and spill file; messages name the store in use ---------
+
+HOLD_LOCKS = """
+import sys, time
+from addons import records
+records.acquire_locks(records.lock_paths(sys.argv[1], sys.argv[2]))
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.fixture
+def other_process(tmp_path):
+    """Another process holding the store's and the spill file's locks (as a running proxy does)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCKS, str(tmp_path / "store"), str(tmp_path / "spill.jsonl")],
+                            cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    yield proc
+    proc.kill()
+    proc.wait(10)
+
+
+async def test_a_second_process_on_the_same_store_does_not_start(tmp_path, other_process, caplog):
+    # The other process left a spilled record behind: this one must never replay (and delete) it.
+    spill = tmp_path / "spill.jsonl"
+    spill.write_text(records.dumps_line({"_id": "theirs", "chain": "other", "seq": 0}))
+    r = recorder.Recorder()
+    with taddons.context(r) as tctx:
+        configure(tctx, r, tmp_path)
+        with caplog.at_level(logging.INFO):
+            r.running()
+        errors = [rec.getMessage() for rec in caplog.records if rec.levelname == "ERROR"]
+        assert len(errors) == 1, errors
+        assert f"pid {other_process.pid}" in errors[0] and str((tmp_path / "store").resolve()) in errors[0]
+        assert "own openflare_record_dir and openflare_record_spill" in errors[0] and "Not starting" in errors[0]
+        assert r.writer is None and r.locks == []
+        r.response(refused_flow())  # a flow this process sees: not recorded, not spilled
+        r.done()
+    assert spill.read_text() == records.dumps_line({"_id": "theirs", "chain": "other", "seq": 0})
+    assert not (tmp_path / "store" / "openflare").exists()  # nothing written to the store either
+
+
+async def test_the_lock_goes_with_the_process(tmp_path, other_process, caplog):
+    other_process.kill()
+    other_process.wait(10)
+    r = recorder.Recorder()
+    with taddons.context(r) as tctx:
+        configure(tctx, r, tmp_path)
+        r.running()
+        assert r.writer is not None and len(r.locks) == 2
+        r.done()
+    assert r.locks == [] and not [rec for rec in caplog.records if rec.levelname == "ERROR"]
+
+
+async def test_mongodb_takes_the_spill_lock_only(tmp_path, other_process, caplog, monkeypatch):
+    # MongoDB is shared by design (one chain per process), the spill file never is.
+    monkeypatch.setenv("OPENFLARE_MONGO_URI", "mongodb://openflare:s3cret@127.0.0.1:1/waf")
+    r = recorder.Recorder()
+    with taddons.context(r) as tctx:
+        configure(tctx, r, tmp_path)
+        r.running()
+        (error,) = [rec.getMessage() for rec in caplog.records if rec.levelname == "ERROR"]
+        assert "the spill file" in error and f"pid {other_process.pid}" in error and "record store" not in error.split(";")[0]
+        r.done()
+
+
+async def test_the_store_in_use_is_named_at_start(tmp_path, caplog, monkeypatch):
+    monkeypatch.delenv("OPENFLARE_MONGO_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    r = recorder.Recorder()
+    with taddons.context(r) as tctx:
+        tctx.configure(r, openflare_instance="test-proxy")  # the defaults: data/records, data/records-spill.jsonl
+        with caplog.at_level(logging.INFO):
+            r.running()
+        r.done()
+    (line,) = [rec.getMessage() for rec in caplog.records if "writing to" in rec.getMessage()]
+    assert f"embedded store {tmp_path / 'data' / 'records'} (no MongoDB URI (openflare_mongo_uri, OPENFLARE_MONGO_URI))" in line
+    assert f"spill file {tmp_path / 'data' / 'records-spill.jsonl'}" in line
+
+    caplog.clear()
+    monkeypatch.setenv("OPENFLARE_MONGO_URI", "mongodb://openflare:s3cret@127.0.0.1:1/waf")
+    r = recorder.Recorder()
+    with taddons.context(r) as tctx:
+        configure(tctx, r, tmp_path)
+        with caplog.at_level(logging.INFO):
+            r.running()
+        r.writer.store.close()  # nothing listens there: no flush at exit
+        r.writer = None
+        r.done()
+    (line,) = [rec.getMessage() for rec in caplog.records if "writing to" in rec.getMessage()]
+    assert "MongoDB 127.0.0.1:1/waf (OPENFLARE_MONGO_URI)" in line and "s3cret" not in line
+
+
+def test_readers_never_create_a_store(tmp_path):
+    with pytest.raises(records.StoreMissing, match="no record store at .*typo.*does not exist"):
+        records.store_from_args(None, str(tmp_path / "typo"))
+    assert not (tmp_path / "typo").exists()
+    (tmp_path / "other").mkdir()
+    with pytest.raises(records.StoreMissing, match="not an OpenFlare record store"):
+        records.store_from_args(None, str(tmp_path / "other"))
+    assert list((tmp_path / "other").iterdir()) == []

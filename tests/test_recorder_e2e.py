@@ -62,3 +62,21 @@ def test_attack_in_full_benign_in_brief(mitmdump, upstream, model_conf, tmp_path
     assert export.returncode == 0, export.stderr
     (line,) = [json.loads(x) for x in export.stdout.splitlines()]
     assert (line["label"], line["target"], line["verdict"], line["label_source"]) == ("attack", ATTACK, "block", "verdict")
+
+
+def test_a_second_mitmdump_on_the_same_store_stops_at_startup(mitmdump, upstream, model_conf, tmp_path):
+    """Two proxies in one checkout (make run, then make web): the second one says which process holds
+    the store and exits, instead of writing into the same SQLite files and replaying the first one's spill."""
+    conf = dict(model_conf, openflare_record_dir=str(tmp_path / "records"), openflare_record_spill=str(tmp_path / "spill.jsonl"))
+    first = mitmdump(scripts=["addons/openflare.py"], mode=f"reverse:{upstream.url}", conf=conf, env={"OPENFLARE_MONGO_URI": ""})
+    second = mitmdump(scripts=["addons/openflare.py"], mode=f"reverse:{upstream.url}", conf=conf, env={"OPENFLARE_MONGO_URI": ""}, wait=False)
+    assert second.wait() == 1
+    out = "".join(second.output())
+    assert f"is in use by another process (pid {first.popen.pid}, mitmdump" in out, out
+    assert str((tmp_path / "records").resolve()) in out and "Not starting" in out and "Traceback" not in out
+    # The first one still serves and records.
+    assert http_request(first.port, "GET", ATTACK, timeout=60)[0] == 403
+    first.stop()
+    store = records.open_store(directory=tmp_path / "records")
+    assert store.coll.count_documents({}) == 1
+    store.close()

@@ -32,7 +32,8 @@ TRAIN_ARGS = ["--bits", "18", "--synthetic", "300", "--everyday", "0", "--shaped
 LABEL_HEADER = "x-sim-label"
 
 # Loaded after addons/labels.py: an operator at work. Flows whose request says so are labelled through
-# the command manager, exactly as mitmweb's command bar calls `openflare.label @focus benign`.
+# the command manager, as mitmweb's command bar calls `openflare.label @marked benign force`: with force,
+# since correcting the model's false positives (refused benign flows) is what this operator does.
 OPERATOR_SCRIPT = f'''
 from mitmproxy import ctx
 
@@ -41,7 +42,7 @@ class SimOperator:
     def response(self, flow):
         label = flow.request.headers.get("{LABEL_HEADER}")
         if label:
-            ctx.master.commands.call("openflare.label", [flow], label)
+            ctx.master.commands.call("openflare.label", [flow], label, "force")
 
 
 addons = [SimOperator()]

@@ -1,17 +1,24 @@
-"""Everyday requests a new user sends, and short classic attacks, under several header sets.
+"""A fixed probe set: everyday requests a new user sends, and short classic attacks, under many header sets.
 
-Written by hand for the model's false-positive work (OpenFlare issue 2): no line comes from a public
-payload list or WAF benchmark. DEV_* were looked at while changing the training data; HELDOUT_*
-were written at the same time and only scored on finished candidates, so they measure whether the
-fix generalises rather than whether it memorised. tests/test_model.py runs them all on the shipped
-model; scripts/probe.py prints the score table.
+A plain module (no mitmproxy import). Written by hand for the model's false-positive work (OpenFlare
+issue 2): no line comes from a public payload list or WAF benchmark. DEV_* were looked at while
+changing the training data; HELDOUT_* were written at the same time and only scored on finished
+candidates, so they measure whether the fix generalises rather than whether it memorised.
 
-A probe is (method, target, extra headers, body); a header set is added in front of the extra headers.
+Who uses it: tests/test_model.py runs them all on the shipped model; `make retrain`
+(scripts/retrain.py) scores every probe with the current and the candidate model and refuses a
+candidate that passes an attack probe the current model refuses (`retraining.probe_gate`): the
+operator's labels can move the model on their own app's traffic, never off these.
+
+A raw probe is (method, target, extra headers, body); a header set is added in front of the extra
+headers. `probes()` expands them into `Probe`s; `score(lm, probe)` featurizes and scores one as the
+addons do (FeatureExtractor -> Scorer), whatever model `addons.model.LocalModel` serves.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 FORM = [("Content-Type", "application/x-www-form-urlencoded")]
 JSON = [("Content-Type", "application/json")]
@@ -182,3 +189,52 @@ HEADER_ATTACKS = [
     ("GET", "/search?q=shoes", [("Referer", "http://x/?id=1' union select password from users--")], b""),
     ("GET", "/", [("Cookie", "lang=../../../../etc/passwd")], b""),
 ]
+
+
+# ---- the probe set as one list, and how a probe is scored ------------------------------------------------
+
+ATTACK, BENIGN = "attack", "benign"
+
+
+@dataclass(frozen=True)
+class Probe:
+    kind: str  # ATTACK or BENIGN
+    method: str
+    target: str
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    header_set: str  # the name of the header set, "-" for a header-borne attack (its headers are the attack)
+
+    @property
+    def name(self) -> str:
+        return f"{self.method} {self.target} [{self.header_set}]"
+
+
+def all_headers() -> dict[str, list[tuple[str, str]]]:
+    return {**DEV_HEADERS, **HELDOUT_HEADERS}
+
+
+def probes() -> list[Probe]:
+    """Every everyday request and short attack under every header set, and the header-borne attacks:
+    what tests/test_model.py checks on the shipped model (80 x 19 benign, 26 x 19 + 4 attacks)."""
+    out = []
+    sets = all_headers()
+    for kind, raw in ((BENIGN, DEV_BENIGN + HELDOUT_BENIGN), (ATTACK, ATTACKS)):
+        for method, target, extra, body in raw:
+            for name, headers in sets.items():
+                out.append(Probe(kind, method, target, tuple(headers + extra), body, name))
+    for method, target, headers, body in HEADER_ATTACKS:
+        out.append(Probe(ATTACK, method, target, tuple(headers), body, "-"))
+    return out
+
+
+def feature(probe: Probe) -> str:
+    """The feature string the FeatureExtractor addon computes for this request."""
+    from addons import featurize
+
+    return featurize.featurize(probe.method, probe.target, list(probe.headers), probe.body)
+
+
+def score(lm, probe: Probe) -> int:
+    """The 1-10 score the Scorer gives this request with model `lm` (an addons.model.LocalModel)."""
+    return lm.score(feature(probe))[0]
