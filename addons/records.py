@@ -309,6 +309,36 @@ def build(capture: dict, masker: Masker) -> dict:
     return rec
 
 
+# --- operator labels ----------------------------------------------------------------------------------
+
+_CHAIN_FIELDS = frozenset(("chain", "seq", "prev", "prev_time", "hash", "instance"))
+
+
+def label_conflict(rec: dict, label: str) -> str | None:
+    """Why an operator label contradicts the model's verdict on a record (None when it does not): `benign`
+    on a request the model refused (verdict block with a score), `attack` on one it passed. Such a label
+    needs an explicit force and is stored with `label_override: true`."""
+    score = rec.get("score")
+    if label == "benign" and rec.get("verdict") == "block" and score is not None:
+        return f"the model refused it (score {score})"
+    if label == "attack" and rec.get("verdict") == "pass":
+        return f"the model passed it (score {score if score is not None else '-'})"
+    return None
+
+
+def operator_label(rec: dict, label: str, now: float, override: bool = False) -> dict:
+    """The `labels` document of an operator label: a full record (`build`'s output, or a stored record, whose
+    chain fields are left out: a label is outside the chains) with `label`, `label_source: "operator"`,
+    `label_time`, and `label_override: true` when it contradicts the model's verdict on purpose."""
+    doc = {k: v for k, v in rec.items() if k not in _CHAIN_FIELDS}
+    doc["label"] = label
+    doc["label_source"] = "operator"
+    doc["label_time"] = to_time(now)
+    if override:
+        doc["label_override"] = True
+    return doc
+
+
 # --- the hash chain -----------------------------------------------------------------------------------
 
 
