@@ -56,10 +56,12 @@ async def test_events_cross_the_socket_both_ways(sock):
     owner = open_(path, made)
     local, remote = owner.client(), banserver.client(path)
     try:
-        for pub, sub_client in ((remote, local), (local, remote)):
-            sub = sub_client.pubsub(ignore_subscribe_messages=True)
-            await sub.subscribe("events")
-            await pub.publish("events", "ban\t198.51.100.1")
+        for channel, pub, sub_client in (("to-owner", remote, local), ("to-member", local, remote)):
+            sub = sub_client.pubsub()
+            await sub.subscribe(channel)
+            confirmed = await sub.get_message(timeout=5)  # the subscription is in place before anything is published
+            assert confirmed and confirmed["type"] == "subscribe"
+            assert await pub.publish(channel, "ban\t198.51.100.1") == 1
             msg = None
             for _ in range(5):  # at once: a pushed message wakes the handler (its select() waits 1 s otherwise)
                 msg = await sub.get_message(timeout=0.1)
