@@ -4,6 +4,10 @@ Runs after FeatureExtractor (which sets `openflare.client_ip` in `requestheaders
 A banned IP is refused in `requestheaders` by an in-memory lookup (no network); later addons see the
 response and return at once. Strikes are counted in `response`, after the Scorer's verdict, with at most
 50 ms spent on Redis. The Redis logic (Lua scripts, local view, allowlist, rate limit) is `addons.banstore`.
+Without Redis the store is in memory (`addons.banserver`): this process owns it and serves it on
+`openflare_ban_socket` for the `openflare` command line and other local proxies, or it shares the one
+another process here serves. Running processes follow changes made by any of them, by `openflare bans` or
+by `redis-cli` within a second (the events channel, and the reconcile for keys deleted without an event).
 """
 
 import logging
