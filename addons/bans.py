@@ -169,9 +169,10 @@ class IpBans:
                     banserver.check_path(opts.openflare_ban_socket)
                 except banserver.Unavailable as e:
                     raise exceptions.OptionsError(f"openflare_ban_socket: {e}") from e
-            wanted = (url, opts.openflare_redis_prefix, opts.openflare_ban_socket)
-            changed = wanted != (self.url, self.prefix, self.socket)
-            self.url, self.prefix, self.socket = wanted
+            changed = (url, opts.openflare_redis_prefix) != (self.url, self.prefix) or (
+                url is None and opts.openflare_ban_socket != self.socket  # the socket matters only without Redis
+            )
+            self.url, self.prefix, self.socket = url, opts.openflare_redis_prefix, opts.openflare_ban_socket
             if self.store and changed:
                 self._close_store()
                 self._open_store()
