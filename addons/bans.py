@@ -4,6 +4,10 @@ Runs after FeatureExtractor (which sets `openflare.client_ip` in `requestheaders
 A banned IP is refused in `requestheaders` by an in-memory lookup (no network); later addons see the
 response and return at once. Strikes are counted in `response`, after the Scorer's verdict, with at most
 50 ms spent on Redis. The Redis logic (Lua scripts, local view, allowlist, rate limit) is `addons.banstore`.
+Without Redis the store is in memory (`addons.banserver`): this process owns it and serves it on
+`openflare_ban_socket` for the `openflare` command line and other local proxies, or it shares the one
+another process here serves. Running processes follow changes made by any of them, by `openflare bans` or
+by `redis-cli` within a second (the events channel, and the reconcile for keys deleted without an event).
 """
 
 import logging
@@ -16,6 +20,7 @@ from mitmproxy import exceptions
 from mitmproxy import http
 from mitmproxy.utils import asyncio_utils
 
+from addons import banserver
 from addons import banstore
 from addons import common
 
@@ -52,6 +57,7 @@ class IpBans:
         self.fail_closed = False
         self.url: str | None = None
         self.prefix = banstore.DEFAULT_PREFIX
+        self.socket = banserver.DEFAULT_SOCKET
         self.static_allow: tuple[str, ...] = ()
 
     def load(self, loader) -> None:
@@ -63,6 +69,14 @@ class IpBans:
             "instead (used when this is unset). Neither: an in-process store, lost at restart.",
         )
         loader.add_option("openflare_redis_prefix", str, banstore.DEFAULT_PREFIX, "Prefix of every Redis key OpenFlare writes.")
+        loader.add_option(
+            "openflare_ban_socket",
+            str,
+            banserver.DEFAULT_SOCKET,
+            "Without Redis: the Unix socket on which the in-process ban store is served to the `openflare` "
+            "command line and to other proxy processes started in the same directory (the first process owns "
+            "the store, later ones share it). Relative to the working directory. Empty: not served.",
+        )
         loader.add_option(
             "openflare_redis_fail",
             str,
@@ -139,7 +153,7 @@ class IpBans:
             self.static_allow = tuple(opts.openflare_allowlist)
             if self.store:
                 self.store.allowlist.set_static(self.static_allow)
-        if updated & {"openflare_redis_url", "openflare_redis_prefix"}:
+        if updated & {"openflare_redis_url", "openflare_redis_prefix", "openflare_ban_socket"}:
             url = opts.openflare_redis_url or os.environ.get(REDIS_ENV) or None
             if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
                 raise exceptions.OptionsError("openflare_redis_url must start with redis://, rediss:// or unix://")
@@ -150,8 +164,15 @@ class IpBans:
                 )
             if not opts.openflare_redis_prefix:
                 raise exceptions.OptionsError("openflare_redis_prefix must not be empty")
-            changed = (url, opts.openflare_redis_prefix) != (self.url, self.prefix)
-            self.url, self.prefix = url, opts.openflare_redis_prefix
+            if opts.openflare_ban_socket:
+                try:
+                    banserver.check_path(opts.openflare_ban_socket)
+                except banserver.Unavailable as e:
+                    raise exceptions.OptionsError(f"openflare_ban_socket: {e}") from e
+            changed = (url, opts.openflare_redis_prefix) != (self.url, self.prefix) or (
+                url is None and opts.openflare_ban_socket != self.socket  # the socket matters only without Redis
+            )
+            self.url, self.prefix, self.socket = url, opts.openflare_redis_prefix, opts.openflare_ban_socket
             if self.store and changed:
                 self._close_store()
                 self._open_store()
@@ -164,20 +185,37 @@ class IpBans:
         self._close_store()
 
     def _open_store(self) -> None:
-        if self.url is None:
-            logger.warning(
-                "OpenFlare bans: no Redis configured (%s or openflare_redis_url): using an in-process store; "
-                "bans do not survive a restart and are not shared with other proxy processes",
-                REDIS_ENV,
-            )
-        store = banstore.BanStore(banstore.make_client(self.url), self.prefix, self.policy)
+        if self.url is not None:
+            store = banstore.BanStore(banstore.make_client(self.url), self.prefix, self.policy, where=banstore.redis_where(self.url))
+        else:
+            store = self._embedded_store()
         store.allowlist.set_static(self.static_allow)
         store.start()
         self.store = store
 
+    def _embedded_store(self) -> banstore.BanStore:
+        """The in-process store, served on openflare_ban_socket; or the one another process here serves."""
+        try:
+            hub = banserver.Embedded.open(self.socket or None)
+        except banserver.Unavailable as e:
+            logger.warning("OpenFlare bans: %s: the in-process ban store is not served (`openflare bans` cannot reach it)", e)
+            hub = banserver.Embedded.open(None)
+        why = f"no Redis configured ({REDIS_ENV} or openflare_redis_url)"
+        if hub.owner:
+            served = f"; `openflare bans` and other proxies started here reach it through {hub.path}" if hub.path else ""
+            logger.warning("OpenFlare bans: %s: using the in-process ban store; bans do not survive a restart%s", why, served)
+            kind, where, per_tick = banstore.KIND_IN_PROCESS, hub.path or "", banstore.RECONCILE_KEYS_EMBEDDED
+        else:
+            where = f"process {hub.pid or '?'} through {hub.path}"
+            logger.warning("OpenFlare bans: %s: sharing the in-process ban store of %s; bans do not survive a restart "
+                           "of that process", why, where)  # fmt: skip
+            kind, per_tick = banstore.KIND_SHARED, banstore.RECONCILE_KEYS_EMBEDDED
+        return banstore.BanStore(hub.client(), self.prefix, self.policy, kind=kind, where=where, hub=hub, reconcile_keys=per_tick)
+
     def _close_store(self) -> None:
         store, self.store = self.store, None
         if store is not None:
+            store.close_hub()  # now: the socket goes even if the loop stops before the task below runs
             try:
                 asyncio_utils.create_task(store.close(), name="openflare-bans-close", keep_ref=True)
             except RuntimeError:  # no running loop: nothing left to close on
@@ -326,11 +364,16 @@ class IpBans:
             raise exceptions.CommandError(f"not an IP address or CIDR range: {cidr!r}") from e
         self._background(store.disallow(cidr), "disallow")
 
+    @command.command("openflare.allowlist")
+    def allowlist(self) -> Sequence[str]:
+        """The allowlist: entries of openflare_allowlist, then those added at run time (with seconds left)."""
+        return self._store().allowlist.entries()
+
     @command.command("openflare.banstats")
     def banstats(self) -> Sequence[str]:
-        """Counters of this process: strikes, bans, unbans, refusals, rate limits, Redis errors and outages."""
+        """Counters of this process (strikes, bans, unbans, refusals, rate limits, store errors and outages) and the store in use."""
         store = self._store()
-        return [f"{k}={v}" for k, v in sorted(store.stats.items())] + [f"redis={'up' if store.healthy else 'down'}"]
+        return [f"{k}={v}" for k, v in sorted(store.stats.items())] + [f"store={store.status()}"]
 
 
 addons = [IpBans()]

@@ -16,6 +16,15 @@ follows Redis through the events channel. Pub/sub was chosen over keyspace notif
 RESP3 client-side caching (it only tracks keys this process has read, while we must learn of bans on IPs
 it has never seen; redis.asyncio and fakeredis lack it). Expiry needs no event: each local entry carries its
 deadline. Pub/sub drops messages while disconnected, so every (re)connect re-reads the bans with SCAN.
+
+A key deleted behind the channel's back (`redis-cli del P ban:IP`, publishing nothing) is followed by the
+reconcile: every RECONCILE_EVERY seconds one EXISTS asks for up to `reconcile_keys` entries of the local
+view (bans, then run-time allowlist entries, in rotation); only when some are gone does a Lua script say
+which (RECONCILE_LUA; it also gives their batch's changed TTLs), and those are dropped or updated. Bounded
+work per tick, none when the view is empty. A TTL shortened by hand is followed when it runs out; a key
+made or lengthened by hand without an event (`redis-cli hset`, `expire`) counts from the next (re)connect
+(or, for a ban, the IP's next strike). Without Redis the store is a fakeredis server (`addons.banserver`),
+run by the same code.
 """
 
 from __future__ import annotations
@@ -39,6 +48,9 @@ SYNC_BATCH = 200  # keys per batch of the resync
 BACKOFF_MIN = 0.1
 BACKOFF_MAX = 5.0
 POOL_SIZE = 8  # Redis connections per process, the events subscriber's one included
+RECONCILE_EVERY = 0.5  # seconds between two reconcile ticks
+RECONCILE_KEYS = 1000  # local entries checked per tick (scripts/bench_reconcile.py measures a tick)
+RECONCILE_KEYS_EMBEDDED = 250  # the same against the embedded store (fakeredis: about 7 us a key)
 
 # A ban's duration, shared by the two scripts that ban. Doubling per repeat ban up to the cap.
 _BAN_BODY = """
@@ -88,6 +100,21 @@ redis.call('DEL', KEYS[1], KEYS[3])
 redis.call('SET', KEYS[4], ARGV[1], 'EX', ARGV[2])
 redis.call('PUBLISH', ARGV[4], 'unban\\t' .. ARGV[3])
 return had
+"""
+
+# KEYS: ban/allow keys. ARGV[i]: the ms left this process expects for KEYS[i] (-1: no expiry).
+# Returns {i, pttl, ...} for each key that is gone (pttl -2) or whose TTL differs by more than a second.
+RECONCILE_LUA = """
+local out = {}
+for i, k in ipairs(KEYS) do
+  local t = redis.call('PTTL', k)
+  local want = tonumber(ARGV[i])
+  if t == -2 or (t == -1) ~= (want == -1) or (t >= 0 and math.abs(t - want) > 1000) then
+    out[#out + 1] = i
+    out[#out + 1] = t
+  end
+end
+return out
 """
 
 _UNSAFE = re.compile(r"[^\x20-\x7e]+|\"")
@@ -236,13 +263,14 @@ class Allowlist:
         return False
 
     def entries(self) -> list[str]:
+        """One line per entry: `CIDR (option)`, `CIDR (added, no expiry)`, `CIDR (added, N s left)`."""
         now = time.monotonic()
         out = [f"{n} (option)" for n in self.static]
         for cidr, (_, deadline) in sorted(self.dynamic.items()):
             if deadline is None:
-                out.append(f"{cidr} (redis, no expiry)")
+                out.append(f"{cidr} (added, no expiry)")
             elif deadline > now:
-                out.append(f"{cidr} (redis, {int(deadline - now)} s left)")
+                out.append(f"{cidr} (added, {int(deadline - now)} s left)")
         return out
 
 
@@ -265,9 +293,20 @@ class RateLimiter:
         return n
 
 
+# What a BanStore talks to (`kind`), for its messages: a Redis server, the embedded store this process keeps
+# in memory, or the embedded store of another process on this host, reached through its Unix socket.
+KIND_REDIS = "redis"
+KIND_IN_PROCESS = "in-process"
+KIND_SHARED = "shared"
+
+
 @dataclass
 class BanStore:
-    """The Redis logic plus the local view. `client` is a redis.asyncio client (or fakeredis's)."""
+    """The Redis logic plus the local view. `client` is a redis.asyncio client (or fakeredis's).
+
+    `kind` and `where` (an address without password, a socket path) only name the store in messages;
+    `hub` (an `addons.banserver.Embedded`) is closed with the store.
+    """
 
     client: object
     prefix: str = DEFAULT_PREFIX
@@ -277,18 +316,28 @@ class BanStore:
     bans: dict[str, Ban] = field(default_factory=dict)
     allowlist: Allowlist = field(default_factory=Allowlist)
     stats: dict[str, int] = field(default_factory=dict)
+    kind: str = KIND_REDIS
+    where: str = ""
+    hub: object | None = None
+    reconcile_keys: int = RECONCILE_KEYS
     _state: bool | None = None  # None until the first connect succeeds or fails
 
     def __post_init__(self) -> None:
         self.channel = self.prefix + "events"
-        self._strike = self.client.register_script(STRIKE_LUA)
-        self._ban = self.client.register_script(BAN_LUA)
-        self._unban = self.client.register_script(UNBAN_LUA)
+        self._register()
+        self._rot_bans: list[str] = []  # local entries still to reconcile this round (banned IPs...
+        self._rot_allow: list[str] = []  # ...then run-time allowlist entries)
         self._task: asyncio.Task | None = None
         self._wake = asyncio.Event()
         self._synced = asyncio.Event()
         self._ever = False  # connected at least once
         self._probe: asyncio.Task | None = None
+
+    def _register(self) -> None:
+        self._strike = self.client.register_script(STRIKE_LUA)
+        self._ban = self.client.register_script(BAN_LUA)
+        self._unban = self.client.register_script(UNBAN_LUA)
+        self._reconcile = self.client.register_script(RECONCILE_LUA)
 
     # --- keys and counters ---
     def key(self, kind: str, ip: str) -> str:
@@ -335,8 +384,7 @@ class BanStore:
             self._lost(e if str(e) else TimeoutError(f"no answer to PING in {PROBE_TIMEOUT} s"))
 
     def _args(self, ip: str, reason: str, seen_ms: int = 0, seconds: int = 0) -> list:
-        p = self.policy
-        return [seen_ms, p.window, p.strikes, seconds, p.max_seconds, p.memory, sanitise(reason), ip, self.channel, p.ban_seconds]
+        return script_args(self.policy, self.channel, ip, reason, seen_ms, seconds)
 
     async def strike(self, ip: str, reason: str, seen_ms: int | None = None, addr: str | None = None) -> StrikeResult:
         """Count one strike against `ip` (a key from `ip_key`; `addr` the address, if grouped); ban at the threshold.
@@ -348,8 +396,7 @@ class BanStore:
         if self.check(ip):
             return StrikeResult(0, status="already-banned")
         seen_ms = int(time.time() * 1000) if seen_ms is None else seen_ms
-        keys = [self.key("strikes", ip), self.key("ban", ip), self.key("level", ip), self.key("unban", ip)]
-        res = await self._call(self._strike, keys, self._args(ip, reason, seen_ms))
+        res = await self._call(self._strike, script_keys(self.prefix, ip), self._args(ip, reason, seen_ms))
         if res is None:
             self.count("strikes_lost")
             return StrikeResult(0, status="redis-down")
@@ -375,11 +422,10 @@ class BanStore:
         """Ban now, for `seconds` (0: the escalating duration); returns the seconds. Redis down: local only, ConnectionError."""
         if self.allowlist.allowed(ip):
             raise ValueError(f"{ip} is allowlisted")
-        keys = [self.key("strikes", ip), self.key("ban", ip), self.key("level", ip)]
-        res = await self._call(self._ban, keys, self._args(ip, reason, seconds=seconds))
+        res = await self._call(self._ban, script_keys(self.prefix, ip)[:3], self._args(ip, reason, seconds=seconds))
         if res is None:
             self._banned(ip, seconds or self.policy.ban_seconds, 0, 0, reason)
-            raise ConnectionError("Redis is unreachable: ban applied to this process only")
+            raise ConnectionError("the ban store is unreachable: ban applied to this process only")
         n, secs, level = (int(x) for x in res)
         self._banned(ip, secs, level, n, reason)
         return secs
@@ -387,10 +433,9 @@ class BanStore:
     async def unban(self, ip: str) -> bool:
         """Lift a ban, forget its strikes and escalation; strikes seen before now are ignored. True if it was banned."""
         self.bans.pop(ip, None)
-        keys = [self.key("strikes", ip), self.key("ban", ip), self.key("level", ip), self.key("unban", ip)]
-        res = await self._call(self._unban, keys, [int(time.time() * 1000), max(self.policy.window, 60), ip, self.channel])
+        res = await self._call(self._unban, script_keys(self.prefix, ip), unban_args(self.policy, self.channel, ip))
         if res is None:
-            raise ConnectionError("Redis is unreachable: unban applied to this process only")
+            raise ConnectionError("the ban store is unreachable: unban applied to this process only")
         self.count("unbans")
         logger.info("openflare unban ip=%s was_banned=%s", ip, bool(res))
         return bool(res)
@@ -399,12 +444,9 @@ class BanStore:
         """Allowlist an IP or CIDR range, for `seconds` (0: until removed)."""
         net = self.allowlist.add(cidr, time.monotonic() + seconds if seconds else None)
         if not self.healthy:
-            raise ConnectionError("Redis is unreachable: allowlist entry applied to this process only")
+            raise ConnectionError("the ban store is unreachable: allowlist entry applied to this process only")
         async with asyncio.timeout(1):
-            pipe = self.client.pipeline(transaction=True)
-            pipe.set(self.key("allow", net), "1", ex=seconds or None)
-            pipe.publish(self.channel, f"allow\t{net}\t{seconds * 1000}")
-            await pipe.execute()
+            await write_allow(self.client, self.prefix, net, seconds)
         logger.info("openflare allow cidr=%s seconds=%d", net, seconds)
         return net
 
@@ -412,12 +454,9 @@ class BanStore:
         net = str(ipaddress.ip_network(cidr.strip(), strict=False))
         self.allowlist.remove(net)
         async with asyncio.timeout(1):
-            pipe = self.client.pipeline(transaction=True)
-            pipe.delete(self.key("allow", net))
-            pipe.publish(self.channel, f"disallow\t{net}")
-            removed, _ = await pipe.execute()
+            removed = await write_disallow(self.client, self.prefix, net)
         logger.info("openflare disallow cidr=%s", net)
-        return bool(removed)
+        return removed
 
     async def strikes_of(self, ips: list[str]) -> list[int]:
         if not ips:
@@ -442,6 +481,13 @@ class BanStore:
                 pass
             self._task = None
         await self.client.aclose()
+        self.close_hub()
+
+    def close_hub(self) -> None:
+        """Stop serving the embedded store (if this store's process serves it); safe to call twice."""
+        hub, self.hub = self.hub, None
+        if hub is not None:
+            hub.close()
 
     async def wait_synced(self, timeout: float = 5) -> bool:
         try:
@@ -455,15 +501,29 @@ class BanStore:
     def healthy(self) -> bool:
         return self._state is True
 
+    def status(self) -> str:
+        """The store in use and its state, for `openflare.banstats`: e.g. `redis 127.0.0.1:6379/0 up`."""
+        if self.kind == KIND_IN_PROCESS:
+            return "in-process" + (f" (served on {self.where})" if self.where else "")
+        state = {True: "up", False: "down", None: "connecting"}[self._state]
+        name = "redis" if self.kind == KIND_REDIS else "shared"
+        return f"{name} {self.where} {state}" if self.where else f"{name} {state}"
+
     def _set_health(self, ok: bool, why: object = "") -> None:
         if ok is self._state:
             return
         self._state = ok
+        where = f" ({self.where})" if self.where else ""
+        if self.kind == KIND_IN_PROCESS:
+            name, up, where = "in-process ban store", "ready", f" (served on {self.where})" if self.where else " (not served)"
+        else:
+            name, up = ("Redis" if self.kind == KIND_REDIS else "shared ban store"), "reachable"
         if ok:
-            logger.info("openflare bans: Redis reachable, %d bans loaded", len(self.bans))
+            logger.info("openflare bans: %s %s%s, %d bans loaded", name, up, where, len(self.bans))
         else:
             self.count("redis_outages")
-            logger.warning("openflare bans: Redis unreachable (%s); reconnecting with backoff", sanitise(why, 200))
+            logger.warning("openflare bans: %s unreachable (%s%s); reconnecting with backoff", name,
+                           f"{self.where}: " if self.where else "", sanitise(why, 200))  # fmt: skip
         if self.on_health:
             self.on_health(ok)
 
@@ -485,15 +545,21 @@ class BanStore:
                 self._synced.set()
                 self._ever = True
                 backoff = BACKOFF_MIN
+                tick = time.monotonic() + RECONCILE_EVERY
                 while not self._wake.is_set():
-                    msg = await pubsub.get_message(timeout=0.5)
+                    msg = await pubsub.get_message(timeout=max(0.0, min(0.5, tick - time.monotonic())))
                     if msg is not None:
                         self.apply(msg["data"])
+                    if time.monotonic() >= tick:
+                        await self.reconcile()
+                        tick = time.monotonic() + RECONCILE_EVERY
                 raise ConnectionError("a Redis call failed")
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - whatever broke, back off and reconnect
                 self._lost(e)
+                if await self._take_over():
+                    continue
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
             finally:
@@ -501,6 +567,30 @@ class BanStore:
                     await asyncio.wait_for(pubsub.aclose(), 0.5)
                 except (asyncio.CancelledError, Exception):  # noqa: BLE001
                     pass
+
+    async def _take_over(self) -> bool:
+        """A shared embedded store whose owner has gone: own it now if no other process has (the first one
+        to try does), seeded with this process's view of the bans and the allowlist."""
+        hub = self.hub
+        if self.kind != KIND_SHARED or hub is None:
+            return False
+        try:
+            if not hub.take_over():
+                return False
+        except Exception as e:  # noqa: BLE001 - cannot serve: stay a member, keep reconnecting
+            logger.warning("openflare bans: cannot take over the shared ban store: %s", sanitise(e, 200))
+            return False
+        old, self.client = self.client, hub.client()
+        self._register()
+        self.kind, self.where = KIND_IN_PROCESS, hub.path or ""
+        n = await seed(self.client, self.prefix, self.bans, self.allowlist.dynamic, self.policy)
+        logger.warning("openflare bans: the process that kept the shared ban store is gone: this one keeps it now, "
+                       "served on %s (%d bans carried over; strike counts start again)", self.where, n)  # fmt: skip
+        try:
+            await asyncio.wait_for(old.aclose(), 1)
+        except (asyncio.CancelledError, Exception):  # noqa: BLE001
+            pass
+        return True
 
     def apply(self, data: bytes | str) -> None:
         """Apply one event from the channel to the local view."""
@@ -522,37 +612,212 @@ class BanStore:
 
     async def resync(self) -> None:
         """Replace the local view with what Redis holds now."""
+        self.bans = await read_bans(self.client, self.prefix)
+        self.allowlist.replace_dynamic(await read_allow(self.client, self.prefix))
+        self._rot_bans, self._rot_allow = [], []
+
+    async def reconcile(self) -> int:
+        """Check the next `reconcile_keys` entries of the local view against the store: one EXISTS for all
+        of them; only when some are gone, one Lua call says which (and whose TTL changed), and those are
+        dropped or updated. Returns how many entries were checked."""
+        if not self._rot_bans and not self._rot_allow:
+            self._rot_bans, self._rot_allow = list(self.bans), list(self.allowlist.dynamic)  # keys only: cheap
         now = time.monotonic()
-        bans: dict[str, Ban] = {}
-        prefix = self.key("ban", "")
-        # Small batches: parsing the replies runs on the event loop, between requests.
-        async for batch in scan_keys(self.client, prefix + "*", SYNC_BATCH):
-            pipe = self.client.pipeline(transaction=False)
-            for k in batch:
-                pipe.hgetall(k)
-                pipe.pttl(k)
-            async with asyncio.timeout(SYNC_TIMEOUT):
-                res = await pipe.execute()
-            for k, h, ttl in zip(batch, res[::2], res[1::2]):
-                if ttl is None or ttl == -2 or not h:
+        batch: list[tuple[str, str, object]] = []
+        for kind, names, view in (("ban", self._rot_bans, self.bans), ("allow", self._rot_allow, self.allowlist.dynamic)):
+            room = self.reconcile_keys - len(batch)
+            if room <= 0 or not names:
+                continue
+            part = names[-room:]
+            del names[-room:]
+            for name in part:
+                entry = view.get(name)
+                deadline = None if entry is None else entry.deadline if kind == "ban" else entry[1]
+                if entry is not None and (deadline is None or deadline > now + 1):  # ending anyway: leave it
+                    batch.append((kind, name, entry))
+        if not batch:
+            return 0
+        keys = [self.key(kind, name) for kind, name, _ in batch]
+        async with asyncio.timeout(SYNC_TIMEOUT):
+            if await self.client.exists(*keys) >= len(keys):
+                return len(batch)  # the common case: every one is still there
+            want = []
+            for kind, _, entry in batch:
+                deadline = entry.deadline if kind == "ban" else entry[1]
+                want.append(-1 if deadline is None or deadline == float("inf") else max(0, int((deadline - now) * 1000)))
+            res = await self._reconcile(keys=keys, args=want)
+        now = time.monotonic()
+        changed_allow = False
+        changed: list[str] = []
+        for i, ttl in zip(res[::2], res[1::2]):
+            kind, name, entry = batch[int(i) - 1]
+            ttl = int(ttl)
+            if kind == "ban":
+                if self.bans.get(name) is not entry:  # replaced by an event meanwhile: that one is newer
                     continue
-                h = {_s(a): _s(b) for a, b in h.items()}
-                deadline = now + ttl / 1000 if ttl > 0 else float("inf")
-                bans[_s(k)[len(prefix) :]] = Ban(deadline, h.get("reason", ""), int(h.get("level", 1)), int(h.get("strikes", 0)))
-        allow: dict[str, float | None] = {}
-        aprefix = self.key("allow", "")
-        async for batch in scan_keys(self.client, aprefix + "*"):
-            pipe = self.client.pipeline(transaction=False)
-            for k in batch:
-                pipe.pttl(k)
-            async with asyncio.timeout(SYNC_TIMEOUT):
-                ttls = await pipe.execute()
-            for k, ttl in zip(batch, ttls):
                 if ttl == -2:
+                    del self.bans[name]
+                else:
+                    entry.deadline = float("inf") if ttl == -1 else now + ttl / 1000
+            else:
+                if self.allowlist.dynamic.get(name) is not entry:
                     continue
-                allow[_s(k)[len(aprefix) :]] = now + ttl / 1000 if ttl > 0 else None
-        self.bans = bans
-        self.allowlist.replace_dynamic(allow)
+                if ttl == -2:
+                    del self.allowlist.dynamic[name]
+                else:
+                    self.allowlist.dynamic[name] = (entry[0], None if ttl == -1 else now + ttl / 1000)
+                changed_allow = True
+            changed.append(f"{kind} {name} {'removed' if ttl == -2 else 'expiry changed'}")
+        if changed_allow:
+            self.allowlist.replace_dynamic({k: d for k, (_, d) in self.allowlist.dynamic.items()})
+        if changed:
+            self.count("reconciled", len(changed))
+            more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+            logger.info("openflare bans: changed in the store without an event: %s%s", ", ".join(changed[:5]), more)
+        return len(batch)
+
+
+# --- what every process does the same way: keys, script arguments, allowlist writes, reading the view ---
+
+
+def script_keys(prefix: str, ip: str) -> list[str]:
+    """KEYS of STRIKE_LUA and UNBAN_LUA (BAN_LUA takes the first three): strikes, ban, level, unban."""
+    return [f"{prefix}strikes:{ip}", f"{prefix}ban:{ip}", f"{prefix}level:{ip}", f"{prefix}unban:{ip}"]
+
+
+def script_args(policy: Policy, channel: str, ip: str, reason: str, seen_ms: int = 0, seconds: int = 0) -> list:
+    """ARGV of STRIKE_LUA and BAN_LUA."""
+    p = policy
+    return [seen_ms, p.window, p.strikes, seconds, p.max_seconds, p.memory, sanitise(reason), ip, channel, p.ban_seconds]
+
+
+def unban_args(policy: Policy, channel: str, ip: str) -> list:
+    return [int(time.time() * 1000), max(policy.window, 60), ip, channel]
+
+
+async def write_allow(client, prefix: str, net: str, seconds: int = 0) -> None:
+    """Allowlist `net` (a normalised network) for `seconds` (0: until removed), and tell every process."""
+    pipe = client.pipeline(transaction=True)
+    pipe.set(f"{prefix}allow:{net}", "1", ex=seconds or None)
+    pipe.publish(prefix + "events", f"allow\t{net}\t{seconds * 1000}")
+    await pipe.execute()
+
+
+async def write_disallow(client, prefix: str, net: str) -> bool:
+    """Remove `net` from the allowlist, and tell every process; True if it was there."""
+    pipe = client.pipeline(transaction=True)
+    pipe.delete(f"{prefix}allow:{net}")
+    pipe.publish(prefix + "events", f"disallow\t{net}")
+    removed, _ = await pipe.execute()
+    return bool(removed)
+
+
+async def read_bans(client, prefix: str) -> dict[str, Ban]:
+    """Every ban in the store, with its deadline on this process's monotonic clock."""
+    now = time.monotonic()
+    bans: dict[str, Ban] = {}
+    bprefix = f"{prefix}ban:"
+    # Small batches: parsing the replies runs on the event loop, between requests.
+    async for batch in scan_keys(client, bprefix + "*", SYNC_BATCH):
+        pipe = client.pipeline(transaction=False)
+        for k in batch:
+            pipe.hgetall(k)
+            pipe.pttl(k)
+        async with asyncio.timeout(SYNC_TIMEOUT):
+            res = await pipe.execute()
+        for k, h, ttl in zip(batch, res[::2], res[1::2]):
+            if ttl is None or ttl == -2 or not h:
+                continue
+            h = {_s(a): _s(b) for a, b in h.items()}
+            deadline = now + ttl / 1000 if ttl > 0 else float("inf")
+            try:
+                bans[_s(k)[len(bprefix) :]] = Ban(deadline, h.get("reason", ""), int(h.get("level", 1)), int(h.get("strikes", 0)))
+            except ValueError:
+                logger.warning("openflare bans: ignoring a malformed ban %s in the store", sanitise(_s(k), 200))
+    return bans
+
+
+async def read_allow(client, prefix: str) -> dict[str, float | None]:
+    """Every run-time allowlist entry in the store: network -> deadline (monotonic) or None (no expiry)."""
+    now = time.monotonic()
+    allow: dict[str, float | None] = {}
+    aprefix = f"{prefix}allow:"
+    async for batch in scan_keys(client, aprefix + "*"):
+        pipe = client.pipeline(transaction=False)
+        for k in batch:
+            pipe.pttl(k)
+        async with asyncio.timeout(SYNC_TIMEOUT):
+            ttls = await pipe.execute()
+        for k, ttl in zip(batch, ttls):
+            if ttl == -2:
+                continue
+            allow[_s(k)[len(aprefix) :]] = now + ttl / 1000 if ttl > 0 else None
+    return allow
+
+
+async def seed(client, prefix: str, bans: dict[str, Ban], allow: dict, policy: Policy) -> int:
+    """Write a local view into an empty store (a process taking over the embedded store); returns the bans written."""
+    now = time.monotonic()
+    pipe = client.pipeline(transaction=False)
+    n = 0
+    for ip, ban in bans.items():
+        left = ban.remaining(now)
+        if left <= 0:
+            continue
+        key = f"{prefix}ban:{ip}"
+        pipe.hset(key, mapping={"reason": ban.reason, "seconds": int(left) + 1, "level": ban.level, "strikes": ban.strikes})
+        if left != float("inf"):
+            pipe.pexpire(key, max(1, int(left * 1000)))
+        pipe.set(f"{prefix}level:{ip}", ban.level, ex=policy.memory)
+        n += 1
+    for net, (_, deadline) in allow.items():
+        if deadline is None:
+            pipe.set(f"{prefix}allow:{net}", "1")
+        elif deadline > now:
+            pipe.set(f"{prefix}allow:{net}", "1", px=max(1, int((deadline - now) * 1000)))
+    async with asyncio.timeout(SYNC_TIMEOUT):
+        await pipe.execute()
+    return n
+
+
+class Operator:
+    """What an operator's tool (the `openflare` command line) does to the store: the proxies' own scripts,
+    keys and events, so every running proxy follows at once. No local view, no health tracking."""
+
+    def __init__(self, client, prefix: str = DEFAULT_PREFIX, policy: Policy | None = None) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.policy = policy or Policy()
+        self.channel = prefix + "events"
+        self._ban = client.register_script(BAN_LUA)
+        self._unban = client.register_script(UNBAN_LUA)
+
+    async def ban(self, ip: str, seconds: int = 0, reason: str = "manual") -> tuple[int, int]:
+        """Ban `ip` (a key from parse_key) for `seconds` (0: the policy's escalating duration); (seconds, level)."""
+        res = await self._ban(keys=script_keys(self.prefix, ip)[:3], args=script_args(self.policy, self.channel, ip, reason, seconds=seconds))
+        _, secs, level = (int(x) for x in res)
+        return secs, level
+
+    async def unban(self, ip: str) -> bool:
+        """Lift the ban, clear strikes and escalation (as openflare.unban); True if a ban was in force."""
+        return bool(await self._unban(keys=script_keys(self.prefix, ip), args=unban_args(self.policy, self.channel, ip)))
+
+    async def allow(self, cidr: str, seconds: int = 0) -> str:
+        net = str(ipaddress.ip_network(cidr.strip(), strict=False))
+        await write_allow(self.client, self.prefix, net, seconds)
+        return net
+
+    async def disallow(self, cidr: str) -> bool:
+        return await write_disallow(self.client, self.prefix, str(ipaddress.ip_network(cidr.strip(), strict=False)))
+
+    async def bans(self) -> dict[str, Ban]:
+        return await read_bans(self.client, self.prefix)
+
+    async def allowlist(self) -> dict[str, float | None]:
+        return await read_allow(self.client, self.prefix)
+
+    async def close(self) -> None:
+        await self.client.aclose()
 
 
 async def scan_keys(client, pattern: str, count: int = 1000):
@@ -585,6 +850,20 @@ def embedded_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("fakeredis") is not None and importlib.util.find_spec("lupa") is not None
+
+
+def redis_where(url: str) -> str:
+    """Where a Redis URL points, without user or password: `host:port/db`, or the socket path."""
+    from urllib.parse import urlsplit
+
+    try:
+        u = urlsplit(url)
+        if u.scheme == "unix":
+            return u.path or "?"
+        host = u.hostname or "localhost"
+        return f"{'[' + host + ']' if ':' in host else host}:{u.port or 6379}/{(u.path or '/0').lstrip('/') or '0'}"
+    except ValueError:
+        return "?"
 
 
 def make_client(url: str | None):

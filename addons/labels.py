@@ -79,12 +79,8 @@ def capture(f: http.HTTPFlow, body_cap: int) -> dict:
 
 
 def label_doc(f: http.HTTPFlow, label: str, masker: records.Masker, body_cap: int, now: float, override: bool = False) -> dict:
-    doc = records.build(capture(f, body_cap), masker)
+    doc = records.operator_label(records.build(capture(f, body_cap), masker), label, now, override)
     doc["_id"] = f.id
-    doc["label"] = label
-    doc["label_source"] = "operator"
-    doc["label_override"] = override
-    doc["label_time"] = records.to_time(now)
     return doc
 
 

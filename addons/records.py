@@ -431,6 +431,23 @@ def build(capture: dict, masker: Masker) -> dict:
     return rec
 
 
+# --- operator labels ----------------------------------------------------------------------------------
+
+_CHAIN_FIELDS = frozenset(("chain", "seq", "prev", "prev_time", "hash", "instance"))
+
+
+def operator_label(rec: dict, label: str, now: float, override: bool = False) -> dict:
+    """The `labels` document of an operator label: a full record (`build`'s output, or a stored record, whose
+    chain fields are left out: a label is outside the chains) with `label`, `label_source: "operator"`,
+    `label_time`, and `label_override` (true when it contradicts the verdict on purpose: `label_conflict`)."""
+    doc = {k: v for k, v in rec.items() if k not in _CHAIN_FIELDS}
+    doc["label"] = label
+    doc["label_source"] = "operator"
+    doc["label_time"] = to_time(now)
+    doc["label_override"] = override
+    return doc
+
+
 # --- the hash chain -----------------------------------------------------------------------------------
 
 

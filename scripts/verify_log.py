@@ -1,6 +1,7 @@
 """Walk the records' hash chains and name the first broken link.
 
     .venv/bin/python scripts/verify_log.py [--uri URI | --dir data/records] [--days 30] [--spill FILE]
+    openflare verify-log                      (the same walk, with the proxies' settings: addons/cli.py)
 
 The store is OPENFLARE_MONGO_URI (or --uri) when set, else the embedded store in --dir. Records still
 waiting in the spill file are walked with the stored ones. Each proxy run writes one chain; a chain may
@@ -11,11 +12,9 @@ Exit status: 0 intact, 1 broken, 2 the store could not be read.
 from __future__ import annotations
 
 import argparse
-import heapq
 import sys
-from pathlib import Path
 
-from addons import records
+from addons import cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,46 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.days < 0:
         ap.error("--days must be >= 0")
-    try:
-        store = records.store_from_args(args.uri, args.dir)
-    except (ValueError, OSError) as e:
-        print(f"verify-log: cannot open the store: {e}", file=sys.stderr)
-        return 2
-    key = lambda r: (str(r.get("chain")), r.get("seq") if isinstance(r.get("seq"), int) else -1)  # noqa: E731
-    spilled: list[dict] = []
-    if args.spill and Path(args.spill).exists():
-        try:
-            for batch in records.SpillFile(args.spill).read(10000):
-                spilled.extend(batch)
-        except (OSError, ValueError) as e:
-            store.close()
-            print(f"verify-log: cannot read the spill file {args.spill}: {e}", file=sys.stderr)
-            return 2
-        spilled.sort(key=key)
-
-    def merged():
-        seen_last = None
-        for rec in heapq.merge(store.find(), spilled, key=key):
-            if rec.get("_id") == seen_last:  # spilled and already replayed
-                continue
-            seen_last = rec.get("_id")
-            yield rec
-
-    try:
-        result = records.verify(merged(), days=args.days)
-    except Exception as e:  # noqa: BLE001 - pymongo errors, unreadable store
-        print(f"verify-log: cannot read the store {store.description}: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
-    finally:
-        store.close()
-    where = f"{store.description}" + (f" + {len(spilled)} spilled" if spilled else "")
-    if result["broken"]:
-        b = result["broken"]
-        print(f"BROKEN ({where}): first broken link: chain {b['chain']} seq {b['seq']} id {b['id']}: {b['reason']}")
-        return 1
-    note = f"; {len(result['truncated'])} chains start after seq 0 (older records expired)" if result["truncated"] else ""
-    print(f"OK ({where}): {result['records']} records in {result['chains']} chains, every link intact{note}")
-    return 0
+    return cli.verify_log(args.uri, args.dir, args.days, args.spill)  # `openflare verify-log` runs the same
 
 
 if __name__ == "__main__":

@@ -244,7 +244,8 @@ def mitmdump(processes, tmp_path_factory):
     mitmdump(scripts=["addons/features.py", ...], mode="reverse:http://...", options={"k": v},
              env={...}, conf={"k": v}, wait=True) -> Proc
     Its confdir is a fresh temporary directory whose config.yaml is mitm.conf with `conf` applied
-    (`options` go to `--set`, which loses against a key the file sets).
+    (`options` go to `--set`, which loses against a key the file sets), and with the embedded ban store's
+    socket in that directory (`proc.extra["ban_socket"]`) unless `conf` names one.
     With wait=False it returns at once (to watch it fail at startup: `proc.wait()`, `proc.output()`).
     """
 
@@ -257,10 +258,13 @@ def mitmdump(processes, tmp_path_factory):
         wait: bool = True,
     ) -> Proc:
         port = free_port()
-        confdir = make_confdir(tmp_path_factory.mktemp("confdir"), conf)
+        path = tmp_path_factory.mktemp("confdir")
+        # Its own embedded ban store: never one shared with another test proxy or a `make run` in the repo.
+        confdir = make_confdir(path, {"openflare_ban_socket": str(path / "bans.sock"), **(conf or {})})
         args = mitmdump_args(port, confdir, scripts, mode, options)
         proc = processes.start("mitmdump", args, port, env=env, wait=wait)
         proc.extra["confdir"] = confdir
+        proc.extra["ban_socket"] = (conf or {}).get("openflare_ban_socket", str(path / "bans.sock"))
         return proc
 
     return start

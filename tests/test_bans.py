@@ -28,6 +28,7 @@ SQLI = b"/?id=1%27%20OR%20%271%27=%271"
 MY_OPTIONS = {
     "openflare_redis_url": None,
     "openflare_redis_prefix": "openflare:",
+    "openflare_ban_socket": "data/bans.sock",
     "openflare_redis_fail": "open",
     "openflare_ban_action": "refuse",
     "openflare_strikes": 3,
@@ -161,19 +162,61 @@ def test_bad_options_are_refused(bad):
             tctx.configure(addon, **bad)
 
 
-async def test_without_redis_the_embedded_store_is_used_with_a_warning(monkeypatch, caplog):
+async def test_without_redis_the_embedded_store_is_used_with_a_warning(monkeypatch, caplog, tmp_path):
     monkeypatch.delenv("OPENFLARE_REDIS_URL", raising=False)
+    caplog.set_level("INFO")
+    sock = str(tmp_path / "bans.sock")
     addon = IpBans()
     with taddons.context(addon) as tctx:
-        tctx.configure(addon, openflare_strikes=1)
+        tctx.configure(addon, openflare_strikes=1, openflare_ban_socket=sock)
         addon.running()
         try:
-            assert "do not survive a restart" in caplog.text
+            assert "using the in-process ban store; bans do not survive a restart" in caplog.text
             assert await addon.store.wait_synced()
+            # The messages say the store actually in use: no "Redis reachable", no "redis=up".
+            assert f"in-process ban store ready (served on {sock}), 0 bans loaded" in caplog.text
+            assert "Redis reachable" not in caplog.text
+            assert tctx.command(addon.banstats)[-1] == f"store=in-process (served on {sock})"
             await attack(addon, "198.51.100.1")
             assert not await served(addon, "198.51.100.1")
         finally:
             await _stop(addon)
+    assert not (tmp_path / "bans.sock").exists()
+
+
+async def test_a_second_process_without_redis_shares_the_first_ones_store(monkeypatch, caplog, tmp_path):
+    """Two proxies started in one directory (workers on one host): the second uses the first's store."""
+    monkeypatch.delenv("OPENFLARE_REDIS_URL", raising=False)
+    caplog.set_level("INFO")
+    sock = str(tmp_path / "bans.sock")
+    class OtherIpBans(IpBans):  # one mitmproxy context holds one addon per name
+        pass
+
+    first, second = IpBans(), OtherIpBans()
+    with taddons.context(first, second) as tctx:
+        tctx.configure(first, openflare_strikes=1, openflare_ban_socket=sock)
+        first.running()
+        second.running()
+        try:
+            assert await first.store.wait_synced() and await second.store.wait_synced()
+            assert f"sharing the in-process ban store of process {os.getpid()} through {sock}" in caplog.text
+            assert f"shared ban store reachable (process {os.getpid()} through {sock})" in caplog.text
+            assert tctx.command(second.banstats)[-1] == f"store=shared process {os.getpid()} through {sock} up"
+            await attack(second, "198.51.100.2")  # struck and banned through the socket...
+            deadline = time.monotonic() + 1
+            while await served(first, "198.51.100.2") and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert not await served(first, "198.51.100.2")  # ...and the owner refuses it too
+        finally:
+            await _stop(second)
+            await _stop(first)
+
+
+def test_a_socket_path_that_cannot_be_one_is_refused():
+    addon = IpBans()
+    with taddons.context(addon) as tctx:
+        with pytest.raises(exceptions.OptionsError, match="openflare_ban_socket: socket path too long"):
+            tctx.configure(addon, openflare_ban_socket="data/" + "x" * 200)
 
 
 async def test_the_url_comes_from_the_environment(monkeypatch, prefix):
@@ -305,8 +348,14 @@ async def test_commands_ban_list_unban_allow(bans, prefix):
         tctx.configure(addon, openflare_strikes=1)
         await attack(addon, "198.51.100.21")
         assert await served(addon, "198.51.100.21")
+        assert tctx.command(addon.allowlist)[0].startswith("198.51.100.0/24 (added, ")
         tctx.command(addon.disallow, "198.51.100.0/24")
-        assert any(x.startswith("strikes=") for x in tctx.command(addon.banstats))
+        assert tctx.command(addon.allowlist) == []
+        tctx.configure(addon, openflare_allowlist=["10.0.0.0/8"])
+        assert tctx.command(addon.allowlist) == ["10.0.0.0/8 (option)"]
+        stats = tctx.command(addon.banstats)
+        assert any(x.startswith("strikes=") for x in stats)
+        assert stats[-1] == "store=redis 127.0.0.1:6379/0 up"
     finally:
         await r.aclose()
     for bad in (("ban", "example.com"), ("ban", "10.0.0.0/8"), ("unban", "x"), ("allow", "10.0.0.0/33"), ("ban", "1.2.3.4", "-1")):
@@ -317,7 +366,8 @@ async def test_commands_ban_list_unban_allow(bans, prefix):
 async def test_commands_are_registered_under_their_names(bans):
     addon, tctx = bans
     names = set(tctx.master.commands.commands)
-    assert {"openflare.ban", "openflare.unban", "openflare.bans", "openflare.allow", "openflare.disallow"} <= names
+    assert {"openflare.ban", "openflare.unban", "openflare.bans", "openflare.allow", "openflare.disallow",
+            "openflare.allowlist", "openflare.banstats"} <= names  # fmt: skip
     tctx.master.commands.call_strings("openflare.ban", ["198.51.100.22"])
     assert not await served(addon, "198.51.100.22")
 

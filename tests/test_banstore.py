@@ -266,6 +266,181 @@ async def test_embedded_fakeredis_runs_the_same_code(prefix):
         await store.close()
 
 
+# --- following changes made behind the events channel's back (the reconcile) ---
+
+
+@pytest.fixture(params=["redis", "embedded"])
+async def followed(request, prefix, tmp_path):
+    """(store, raw client): a started BanStore and a second client of the same store that publishes nothing
+    (as redis-cli does): the shared Redis under this test's prefix, or the embedded store on a socket."""
+    from addons import banserver
+
+    if request.param == "redis":
+        store = banstore.BanStore(banstore.make_client(REDIS_URL), prefix, banstore.Policy())
+        raw = aioredis.from_url(REDIS_URL)
+    else:
+        hub = banserver.Embedded.open(str(tmp_path / "bans.sock"))
+        store = banstore.BanStore(hub.client(), prefix, banstore.Policy(), kind=banstore.KIND_IN_PROCESS, where=hub.path,
+                                  hub=hub, reconcile_keys=banstore.RECONCILE_KEYS_EMBEDDED)  # fmt: skip
+        raw = banserver.client(hub.path)
+    store.start()
+    assert await store.wait_synced()
+    yield store, raw
+    await raw.aclose()
+    await store.close()
+
+
+async def test_a_ban_key_deleted_without_an_event_is_followed_within_a_second(followed):
+    store, raw = followed
+    await store.ban("198.51.100.60", 600)
+    await store.ban("198.51.100.61", 600)
+    await store.allow("203.0.113.0/24")
+    assert store.check("198.51.100.60") and store.allowlist.allowed("203.0.113.9")
+    await raw.delete(store.key("ban", "198.51.100.60"), store.key("allow", "203.0.113.0/24"))  # like `redis-cli del`
+    assert await until(lambda: store.check("198.51.100.60") is None and not store.allowlist.allowed("203.0.113.9"), 1.0)
+    assert store.check("198.51.100.61") is not None  # the others stay
+    assert store.stats["reconciled"] == 2
+
+
+async def test_a_ttl_shortened_without_an_event_is_followed_when_it_runs_out(followed):
+    store, raw = followed
+    await store.ban("198.51.100.62", 600)
+    await raw.expire(store.key("ban", "198.51.100.62"), 1)  # like `redis-cli expire ... 1`
+    assert await until(lambda: store.check("198.51.100.62") is None, 2.5)
+
+
+@pytest.fixture
+async def idle_store(prefix):
+    """A BanStore on the shared Redis whose follow loop is not running: reconcile ticks only when called."""
+    store = banstore.BanStore(banstore.make_client(REDIS_URL), prefix)
+    yield store
+    await store.close()
+
+
+async def test_the_reconcile_checks_a_bounded_batch_per_tick(idle_store):
+    store = idle_store
+    store.reconcile_keys = 3
+    calls = []
+    exists = store.client.exists
+
+    async def counted(*keys):
+        calls.append(len(keys))
+        return await exists(*keys)
+
+    store.client.exists = counted
+    for i in range(7):
+        store.bans[f"198.51.100.{70 + i}"] = banstore.Ban(time.monotonic() + 60, "local only")  # no key in Redis
+    assert await store.reconcile() == 3  # three keys, one EXISTS (then one Lua call: they are gone)
+    assert len(store.bans) == 4 and calls == [3]
+    assert await store.reconcile() == 3
+    assert await store.reconcile() == 1  # the rest of the round
+    assert store.bans == {} and calls == [3, 3, 1]
+    assert await store.reconcile() == 0 and calls == [3, 3, 1]  # an empty view costs no call
+    await store.client.hset(store.key("ban", "198.51.100.79"), mapping={"reason": "x"})  # present in Redis
+    store.bans["198.51.100.79"] = banstore.Ban(time.monotonic() + 60, "x")
+    assert await store.reconcile() == 1 and store.check("198.51.100.79") is not None  # EXISTS alone: kept
+
+
+async def test_the_reconcile_never_drops_a_ban_an_event_replaced(idle_store):
+    store = idle_store
+    store.bans["198.51.100.80"] = banstore.Ban(time.monotonic() + 60, "old")  # no key in Redis
+    fresh = banstore.Ban(time.monotonic() + 60, "newer, from an event")
+    exists = store.client.exists
+
+    async def event_meanwhile(*keys):
+        store.bans["198.51.100.80"] = fresh  # an event arrives while the check is on its way
+        return await exists(*keys)
+
+    store.client.exists = event_meanwhile
+    await store.reconcile()  # the key is gone, but the entry it checked is no longer the one in the view
+    assert store.check("198.51.100.80") is fresh
+
+
+# --- the operator's tool (the openflare command line) and the store's name in messages ---
+
+
+async def test_operator_changes_reach_running_stores(stores, prefix):
+    store = await stores(banstore.Policy(ban_seconds=120))
+    op = banstore.Operator(banstore.make_client(REDIS_URL), prefix, banstore.Policy(ban_seconds=120))
+    try:
+        assert await op.ban("198.51.100.90") == (120, 1)
+        assert await until(lambda: store.check("198.51.100.90") is not None, 1.0)
+        assert (await op.bans())["198.51.100.90"].reason == "manual"
+        assert await op.unban("198.51.100.90") is True
+        assert await until(lambda: store.check("198.51.100.90") is None, 1.0)
+        assert await op.unban("198.51.100.90") is False
+        assert await op.allow("2001:db8::1/64", 30) == "2001:db8::/64"
+        assert await until(lambda: store.allowlist.allowed("2001:db8::5"), 1.0)
+        assert 0 < (await op.allowlist())["2001:db8::/64"] - time.monotonic() <= 30
+        assert await op.disallow("2001:db8::/64") is True
+        assert await until(lambda: not store.allowlist.allowed("2001:db8::5"), 1.0)
+    finally:
+        await op.close()
+
+
+async def test_messages_name_the_store_actually_in_use(prefix, tmp_path, caplog):
+    from addons import banserver
+
+    caplog.set_level("INFO")
+    hub = banserver.Embedded.open(str(tmp_path / "bans.sock"))
+    store = banstore.BanStore(hub.client(), prefix, kind=banstore.KIND_IN_PROCESS, where=hub.path, hub=hub)
+    store.start()
+    try:
+        assert await store.wait_synced()
+        assert "in-process ban store ready (served on " in caplog.text
+        assert "Redis" not in caplog.text
+        assert store.status() == f"in-process (served on {hub.path})"
+    finally:
+        await store.close()
+    assert not (tmp_path / "bans.sock").exists()  # closing the store stops serving it
+    caplog.clear()
+    store = banstore.BanStore(banstore.make_client(REDIS_URL), prefix, where=banstore.redis_where(REDIS_URL))
+    store.start()
+    try:
+        assert await store.wait_synced()
+        assert "Redis reachable (127.0.0.1:6379/0), 0 bans loaded" in caplog.text
+        assert store.status() == "redis 127.0.0.1:6379/0 up"
+    finally:
+        await store.close()
+
+
+def test_redis_where_never_shows_a_password():
+    assert banstore.redis_where("redis://:s3cret@db.example:6380/2") == "db.example:6380/2"
+    assert banstore.redis_where("rediss://user:pw@[2001:db8::1]/0") == "[2001:db8::1]:6379/0"
+    assert banstore.redis_where("unix:///run/redis.sock") == "/run/redis.sock"
+
+
+async def test_a_member_takes_over_the_embedded_store_with_its_bans(prefix, tmp_path, caplog):
+    """Two processes share the embedded store; the one keeping it exits: the other keeps it, bans and all."""
+    from addons import banserver
+
+    path = str(tmp_path / "bans.sock")
+    owner_hub = banserver.Embedded.open(path)
+    owner = banstore.BanStore(owner_hub.client(), prefix, kind=banstore.KIND_IN_PROCESS, where=path, hub=owner_hub)
+    member_hub = banserver.Embedded.open(path)
+    assert not member_hub.owner
+    member = banstore.BanStore(member_hub.client(), prefix, kind=banstore.KIND_SHARED, where=f"process {member_hub.pid} through {path}",
+                               hub=member_hub)  # fmt: skip
+    owner.start()
+    member.start()
+    try:
+        assert await owner.wait_synced() and await member.wait_synced()
+        await owner.ban("198.51.100.95", 300)
+        await member.allow("192.0.2.0/24", 300)
+        assert await until(lambda: member.check("198.51.100.95") is not None and owner.allowlist.allowed("192.0.2.1"), 1.0)
+        await owner.close()  # its process exits: socket gone, lock free
+        assert await until(lambda: member.kind == banstore.KIND_IN_PROCESS and member.healthy, 5.0)
+        assert "this one keeps it now" in caplog.text
+        assert member.check("198.51.100.95") is not None and member.allowlist.allowed("192.0.2.1")
+        op = banstore.Operator(banserver.client(path), prefix)  # a later process (or the CLI) finds them there
+        try:
+            assert "198.51.100.95" in await op.bans() and "192.0.2.0/24" in await op.allowlist()
+        finally:
+            await op.close()
+    finally:
+        await member.close()
+
+
 # --- exact counting across processes ---
 
 CHILD = r"""
