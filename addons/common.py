@@ -81,6 +81,7 @@ BLOCK_MARKER = ":no_entry:"
 # The documented order of the addons: addons/openflare.py (what `make run` loads) lists them so, and
 # loading them as separate scripts takes this `-s` order.
 ADDON_ORDER = (
+    "addons/deployment.py",  # no traffic hooks: public clients in reverse mode, the upstream checked
     "addons/features.py",
     "addons/bans.py",
     "addons/scorer.py",
