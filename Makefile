@@ -18,12 +18,12 @@ DATA ?=
 # More mitmdump/mitmweb arguments: make run ARGS="--set openflare_threshold=9". A --set wins over mitm.conf.
 ARGS ?=
 CONFDIR := .mitmproxy
-# Every addon, as one script (cheaper than six), in the documented order: deployment, features (client
-# IP, feature string), bans (refuse banned IPs first), scorer, recorder, labels. See addons/openflare.py.
+# Every addon, as one script (cheaper than seven), in the documented order: deployment, features (client
+# IP, feature string), bans (refuse banned IPs first), scorer, recorder, labels, flowcap. See addons/openflare.py.
 ADDONS := -s addons/openflare.py
 MODE := $(if $(UPSTREAM),--mode reverse:$(UPSTREAM),)
 
-.PHONY: install run web test train eval bench clean verify-log export retrain rollback bench-retrain \
+.PHONY: install run web test train eval bench bench-web clean verify-log export retrain rollback bench-retrain \
 	check-config check-upstream
 
 install: $(STAMP)
@@ -67,6 +67,10 @@ train: $(STAMP)
 
 eval: $(STAMP)
 	$(BIN)/python scripts/eval.py $(if $(DATA),--data $(DATA),)
+
+# mitmweb under load for MINUTES (default 30) with the flow cap: RSS over time (ARGS: more options).
+bench-web: $(STAMP)
+	$(BIN)/python scripts/bench_web.py $(if $(MINUTES),--minutes $(MINUTES),) $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py

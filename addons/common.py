@@ -87,6 +87,7 @@ ADDON_ORDER = (
     "addons/scorer.py",
     "addons/recorder.py",
     "addons/labels.py",
+    "addons/flowcap.py",  # no traffic hooks: caps the flows mitmweb keeps in memory
 )
 
 

@@ -141,6 +141,7 @@ USER_EDITS = {
     "openflare_model": "models/openflare-local.joblib",  # another model spec (a path instead of a name)
     "openflare_record_days": "7",
     "openflare_allowlist": "[10.0.0.0/8]",
+    "openflare_view_max_flows": "2000",
 }
 
 

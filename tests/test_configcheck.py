@@ -24,6 +24,7 @@ def test_every_openflare_addon_is_registered():
     found = configcheck.openflare_options()
     assert set(found.values()) == set(common.ADDON_ORDER)
     assert found["openflare_threshold"] == "addons/scorer.py"
+    assert found["openflare_view_max_flows"] == "addons/flowcap.py"
     opts = configcheck.all_options()
     assert {"block_global", "web_columns", "web_port", "console_layout", "mode", *found} <= opts.keys()
 
@@ -33,6 +34,7 @@ def test_every_openflare_addon_is_registered():
     [
         ("openflare_treshold", "openflare_threshold"),
         ("openflare_redis_ulr", "openflare_redis_url"),
+        ("openflare_view_max_flow", "openflare_view_max_flows"),
         ("block_globl", "block_global"),
         ("web_colums", "web_columns"),
     ],

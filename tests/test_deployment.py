@@ -116,3 +116,12 @@ def test_dashboard_url_logged_with_the_command_bar_open(caplog):
         d.running()
         d.done()
     assert "OpenFlare dashboard (mitmweb, command bar open): http://127.0.0.1:8081/?token=abc#/flows?c=true" in caplog.text
+
+
+def test_no_traffic_hooks():
+    """Nothing on the request path: the bundle gets no forwarder from this addon."""
+    from mitmproxy import hooks
+
+    import mitmproxy.proxy.layers  # noqa: F401 - registers the traffic hooks
+
+    assert sorted(h for h in hooks.all_hooks if hasattr(deployment.Deployment, h)) == ["configure", "done", "load", "running"]
