@@ -69,6 +69,6 @@ def test_make_web(processes, upstream, model_path, tmp_path_factory):
     flows = json.loads(body)
     assert len(flows) == 5  # the newest five; the attack (the oldest) was dropped
     assert [f["request"]["path"] for f in flows] == [f"/search?q=shoes+{i}" for i in range(6, 11)]
-    assert all(f["comment"].startswith("openflare pass ") for f in flows)
+    assert all(f["comment"].startswith("pass ") and " openflare (" in f["comment"] for f in flows)
     assert all(f["client_conn"]["peername"][0] == "127.0.0.1" for f in flows)
     proc.stop()
