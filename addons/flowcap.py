@@ -3,8 +3,8 @@
 mitmweb and the mitmproxy console keep every flow in their view until someone clears it, so a long
 session under load grows without bound (mitmproxy has no option for a cap). Once a second, a background
 task drops the oldest finished flows above the cap (`view.flows.remove`, so mitmweb's browser list drops
-them too), in slices that give the event loop back between them; the count is logged at debug and
-served by `openflare.flowcap.stats`. Flows still in flight are never dropped (removing one kills it).
+them too), in slices that give the event loop back between them; the count is logged at debug (at most a
+line a minute) and served by `openflare.flowcap.stats`. Flows still in flight are never dropped (removing one kills it).
 
 Nothing on the request path: no traffic hooks at all. mitmdump has no view, so there it does nothing.
 """
@@ -12,6 +12,7 @@ Nothing on the request path: no traffic hooks at all. mitmdump has no view, so t
 import asyncio
 import json
 import logging
+import time
 
 from mitmproxy import command
 from mitmproxy import ctx
@@ -22,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 INTERVAL = 1.0  # seconds between trims: at most one second of traffic above the cap
 SLICE = 200  # flows removed before the event loop gets a turn
+LOG_EVERY = 60.0  # seconds between debug lines about dropped flows
 
 
 def oldest_finished(view, n: int) -> list:
@@ -39,6 +41,8 @@ class FlowCap:
     def __init__(self) -> None:
         self.limit: int = 5000
         self.dropped: int = 0
+        self.logged_at: float = -LOG_EVERY  # when the last debug line was written
+        self.logged_dropped: int = 0
         self.task: asyncio.Task | None = None
 
     def load(self, loader) -> None:
@@ -88,7 +92,11 @@ class FlowCap:
             if removed % SLICE == 0:
                 await asyncio.sleep(0)
         self.dropped += removed
-        logger.debug("OpenFlare flow cap: dropped the %d oldest flows (%d in all), %d kept", removed, self.dropped, view.store_count())
+        now = time.monotonic()
+        if now - self.logged_at >= LOG_EVERY:  # not every second: mitmweb keeps its log lines too
+            logger.debug("OpenFlare flow cap: dropped %d oldest flows since the last line (%d in all), %d kept",
+                         self.dropped - self.logged_dropped, self.dropped, view.store_count())  # fmt: skip
+            self.logged_at, self.logged_dropped = now, self.dropped
         return removed
 
     @command.command("openflare.flowcap.stats")

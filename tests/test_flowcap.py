@@ -35,7 +35,14 @@ async def test_trim_drops_the_oldest_above_the_cap(caplog):
         view.add(finished(5))
         assert await cap.trim(view) == 5
         assert json.loads(cap.stats()) == {"max_flows": 10, "kept": 10, "dropped": 25}
-    assert "dropped the 5 oldest flows (25 in all), 10 kept" in caplog.text
+        cap.logged_at -= flowcap.LOG_EVERY
+        view.add(finished(3))
+        assert await cap.trim(view) == 3
+    lines = [r.getMessage() for r in caplog.records if "flow cap" in r.getMessage()]
+    assert lines == [  # one line a minute at most: the second trim went into the next line's count
+        "OpenFlare flow cap: dropped 20 oldest flows since the last line (20 in all), 10 kept",
+        "OpenFlare flow cap: dropped 8 oldest flows since the last line (28 in all), 10 kept",
+    ]
     assert "Removed" not in caplog.text  # the View's own "Removed N flows" alert, one per trim, stays out
 
 
