@@ -38,6 +38,9 @@ if not MITMDUMP.exists():
 UPSTREAM_SCRIPT = REPO / "scripts" / "upstream.py"
 MITM_CONF = REPO / "mitm.conf"
 SHIPPED_MODEL = REPO / "models" / "openflare-local.joblib"
+# `make` for the tests that run a Makefile target: never rebuilds .venv (the tests already run in it; a
+# pyproject.toml newer than the venv would otherwise reinstall it inside a test).
+MAKE = ["make", "-o", ".venv/.installed"]
 STARTUP_TIMEOUT = 90.0  # a loaded 2-core machine takes many seconds to import scikit-learn and load the model
 
 

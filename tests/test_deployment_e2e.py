@@ -20,6 +20,7 @@ import time
 import pytest
 
 from addons import common
+from conftest import MAKE
 from conftest import REPO
 from conftest import free_port
 from conftest import http_request
@@ -180,7 +181,7 @@ def test_upstream_without_scheme_stops_mitmdump(processes, tmp_path_factory, mod
 
 
 def test_make_run_upstream_without_scheme_fails_before_starting():
-    out = subprocess.run(["make", "run", "UPSTREAM=127.0.0.1:8000", f"PORT={free_port()}"], cwd=REPO,
+    out = subprocess.run([*MAKE, "run", "UPSTREAM=127.0.0.1:8000", f"PORT={free_port()}"], cwd=REPO,
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert out.returncode != 0
     assert "UPSTREAM=127.0.0.1:8000: give the scheme, e.g. UPSTREAM=http://127.0.0.1:8000" in out.stderr

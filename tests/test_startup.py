@@ -15,6 +15,7 @@ from mitmproxy.test import taddons
 
 from addons import common
 from addons import startup
+from conftest import MAKE
 from conftest import REPO
 from conftest import free_port
 from conftest import http_request
@@ -200,7 +201,7 @@ def test_make_run_args_set_the_threshold(processes, upstream, model_path, tmp_pa
         "--set openflare_threshold=10", f"--set openflare_model={model_path}", "--set openflare_record=false",
         f"--set openflare_record_dir={records}", f"--set openflare_record_spill={records / 's.jsonl'}",
     ])  # fmt: skip
-    proc = processes.start("make", ["make", "run", f"PORT={port}", f"UPSTREAM={upstream.url}", f"ARGS={args}"],
+    proc = processes.start("make", [*MAKE, "run", f"PORT={port}", f"UPSTREAM={upstream.url}", f"ARGS={args}"],
                            env=CLEAN)  # fmt: skip
     if not wait_listening(port, proc.popen):
         proc.stop()
@@ -216,6 +217,6 @@ def test_make_run_args_set_the_threshold(processes, upstream, model_path, tmp_pa
 def test_check_config_target_uses_the_same_check(tmp_path):
     conf = tmp_path / "c.yaml"
     conf.write_text("openflare_treshold: 9\n")
-    out = subprocess.run(["make", "check-config", f"FILE={conf}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([*MAKE, "check-config", f"FILE={conf}"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert "unknown option openflare_treshold (did you mean openflare_threshold?)" in out.stderr

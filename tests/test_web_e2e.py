@@ -14,6 +14,7 @@ import urllib.request
 
 import pytest
 
+from conftest import MAKE
 from conftest import free_port
 from conftest import http_request
 from conftest import wait_listening
@@ -40,7 +41,7 @@ def test_make_web(processes, upstream, model_path, tmp_path_factory):
         "--set openflare_record=false", f"--set openflare_record_dir={records}",
         f"--set openflare_record_spill={records / 's.jsonl'}",
     ])  # fmt: skip
-    proc = processes.start("make", ["make", "web", f"PORT={port}", f"WEB_PORT={web_port}", "WEB_HOST=127.0.0.1",
+    proc = processes.start("make", [*MAKE, "web", f"PORT={port}", f"WEB_PORT={web_port}", "WEB_HOST=127.0.0.1",
                                     f"UPSTREAM={upstream.url}", f"ARGS={args}"], env=CLEAN)  # fmt: skip
     if not (wait_listening(web_port, proc.popen) and wait_listening(port, proc.popen)):
         proc.stop()
