@@ -119,6 +119,10 @@ class Deployment:
                                "reset, never your app (set it false to serve them)")  # fmt: skip
             return
         want = not reverse
+        if want and any(isinstance(m, mode_specs.ReverseMode) for m in modes):
+            logger.warning("OpenFlare: a reverse mode beside another mode: block_global stays true (the other "
+                           "listener must not serve the internet), so public clients of the reverse proxy get a "
+                           "connection reset; --set block_global=false serves them on every listener")  # fmt: skip
         if ctx.options.block_global != want:
             self.auto_global = want
             ctx.options.update(block_global=want)

@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=2000, help="size of the request mix (default 2000)")
     ap.add_argument("--no-dashboard", action="store_true", help="no websocket client on /updates")
     ap.add_argument("--json", type=Path, default=None, help="write the samples and summary here")
+    ap.add_argument("--bundle", default="addons/openflare.py",
+                    help="the OpenFlare script (default: the bundle, as make web; addons/flowcap.py: mitmweb with the cap alone)")
     ap.add_argument("--script", action="append", default=[], help="one more mitmproxy script for mitmweb (repeatable), e.g. a memory probe")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="NAME=VALUE", help="one more mitmweb option (repeatable)")
     args = ap.parse_args(argv)
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cap is not None:
             sets["openflare_view_max_flows"] = args.cap
         cmd = [str(BIN / "mitmweb"), "--set", f"confdir={confdir}", "-p", str(port), "--listen-host", "127.0.0.1",
-               "--mode", f"reverse:http://127.0.0.1:{up_port}", "-s", "addons/openflare.py"]  # fmt: skip
+               "--mode", f"reverse:http://127.0.0.1:{up_port}", "-s", args.bundle]  # fmt: skip
         for script in args.script:
             cmd += ["-s", script]
         for k, v in sets.items():

@@ -31,6 +31,7 @@ def test_reverse_mode_serves_public_clients_and_regular_mode_does_not(caplog):
         assert tctx.options.block_global is False
         tctx.configure(d, mode=["reverse:http://127.0.0.1:8000", "regular@8081"])  # one regular listener: protect
         assert tctx.options.block_global is True
+        assert "a reverse mode beside another mode: block_global stays true" in caplog.text
 
 
 @pytest.mark.parametrize("value", [True, False])
