@@ -11,14 +11,20 @@ STAMP := $(VENV)/.installed
 
 PORT ?= 8080
 UPSTREAM ?=
+# mitmweb's UI (make web): http://$(WEB_HOST):$(WEB_PORT)/ with the token mitmweb logs at startup.
+WEB_PORT ?= 8081
+WEB_HOST ?= 127.0.0.1
 DATA ?=
+# More mitmdump/mitmweb arguments: make run ARGS="--set openflare_threshold=9". A --set wins over mitm.conf.
+ARGS ?=
 CONFDIR := .mitmproxy
-# Every addon, as one script (cheaper than five), in the documented order: features (client IP, feature
-# string), bans (refuse banned IPs first), scorer, recorder, labels. See addons/openflare.py.
+# Every addon, as one script (cheaper than seven), in the documented order: deployment, features (client
+# IP, feature string), bans (refuse banned IPs first), scorer, recorder, labels, flowcap. See addons/openflare.py.
 ADDONS := -s addons/openflare.py
 MODE := $(if $(UPSTREAM),--mode reverse:$(UPSTREAM),)
 
-.PHONY: install run web test train eval bench clean verify-log export retrain rollback bench-retrain
+.PHONY: install run web test train eval bench bench-web clean verify-log export retrain rollback bench-retrain \
+	check-config check-upstream
 
 install: $(STAMP)
 
@@ -34,11 +40,24 @@ $(CONFDIR)/config.yaml: mitm.conf
 	mkdir -p $(CONFDIR)
 	ln -sf ../mitm.conf $@
 
-run: $(STAMP) $(CONFDIR)/config.yaml
-	$(BIN)/mitmdump --set confdir=$(CONFDIR) -p $(PORT) $(MODE) $(ADDONS)
+# UPSTREAM needs its scheme: without one mitmproxy speaks HTTPS to the app, and a plain-HTTP app never answers.
+check-upstream:
+	@case '$(UPSTREAM)' in \
+	  ''|http://?*|https://?*) ;; \
+	  *) echo "UPSTREAM=$(UPSTREAM): give the scheme, e.g. UPSTREAM=http://$(UPSTREAM) (or https://...):" \
+	       "without one mitmproxy speaks HTTPS to the app and a plain-HTTP app never answers" >&2; exit 2;; \
+	esac
 
-web: $(STAMP) $(CONFDIR)/config.yaml
-	$(BIN)/mitmweb --set confdir=$(CONFDIR) -p $(PORT) $(MODE) $(ADDONS)
+run: check-upstream $(STAMP) $(CONFDIR)/config.yaml
+	$(BIN)/mitmdump --set confdir=$(CONFDIR) -p $(PORT) $(MODE) $(ADDONS) $(ARGS)
+
+web: check-upstream $(STAMP) $(CONFDIR)/config.yaml
+	$(BIN)/mitmweb --set confdir=$(CONFDIR) -p $(PORT) --set web_port=$(WEB_PORT) --set web_host=$(WEB_HOST) \
+		$(MODE) $(ADDONS) $(ARGS)
+
+# Check mitm.conf (or FILE=...) as mitmdump reads it, plus ARGS="--set k=v ...": unknown keys, wrong types.
+check-config: $(STAMP)
+	$(BIN)/python -m addons.configcheck $(or $(FILE),mitm.conf) $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -48,6 +67,10 @@ train: $(STAMP)
 
 eval: $(STAMP)
 	$(BIN)/python scripts/eval.py $(if $(DATA),--data $(DATA),)
+
+# mitmweb under load for MINUTES (default 30) with the flow cap: RSS over time (ARGS: more options).
+bench-web: $(STAMP)
+	$(BIN)/python scripts/bench_web.py $(if $(MINUTES),--minutes $(MINUTES),) $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py

@@ -78,11 +78,13 @@ def _shallow_copy(obj):
 # The documented order of the addons: addons/openflare.py (what `make run` loads) lists them so, and
 # loading them as separate scripts takes this `-s` order.
 ADDON_ORDER = (
+    "addons/deployment.py",  # no traffic hooks: public clients in reverse mode, the upstream checked
     "addons/features.py",
     "addons/bans.py",
     "addons/scorer.py",
     "addons/recorder.py",
     "addons/labels.py",
+    "addons/flowcap.py",  # no traffic hooks: caps the flows mitmweb keeps in memory
 )
 
 

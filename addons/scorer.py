@@ -306,7 +306,8 @@ class Scorer:
             common.REASON: reason,
         }
         shown = f"{score}/10" if score is not None else "unscored"
-        head = f"openflare {verdict} {shown} ({reason}; model {version}; "
+        # verdict and score first: mitmweb's comment column is 150 px, about 16 characters ("block 10/10 open...")
+        head = f"{verdict} {shown} openflare ({reason}; model {version}; "
         tail = ""
         if res.status not in (llm.OFF, llm.SKIPPED):
             said = f" {v.score}/10 {v.category}: {llm_reason}" if v else ""

@@ -38,6 +38,9 @@ if not MITMDUMP.exists():
 UPSTREAM_SCRIPT = REPO / "scripts" / "upstream.py"
 MITM_CONF = REPO / "mitm.conf"
 SHIPPED_MODEL = REPO / "models" / "openflare-local.joblib"
+# `make` for the tests that run a Makefile target: never rebuilds .venv (the tests already run in it; a
+# pyproject.toml newer than the venv would otherwise reinstall it inside a test).
+MAKE = ["make", "-o", ".venv/.installed"]
 STARTUP_TIMEOUT = 90.0  # a loaded 2-core machine takes many seconds to import scikit-learn and load the model
 
 
@@ -181,14 +184,16 @@ class Processes:
             proc.stop()
 
 
-def make_confdir(path: Path, overrides: dict[str, object] | None = None, conf: Path = MITM_CONF) -> Path:
-    """A mitmproxy confdir at `path` whose config.yaml is mitm.conf with `overrides` applied.
+def make_confdir(path: Path, overrides: dict[str, object] | None = None, conf: Path | None = None) -> Path:
+    """A mitmproxy confdir at `path` whose config.yaml holds `overrides` (after the text of `conf`, if given).
 
-    The file beats `--set` for the same key, so options set in mitm.conf are changed here: each
-    `key: value` line of an overridden key is replaced (JSON is YAML), missing keys are appended.
+    Tests never read the user's mitm.conf (edit it freely: `make test` stays green): without `conf` the file
+    holds the overrides only, and every other option is its addon's default, which is what the shipped
+    mitm.conf gives too (it sets no openflare_* key). With `conf`, each `key: value` line of an overridden
+    key is replaced (JSON is YAML), missing keys are appended.
     """
     path.mkdir(parents=True, exist_ok=True)
-    lines = conf.read_text().splitlines()
+    lines = conf.read_text().splitlines() if conf is not None else []
     for key, value in (overrides or {}).items():
         line = f"{key}: {json.dumps(value)}"
         hits = [i for i, x in enumerate(lines) if x.startswith(f"{key}:")]
@@ -243,9 +248,9 @@ def mitmdump(processes, tmp_path_factory):
 
     mitmdump(scripts=["addons/features.py", ...], mode="reverse:http://...", options={"k": v},
              env={...}, conf={"k": v}, wait=True) -> Proc
-    Its confdir is a fresh temporary directory whose config.yaml is mitm.conf with `conf` applied
-    (`options` go to `--set`, which loses against a key the file sets), and with the embedded ban store's
-    socket in that directory (`proc.extra["ban_socket"]`) unless `conf` names one.
+    Its confdir is a fresh temporary directory whose config.yaml holds `conf` only (never the user's
+    mitm.conf), with the embedded ban store's socket in that directory (`proc.extra["ban_socket"]`) unless
+    `conf` names one; `options` go to `--set` (which wins over the file, as in `make run`).
     With wait=False it returns at once (to watch it fail at startup: `proc.wait()`, `proc.output()`).
     """
 
@@ -282,5 +287,5 @@ def model_path() -> Path:
 
 @pytest.fixture(scope="session")
 def model_conf(model_path) -> dict[str, object]:
-    """Option overrides selecting `model_path`: empty for the shipped model (mitm.conf's default)."""
+    """Option overrides selecting `model_path`: empty for the shipped model (openflare_model's default)."""
     return {} if model_path == SHIPPED_MODEL else {"openflare_model": str(model_path)}

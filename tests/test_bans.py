@@ -10,7 +10,6 @@ import pytest
 import redis.asyncio as aioredis
 from mitmproxy import eventsequence
 from mitmproxy import exceptions
-from mitmproxy import optmanager
 from mitmproxy.test import taddons
 from mitmproxy.test import tflow
 from mitmproxy.test import tutils
@@ -128,16 +127,12 @@ async def served(addon: IpBans, ip: str) -> bool:
 # --- options ---
 
 
-def test_mitm_conf_sets_every_option_with_its_default():
+def test_every_option_has_its_documented_default():
+    """The defaults live in the addon (mitm.conf only documents them: tests/test_config.py checks that)."""
     addon = IpBans()
     with taddons.context(addon, FeatureExtractor()) as tctx:
-        optmanager.load_paths(tctx.options, str(REPO / "mitm.conf"))
         for name, default in MY_OPTIONS.items():
-            assert name not in tctx.options.deferred
             assert getattr(tctx.options, name) == default, name
-        text = (REPO / "mitm.conf").read_text()
-        for name in MY_OPTIONS:
-            assert f"\n{name}:" in text or f"\n# {name}:" in text, f"{name} missing from mitm.conf"
 
 
 @pytest.mark.parametrize(
@@ -251,7 +246,7 @@ async def test_three_refusals_ban_the_ip_and_the_ban_refuses_at_once(bans, prefi
     assert f.response.status_code == common.BLOCK_STATUS
     assert f.response.content == common.BLOCK_BODY
     assert dict(f.response.headers) == common.BLOCK_HEADERS | {"content-length": str(len(common.BLOCK_BODY))}
-    assert f.metadata[common.BANNED] is True and not f.marked and f.comment.startswith("openflare banned")
+    assert f.metadata[common.BANNED] is True and not f.marked and f.comment.startswith("banned openflare (")
     assert "banned" in f.comment and "local score" in f.metadata[common.REASON]
     assert await served(addon, "198.51.100.11")
     # A refused banned request does not strike again (no response hook work for BANNED flows).

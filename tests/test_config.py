@@ -1,7 +1,8 @@
 """mitm.conf: it loads with every addon registered, and it documents every openflare_* option.
 
 The addon modules are found, not listed: every addons/*.py that defines `addons = [...]`, so an
-addon added later is covered without touching this file.
+addon added later is covered without touching this file. The checks of mitm.conf hold for the file as
+shipped and as its user edits it (test_checks_pass_on_an_edited_copy): no test depends on its values.
 """
 
 import asyncio
@@ -18,9 +19,9 @@ from mitmproxy.addons import script as script_addon
 from mitmproxy.test import taddons
 from mitmproxy.test import tflow
 
+from addons import configcheck
 from conftest import MITM_CONF
 from conftest import REPO
-from conftest import make_confdir
 
 BUNDLE = "openflare"  # addons/openflare.py: every addon below as one script (what `make run` loads)
 ADDON_MODULES = sorted(
@@ -52,55 +53,136 @@ def test_every_addon_option_is_namespaced():
     assert [k for k in added if not k.startswith("openflare_")] == []
 
 
-def test_mitm_conf_loads_with_nothing_left_over(model_conf, tmp_path):
-    assert MITM_CONF.is_file()  # load_paths silently skips a missing file
-    conf: Path = MITM_CONF
-    if model_conf:  # a model other than the shipped one (OPENFLARE_TEST_MODEL): mitm.conf with that line changed
-        conf = make_confdir(tmp_path, model_conf) / "config.yaml"
-    with taddons.context() as tctx:
-        register_all(tctx)
-        optmanager.load_paths(tctx.options, conf)
-        assert tctx.options.deferred, "mitm.conf should set mitmweb's web_columns"
-        assert [k for k in tctx.options.deferred if not k.startswith("web_")] == []
+# The checks below take the file's text, so they run the same on mitm.conf as it stands (shipped or edited by
+# its user: `make test` stays green either way) and on the edited copies of test_checks_pass_on_an_edited_copy.
+
+
+def check_loads(path: Path) -> None:
+    """The file loads as mitmdump reads it (YAML, option types), with nothing left over: every key is an option
+    of mitmdump, mitmweb or an OpenFlare addon (an unknown one would be ignored silently by mitmproxy)."""
+    assert path.is_file()  # load_paths silently skips a missing file
+    problems, _ = configcheck.check_file(path)
+    assert problems == []
+    opts = configcheck.all_options()
+    optmanager.load_paths(opts, path)
+    assert opts.deferred == {}
 
 
 def commented_options(text: str) -> dict:
-    """Options documented but left unset (so `--set` or an env var can give them): `# openflare_x: value`."""
+    """Options documented but left unset (the default, or `--set`): `# openflare_x: value`."""
     found = {}
     for m in re.finditer(r"^#\s*(openflare_\w+):(.*)$", text, re.M):
         found[m.group(1)] = optmanager.parse(f"v: {m.group(2).strip() or 'null'}")["v"]
     return found
 
 
-def test_mitm_conf_documents_every_option_with_its_default():
-    text = MITM_CONF.read_text()
+def check_documents_every_option(text: str) -> None:
+    """Every OpenFlare option is in the file: commented out with its default (set lines hold the user's value),
+    and the file names no option that does not exist."""
     data = optmanager.parse(text)
-    documented = {**commented_options(text), **data}
-    with taddons.context() as tctx:
-        names = register_all(tctx)
-        missing = [n for n in names if n not in documented]
-        assert missing == [], f"options missing from mitm.conf: {missing}"
-        for n in names:
-            default = tctx.options._options[n].default
-            value = documented[n]
-            if isinstance(default, (list, tuple)):
-                default, value = list(default), list(value)
-            if n not in data and default is None:
-                continue  # commented out with an example value: unset means the default (None)
-            assert value == default, f"mitm.conf sets {n}: {value!r}, but its default is {default!r}"
-    stale = [k for k in documented if k.startswith("openflare_") and k not in names]
-    assert stale == [], f"mitm.conf names options no addon registers (ignored silently): {stale}"
+    commented = commented_options(text)
+    defaults = configcheck.all_options()
+    names = sorted(configcheck.openflare_options())
+    missing = [n for n in names if n not in data and n not in commented]
+    assert missing == [], f"options missing from mitm.conf: {missing}"
+    for n in names:
+        if n in data:
+            continue  # set: any value of the right type (check_loads) is the user's to choose
+        default, value = defaults.default(n), commented[n]
+        if isinstance(default, (list, tuple)):
+            default, value = list(default), list(value)
+        if default is None:
+            continue  # commented out with an example value: unset means the default (None)
+        assert value == default, f"mitm.conf documents {n}: {value!r}, but its default is {default!r}"
+    stale = [k for k in {**commented, **data} if str(k).startswith("openflare_") and k not in names]
+    assert stale == [], f"mitm.conf names options no addon registers: {stale}"
+
+
+def check_comments(text: str) -> None:
+    """Each option line, set or commented out, sits under a comment (options documented together may share one)."""
+    option = re.compile(r"(# )?openflare_\w+:")
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if option.match(line):
+            j = i - 1
+            while j >= 0 and option.match(lines[j]):
+                j -= 1
+            assert j >= 0 and lines[j].startswith("#"), f"mitm.conf: no comment above {line!r}"
+
+
+def test_mitm_conf_loads_with_nothing_left_over():
+    check_loads(MITM_CONF)
+
+
+def test_mitm_conf_documents_every_option_with_its_default():
+    check_documents_every_option(MITM_CONF.read_text())
 
 
 def test_every_option_has_a_comment_in_mitm_conf():
-    """Each option line sits under a comment (options documented together may share one)."""
-    lines = MITM_CONF.read_text().splitlines()
-    for i, line in enumerate(lines):
-        if re.match(r"openflare_\w+:", line):
-            j = i - 1
-            while j >= 0 and re.match(r"openflare_\w+:", lines[j]):
-                j -= 1
-            assert j >= 0 and lines[j].startswith("#"), f"mitm.conf: no comment above {line!r}"
+    check_comments(MITM_CONF.read_text())
+
+
+def test_mitm_conf_states_the_precedence_rule_and_block_global():
+    text = MITM_CONF.read_text()
+    assert "--set on the command line" in text and ">  this file  >  the default" in text
+    assert re.search(r"^(# )?block_global: ", text, re.M)
+
+
+def edited(text: str, changes: dict[str, str]) -> str:
+    """mitm.conf as a user edits it: each key's line (`# key: default`, or already set) set to a new value."""
+    for key, value in changes.items():
+        text, n = re.subn(rf"^(# )?{key}:.*$", f"{key}: {value}", text, flags=re.M)
+        assert n == 1, key
+    return text
+
+
+USER_EDITS = {
+    "openflare_threshold": "9",
+    "openflare_model": "models/openflare-local.joblib",  # another model spec (a path instead of a name)
+    "openflare_record_days": "7",
+    "openflare_allowlist": "[10.0.0.0/8]",
+    "openflare_view_max_flows": "2000",
+}
+
+
+def test_checks_pass_on_an_edited_copy(tmp_path):
+    """A user-edited mitm.conf (threshold 9, another model, ...) passes every check of this module: the
+    suite never depends on the file's values. The same checks fail on real mistakes."""
+    path = tmp_path / "mitm.conf"
+    path.write_text(edited(MITM_CONF.read_text(), USER_EDITS))
+    check_loads(path)
+    check_documents_every_option(path.read_text())
+    check_comments(path.read_text())
+
+    typo = tmp_path / "typo.conf"
+    typo.write_text(MITM_CONF.read_text() + "openflare_treshold: 9\n")
+    with pytest.raises(AssertionError, match="did you mean openflare_threshold"):
+        check_loads(typo)
+    wrong_type = tmp_path / "type.conf"
+    wrong_type.write_text(edited(MITM_CONF.read_text(), {"openflare_strikes": "three"}))
+    with pytest.raises(AssertionError, match="openflare_strikes"):
+        check_loads(wrong_type)
+    text = MITM_CONF.read_text()
+    defaults = configcheck.all_options()
+    key = next(k for k in commented_options(text) if isinstance(defaults.default(k), int) and not isinstance(defaults.default(k), bool))
+    wrong = re.sub(rf"^# {key}:.*$", f"# {key}: {defaults.default(key) + 1}", text, flags=re.M)
+    with pytest.raises(AssertionError, match=f"documents {key}: {defaults.default(key) + 1}"):
+        check_documents_every_option(wrong)
+    with pytest.raises(AssertionError, match="missing from mitm.conf"):
+        check_documents_every_option(re.sub(rf"^(# )?{key}:.*$", "", text, flags=re.M))
+
+
+def test_user_edited_mitm_conf_loads_in_every_addon(model_path, tmp_path):
+    """The edited copy loads with every addon registered and configured, as mitmdump would (the model is
+    the one the tests use), and its values are the ones in force."""
+    edits = {**USER_EDITS, "openflare_model": str(model_path)}
+    path = tmp_path / "mitm.conf"
+    path.write_text(edited(MITM_CONF.read_text(), edits))
+    with taddons.context() as tctx:
+        register_all(tctx)
+        optmanager.load_paths(tctx.options, path)
+        assert [k for k in tctx.options.deferred if k.startswith("openflare_")] == []
+        assert (tctx.options.openflare_threshold, tctx.options.openflare_record_days) == (9, 7)
 
 
 @pytest.mark.parametrize("name", [*ADDON_MODULES, BUNDLE])

@@ -127,7 +127,7 @@ async def test_marked_holds_only_the_flows_the_operator_marked(tmp_path, model_p
         v.add(flows)
         assert [f.metadata[common.VERDICT] for f in flows] == ["block", "block", "block", "pass"]
         assert not any(f.marked for f in flows)  # OpenFlare marks nothing
-        assert tctx.master.commands.call("view.flows.resolve", '~comment "^openflare block"') == flows[:3]
+        assert tctx.master.commands.call("view.flows.resolve", '~comment "^block "') == flows[:3]
 
         with pytest.raises(exceptions.CommandError, match="names no HTTP flow"):
             tctx.master.commands.call_strings("openflare.label", ["@marked", "benign"])
@@ -269,7 +269,7 @@ def test_mitmweb_focus_is_refused_and_marked_labels_exactly_the_marked_flow(proc
     web = Web(web_port, token)
     flows = web.call("GET", "/flows")
     refused, first, second = flows
-    assert refused["comment"].startswith("openflare block") and first["comment"].startswith("openflare pass")
+    assert refused["comment"].startswith("block ") and first["comment"].startswith("pass ")
     assert not any(f["marked"] for f in flows)
 
     # The operator selects the second passed flow in the browser and types @focus: mitmproxy's focus is

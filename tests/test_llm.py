@@ -10,7 +10,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 from llm_server import LLMServer
 from mitmproxy import exceptions
-from mitmproxy import optmanager
 from mitmproxy.test import taddons
 from mitmproxy.test import tflow
 from mitmproxy.test import tutils
@@ -214,17 +213,11 @@ def test_bad_options_raise(bad):
         llm.config_from_options(dict(DEFAULTS, **bad), {"OPENAI_API_KEY": "k"})
 
 
-def test_mitm_conf_carries_every_llm_option_with_its_default():
-    with taddons.context() as tctx:  # the LLM options alone: loading the scorer would load the model
-        for name, typ, default, help_ in llm.OPTIONS:
-            tctx.options.add_option(name, typ, default, help_)
-        optmanager.load_paths(tctx.options, str(REPO / "mitm.conf"))
-        assert not [k for k in tctx.options.deferred if k.startswith("openflare_llm_")]
-        for name, _, default, _ in llm.OPTIONS:
-            assert getattr(tctx.options, name) == default, name
+def test_every_llm_option_is_in_mitm_conf():
+    """Documented there (commented out with its default: tests/test_config.py checks the values)."""
     text = (REPO / "mitm.conf").read_text()
     for name, *_ in llm.OPTIONS:
-        assert re.search(rf"^{name}:", text, re.M), name
+        assert re.search(rf"^(# )?{name}:", text, re.M), name
 
 
 # --- the judge over real HTTP ---------------------------------------------------------------------

@@ -85,7 +85,7 @@ async def test_attack_refused_benign_passes(real_model, tmp_path):
         assert isinstance(f.metadata[common.SCORE_MS], float)
         assert "threshold 6" in f.metadata[common.REASON]
         assert not f.marked  # refusals are not marked: @marked holds only what the operator marked
-        assert f.comment.startswith("openflare block ")
+        assert f.comment.startswith("block ") and " openflare (" in f.comment
 
         g = flow(BENIGN, headers=[(b"User-Agent", b"Mozilla/5.0 (X11; Linux x86_64)")])
         await run_chain(tctx, g)
@@ -93,7 +93,7 @@ async def test_attack_refused_benign_passes(real_model, tmp_path):
         assert g.metadata[common.VERDICT] == common.VERDICT_PASS
         assert 1 <= g.metadata[common.SCORE] <= 6
         assert not g.marked
-        assert g.comment.startswith("openflare pass ")
+        assert g.comment.startswith("pass ") and " openflare (" in g.comment
 
 
 async def test_chain_in_real_order_through_response(real_model, tmp_path):
@@ -165,7 +165,7 @@ async def test_local_verdicts_from_the_table_are_what_decide_gives(tmp_path, det
         f = flow()
         sc._decide_local(f, 8, 0.001, llm.OFF)
         assert f.metadata[common.MODEL_VERSION] == "other-1" and f.response is None
-        assert f.comment == "openflare pass 8/10 (local score 8 <= threshold 9; model other-1; 1.0 ms)"
+        assert f.comment == "pass 8/10 openflare (local score 8 <= threshold 9; model other-1; 1.0 ms)"
 
 
 @pytest.mark.parametrize("policy, refused", [("open", False), ("closed", True)])
@@ -183,7 +183,7 @@ async def test_fail_policy_when_scoring_raises(tmp_path, caplog, policy, refused
         assert "could not score" in caplog.text and f"failing {policy}" in caplog.text
         if refused:
             assert_refused(f)
-            assert not f.marked and f.comment.startswith("openflare error")
+            assert not f.marked and f.comment.startswith("error unscored openflare (")
         else:
             assert f.response is None
             assert not f.marked
