@@ -579,12 +579,7 @@ def cmd_verify_log(args, s: Settings) -> int:
 
 
 def check_config(argv: list[str]) -> int:
-    """`openflare check-config ...`: addons/configcheck.py's main, when this version has it."""
-    import importlib.util
-
-    if importlib.util.find_spec("addons.configcheck") is None:
-        print(f"{PROG} check-config: not available in this version of OpenFlare (no addons/configcheck.py)", file=sys.stderr)
-        return 1
+    """`openflare check-config ...`: addons/configcheck.py's main."""
     from addons import configcheck
 
     return int(configcheck.main(argv) or 0)
