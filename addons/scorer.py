@@ -115,6 +115,8 @@ class Scorer:
                 )
             self.pinned_threshold = ctx.options.openflare_threshold
             self._set_threshold()
+            if self.started:
+                self._log_threshold()
         if "openflare_model_watch" in updated:
             if not 0 <= ctx.options.openflare_model_watch <= 3600:
                 raise exceptions.OptionsError("openflare_model_watch must be between 0 and 3600 seconds")
@@ -144,8 +146,13 @@ class Scorer:
             if self.started:
                 self._start_judge()
 
+    def _log_threshold(self) -> None:
+        source = "openflare_threshold" if self.pinned_threshold else "the model card's"
+        logger.info("OpenFlare refuses scores above %d (%s threshold)", self.threshold, source)
+
     def running(self) -> None:
         self.started = True
+        self._log_threshold()
         self._start_judge()
         if self.watch_seconds and self.watch_task is None:
             self.watch_task = asyncio_utils.create_task(self._watch(), name="openflare-model-watch", keep_ref=True)

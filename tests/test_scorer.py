@@ -112,16 +112,20 @@ async def test_chain_in_real_order_through_response(real_model, tmp_path):
 # --- options and policies with constant models ---
 
 
-async def test_threshold_honoured(tmp_path):
+async def test_threshold_honoured(tmp_path, caplog):
     sc = Scorer()
     path = constant_model(tmp_path, 0.7)  # operating point 0.5: p 0.7 scores 8
     with taddons.context(FeatureExtractor(), sc) as tctx:
         tctx.configure(sc, openflare_model=path)
+        caplog.set_level("INFO")
+        sc.running()
+        assert "OpenFlare refuses scores above 6 (the model card's threshold)" in caplog.text
         f = flow()
         await run_chain(tctx, f)
         assert f.metadata[common.SCORE] == 8
         assert_refused(f)
         tctx.configure(sc, openflare_threshold=8)
+        assert "OpenFlare refuses scores above 8 (openflare_threshold threshold)" in caplog.text
         f = flow()
         await run_chain(tctx, f)
         assert f.metadata[common.SCORE] == 8
@@ -131,6 +135,7 @@ async def test_threshold_honoured(tmp_path):
         f = flow()
         await run_chain(tctx, f)
         assert_refused(f)
+        sc.done()
 
 
 async def test_detect_only_marks_but_forwards(tmp_path):
