@@ -555,7 +555,10 @@ def main(argv: list[str] | None = None) -> int:
     confdir = work / "confdir"
     confdir.mkdir()
     conf = (REPO / "mitm.conf").read_text().splitlines()
-    conf = [f"openflare_model: {model_path}" if line.startswith("openflare_model:") else line for line in conf]
+    conf = [line for line in conf if not line.startswith(("openflare_model:", "openflare_ban_socket:"))]
+    # The bench's own model, and no embedded ban store shared through the repo's data/bans.sock (a running
+    # `make run` would otherwise own it, and the bench's strikes would ban 127.0.0.1 there).
+    conf += [f"openflare_model: {json.dumps(str(model_path))}", 'openflare_ban_socket: ""']
     set_keys = {k for c in CASES for k in c.options}  # the file beats --set: drop the keys a case sets
     conf = [line for line in conf if line.partition(":")[0] not in set_keys]
     for var in ("OPENAI_API_KEY", "OPENAI_BASE_URL"):  # the bench never talks to a real LLM
