@@ -1,0 +1,796 @@
+"""Turn one HTTP request into its fields: every part of it, each with a location and a name.
+
+Detection v2 scores each part of a request on its own (issue 14): `extract` is the "parse → fields" step
+of that pipeline. A plain module (no mitmproxy import), so serving, training and the benchmarks share it.
+
+What becomes a field: the method; each path segment; every query pair; every header (names that are
+not standard are inspected too); cookie pairs; the path and query of URL-valued headers (Referer,
+Origin, ...); and the body, by its declared type *and* by sniffing (a JSON body declared text/plain is
+still JSON): JSON keys and string values at any depth, NDJSON, forms, XML/SOAP text, attributes and
+declarations, multipart names, filenames and values, GraphQL, plain text, and the printable runs of
+binary data. A value that is a base64 or hex encoding of text also yields the decoded text.
+
+Values stay raw: nothing is percent-decoded or normalised here (the normaliser runs later), but bytes
+become text losslessly: UTF-8, with each byte that is not valid UTF-8 kept as the character of the
+same latin-1 value. So one bad byte never hides a value. Content-Encodings are undone with a bounded
+output and charsets come from `charset=` or a BOM.
+
+No blind spot hides behind a limit: a request beyond `Limits` raises `TooLarge`, and the caller refuses
+it (413, or 431 for headers) instead of passing it uninspected. Every step is linear in the input:
+no regular expression here can backtrack over attacker text, and no XML parser (entities are never
+expanded, nothing is fetched).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import codecs
+import json
+import re
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+try:  # brotli comes with mitmproxy
+    import brotli
+except ImportError:  # pragma: no cover - depends on the install
+    brotli = None
+try:  # zstd: the standard library from 3.14 on, backports.zstd (a mitmproxy dependency) before
+    from compression import zstd  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - depends on the Python version
+    try:
+        from backports import zstd  # type: ignore[import-not-found,no-redef]
+    except ImportError:  # pragma: no cover - depends on the install
+        zstd = None
+
+LOCATIONS = ("method", "path", "query", "header", "cookie", "form", "json", "xml", "multipart", "text")
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    loc: str  # one of LOCATIONS
+    name: str  # parameter / header / cookie / JSON key path ("a.b.0.c") / multipart part name / path segment index
+    value: str  # the raw text (not percent-decoded or normalised), bytes decoded losslessly
+    via: str = ""  # "" normally; "name" for a NAME; "base64"/"hex" for a decoded layer; "referer"/... for a URL
+    # inside a header; "filename" for multipart filenames; "strings" for the printable runs of binary data
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    body_bytes: int = 8 * 2**20  # body size, raw and after each Content-Encoding
+    fields: int = 20000
+    depth: int = 64  # JSON/XML nesting
+    header_bytes: int = 64 * 2**10  # all header names and values together
+
+
+class TooLarge(Exception):
+    """A request beyond a limit: the caller refuses it with `status` (never passes it uninspected)."""
+
+    def __init__(self, status: int, what: str):
+        super().__init__(f"request {what} beyond the inspection limit ({status})")
+        self.status = status  # 413 (body, fields, depth, decompression bomb) or 431 (headers)
+        self.what = what  # "body", "fields", "depth" or "headers"
+
+
+@dataclass(slots=True)
+class Request:
+    fields: list[Field]
+    signals: list[str]  # request-level: "scanner-ua:sqlmap", "unknown-method:FOO", "bad-encoding:gzip", ...
+
+
+# --- lossless bytes -> str ---------------------------------------------------------------------------
+
+LOSSLESS = "openflare.lossless"
+
+
+def _lossless(exc: UnicodeError) -> tuple[str, int]:
+    """Codec error handler: each undecodable byte becomes the character with its latin-1 value."""
+    if isinstance(exc, UnicodeDecodeError):
+        return "".join(map(chr, exc.object[exc.start : exc.end])), exc.end
+    raise exc
+
+
+codecs.register_error(LOSSLESS, _lossless)
+
+
+def text_of(b: bytes) -> str:
+    """UTF-8 where the bytes are UTF-8, latin-1 for each byte that is not: never fails, never drops."""
+    return b.decode("utf-8", LOSSLESS)
+
+
+# --- small helpers -----------------------------------------------------------------------------------
+
+KNOWN_METHODS = frozenset(
+    "GET HEAD POST PUT DELETE PATCH OPTIONS CONNECT TRACE "
+    # WebDAV (RFC 4918, 3253, 3648, 3744, 4437, 4791, 5323, 5842)
+    "PROPFIND PROPPATCH MKCOL COPY MOVE LOCK UNLOCK SEARCH REPORT MKACTIVITY CHECKOUT CHECKIN UNCHECKOUT "
+    "MERGE MKCALENDAR MKWORKSPACE VERSION-CONTROL BASELINE-CONTROL LABEL UPDATE ORDERPATCH ACL BIND UNBIND "
+    "REBIND MKREDIRECTREF UPDATEREDIRECTREF".split()
+)
+
+# Header names a browser or an ordinary API client sends: only the names of other headers are inspected.
+COMMON_HEADERS = frozenset(
+    """host user-agent accept accept-language accept-encoding accept-charset connection keep-alive
+    content-type content-length content-encoding content-language content-disposition cookie referer origin
+    cache-control pragma expires upgrade-insecure-requests dnt te trailer transfer-encoding upgrade via
+    forwarded if-none-match if-modified-since if-match if-unmodified-since if-range range authorization
+    proxy-authorization proxy-connection priority expect x-requested-with x-forwarded-for x-forwarded-proto
+    x-forwarded-host x-forwarded-port x-real-ip x-csrf-token x-xsrf-token x-request-id x-correlation-id
+    purpose sec-purpose sec-fetch-site sec-fetch-mode sec-fetch-dest sec-fetch-user sec-gpc
+    sec-ch-ua sec-ch-ua-mobile sec-ch-ua-platform sec-ch-ua-platform-version sec-ch-ua-arch
+    sec-ch-ua-bitness sec-ch-ua-full-version sec-ch-ua-full-version-list sec-ch-ua-model sec-ch-ua-wow64
+    sec-ch-prefers-color-scheme sec-websocket-key sec-websocket-version sec-websocket-extensions
+    sec-websocket-protocol access-control-request-method access-control-request-headers
+    access-control-request-private-network""".split()
+)
+
+# Headers whose value is a URL: its path segments and query pairs become fields too (via the header name).
+URL_HEADERS = frozenset(
+    "referer origin location content-location destination x-original-url x-rewrite-url "
+    "x-original-uri x-forwarded-uri".split()
+)
+
+# (substring of the lower-cased User-Agent, tool): first match wins, so longer names come first.
+SCANNER_UAS = (
+    ("sqlmap", "sqlmap"),
+    ("nikto", "nikto"),
+    ("nuclei", "nuclei"),
+    ("feroxbuster", "feroxbuster"),
+    ("ffuf", "ffuf"),
+    ("gobuster", "gobuster"),
+    ("dirbuster", "dirbuster"),
+    ("dirb", "dirb"),
+    ("wfuzz", "wfuzz"),
+    ("openvas", "openvas"),
+    ("nessus", "nessus"),
+    ("masscan", "masscan"),
+    ("zgrab", "zgrab"),
+    ("wpscan", "wpscan"),
+    ("acunetix", "acunetix"),
+    ("netsparker", "netsparker"),
+    ("w3af", "w3af"),
+    ("arachni", "arachni"),
+    ("skipfish", "skipfish"),
+    ("burpsuite", "burp"),
+    ("burp collaborator", "burp"),
+    ("owasp zap", "zap"),
+    ("zaproxy", "zap"),
+    ("nmap scripting engine", "nmap"),
+    ("jaeles", "jaeles"),
+    ("commix", "commix"),
+    ("hydra", "hydra"),
+    ("havij", "havij"),
+    ("whatweb", "whatweb"),
+    ("interactsh", "interactsh"),
+)
+
+_SCHEME_AUTHORITY = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^/?#]*")
+_SIGNAL_UNSAFE = re.compile(r"[^A-Za-z0-9._+\-]")
+_B64 = re.compile(r"[A-Za-z0-9+/\-_]+={0,2}")
+_HEX = re.compile(r"[0-9A-Fa-f]+")
+_ASCII_LETTER = re.compile(r"[A-Za-z]")
+# Characters that make text "not printable": C0 controls but tab/CR/LF, DEL, C1 (bytes 0x80-0x9f kept
+# losslessly land here), U+FFFD and unpaired surrogates.
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufffd\ud800-\udfff]")
+_STRINGS = re.compile(rb"[\x20-\x7e\t]{8,}")
+_FORMISH = re.compile(r"[A-Za-z0-9_.\-\[\]%+]{1,256}=")
+
+
+def _signal_text(s: str) -> str:
+    return _SIGNAL_UNSAFE.sub("?", s[:32])
+
+
+def mostly_printable(s: str, share: float = 0.9) -> bool:
+    """At least `share` of the characters are printable (tab, CR and LF count as printable)."""
+    if not s:
+        return False
+    return len(_UNPRINTABLE.sub("", s)) >= share * len(s)
+
+
+def strings_of(b: bytes) -> str:
+    """The printable ASCII runs of >= 8 bytes that hold a letter, one per line (like `strings`)."""
+    return "\n".join(r.decode("ascii") for r in _STRINGS.findall(b) if _ASCII_LETTER.search(r.decode("ascii")))
+
+
+def decode_layer(value: str) -> tuple[str, str] | None:
+    """The text a base64 or hex value encodes, as (via, text), or None if it is not such a value.
+
+    The value is percent-decoded once first (a `%3D` padding); the decoded text must be mostly
+    printable (>= 90 %) and hold a letter, so random ids and hashes yield nothing.
+    """
+    if len(value) < 12:
+        return None
+    if "%" in value:
+        value = unquote(value, "utf-8", LOSSLESS)
+    raw = None
+    if len(value) >= 16 and len(value) % 2 == 0 and _HEX.fullmatch(value):
+        raw, via = binascii.unhexlify(value), "hex"
+        text = text_of(raw)
+        if mostly_printable(text) and _ASCII_LETTER.search(text):
+            return via, text
+    if len(value) >= 12 and _B64.fullmatch(value):
+        s = value.rstrip("=").replace("-", "+").replace("_", "/")
+        if len(s) % 4 == 1:
+            return None
+        try:
+            raw = base64.b64decode(s + "=" * (-len(s) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            return None
+        text = text_of(raw)
+        if mostly_printable(text) and _ASCII_LETTER.search(text):
+            return "base64", text
+    return None
+
+
+class _Out:
+    """The fields of one request, counted against the field limit."""
+
+    __slots__ = ("fields", "signals", "limits")
+
+    def __init__(self, limits: Limits):
+        self.fields: list[Field] = []
+        self.signals: list[str] = []
+        self.limits = limits
+
+    def add(self, loc: str, name: str, value: str, via: str = "") -> None:
+        self.fields.append(Field(loc, name, value, via))
+        if len(self.fields) > self.limits.fields:
+            raise TooLarge(413, "fields")
+
+    def value(self, loc: str, name: str, value: str, via: str = "") -> None:
+        """A value, plus its base64/hex layers (two at most: a base64 of a base64)."""
+        self.add(loc, name, value, via)
+        for _ in range(2):
+            layer = decode_layer(value)
+            if layer is None:
+                break
+            via, value = layer
+            self.add(loc, name, value, via)
+
+    def signal(self, s: str) -> None:
+        if s not in self.signals:
+            self.signals.append(s)
+
+
+# --- method, target, headers -------------------------------------------------------------------------
+
+
+def _pairs(out: _Out, loc: str, text: str, sep: str = "&", via: str = "") -> None:
+    """`name=value` pairs as in a query, a form or a cookie header; a piece without `=` has name ""."""
+    for piece in text.split(sep):
+        if sep == ";":
+            piece = piece.strip(" \t")
+        if not piece:
+            continue
+        name, eq, val = piece.partition("=")
+        if not eq:
+            out.value(loc, "", piece, via)
+            continue
+        out.value(loc, name, val, via)
+        if name:
+            out.add(loc, name, name, "name")
+
+
+def _target(out: _Out, target: str, via: str = "") -> None:
+    """Path segments and query pairs of an origin-form or absolute-form target (or a URL in a header)."""
+    m = _SCHEME_AUTHORITY.match(target)
+    if m:
+        target = target[m.end() :]
+    path, q, query = target.partition("?")
+    i = 0
+    for seg in path.split("/"):
+        if seg:
+            out.value("path", str(i), seg, via)
+            i += 1
+    if q:
+        _pairs(out, "query", query, via=via)
+
+
+def _headers(out: _Out, headers: Sequence[tuple[str, str]]) -> None:
+    for name, value in headers:
+        lname = name.lower()
+        out.value("header", lname, value)
+        if lname not in COMMON_HEADERS:
+            out.add("header", lname, lname, "name")
+        if lname == "cookie":
+            _pairs(out, "cookie", value, ";")
+        elif lname in URL_HEADERS and ("://" in value or value.startswith("/")):
+            _target(out, value, lname)
+        elif lname == "user-agent":
+            ua = value.lower()
+            for needle, tool in SCANNER_UAS:
+                if needle in ua:
+                    out.signal(f"scanner-ua:{tool}")
+                    break
+
+
+def _params(value: str) -> tuple[str, list[tuple[str, str]]]:
+    """A Content-Type-like header: (lower-cased type, [(lower-cased param, value without quotes)])."""
+    kind, _, rest = value.partition(";")
+    params = []
+    for p in rest.split(";"):
+        k, eq, v = p.partition("=")
+        if eq:
+            v = v.strip()
+            if len(v) >= 2 and v[0] == v[-1] == '"':
+                v = v[1:-1]
+            params.append((k.strip().lower(), v))
+    return kind.strip().lower(), params
+
+
+# --- Content-Encoding ----------------------------------------------------------------------------------
+
+
+class _BadEncoding(Exception):
+    def __init__(self, partial: bytes):
+        self.partial = partial  # what decoded before the fault
+
+
+def _zlib(data: bytes, wbits: int, limit: int, members: bool) -> bytes:
+    """Bounded zlib/gzip/raw-deflate decoding; gzip takes every member (multi-member files)."""
+    out = bytearray()
+    while True:
+        d = zlib.decompressobj(wbits)
+        try:
+            out += d.decompress(data, limit + 1 - len(out))
+        except zlib.error:
+            raise _BadEncoding(bytes(out))
+        if len(out) > limit:
+            raise TooLarge(413, "body")
+        if not d.eof:
+            raise _BadEncoding(bytes(out))  # truncated
+        data = d.unused_data
+        if not members or not data.strip(b"\x00"):
+            if data.strip(b"\x00"):
+                raise _BadEncoding(bytes(out))  # garbage after the stream
+            return bytes(out)
+
+
+def _brotli(data: bytes, limit: int) -> bytes:
+    if brotli is None:  # pragma: no cover - depends on the install
+        raise _BadEncoding(b"")
+    d = brotli.Decompressor()
+    out = bytearray()
+    try:
+        out += d.process(data, output_buffer_limit=limit + 1)
+        while len(out) <= limit and not d.can_accept_more_data():
+            out += d.process(b"", output_buffer_limit=limit + 1 - len(out))
+    except brotli.error:
+        raise _BadEncoding(bytes(out))
+    if len(out) > limit:
+        raise TooLarge(413, "body")
+    if not d.is_finished():
+        raise _BadEncoding(bytes(out))
+    return bytes(out)
+
+
+def _zstd(data: bytes, limit: int) -> bytes:
+    if zstd is None:  # pragma: no cover - depends on the install
+        raise _BadEncoding(b"")
+    out = bytearray()
+    while data:
+        d = zstd.ZstdDecompressor()
+        try:
+            out += d.decompress(data, max_length=limit + 1 - len(out))
+        except zstd.ZstdError:
+            raise _BadEncoding(bytes(out))
+        if len(out) > limit:
+            raise TooLarge(413, "body")
+        if not d.eof:
+            raise _BadEncoding(bytes(out))
+        data = d.unused_data  # another frame
+    return bytes(out)
+
+
+def _decode_one(coding: str, data: bytes, limit: int) -> bytes:
+    if coding in ("gzip", "x-gzip"):
+        return _zlib(data, 31, limit, members=True)
+    if coding == "deflate":  # zlib-wrapped as the RFC says, raw deflate as some clients send
+        try:
+            return _zlib(data, 15, limit, members=False)
+        except _BadEncoding as e:
+            if e.partial:
+                raise
+            return _zlib(data, -15, limit, members=False)
+    if coding == "br":
+        return _brotli(data, limit)
+    if coding == "zstd":
+        return _zstd(data, limit)
+    raise _BadEncoding(b"")
+
+
+# --- charsets ----------------------------------------------------------------------------------------
+
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32-le"),  # before UTF-16 LE: the same first two bytes
+    (codecs.BOM_UTF32_BE, "utf-32-be"),
+    (codecs.BOM_UTF8, "utf-8"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
+)
+_ASCII_PROBE = b"a=b&c={}<>[]\"'/;:_-.%+ Z9"
+
+
+def _charset(body: bytes, declared: str | None, out: _Out) -> tuple[str, bool]:
+    """(text, ascii_compatible): the body decoded by its BOM, its declared charset, or as UTF-8.
+
+    Without a BOM or charset, a body whose first bytes are ASCII with NULs between them (RFC 4627's
+    detection) is UTF-16/32. `ascii_compatible` is False when the charset reads ASCII bytes as other
+    characters (UTF-16, EBCDIC, ...): the caller then inspects the plain UTF-8 reading too, since the
+    origin may ignore the charset.
+    """
+    for bom, enc in _BOMS:
+        if body.startswith(bom):
+            return body[len(bom) :].decode(enc, LOSSLESS), enc == "utf-8"
+    if declared:
+        try:
+            info = codecs.lookup(declared)
+            if not getattr(info, "_is_text_encoding", True):
+                raise LookupError(declared)
+            text = body.decode(info.name, LOSSLESS)
+            try:
+                compatible = _ASCII_PROBE.decode(info.name) == _ASCII_PROBE.decode("ascii")
+            except (UnicodeError, ValueError):
+                compatible = False
+            return text, compatible
+        except (LookupError, UnicodeError, ValueError, TypeError):
+            out.signal(f"bad-charset:{_signal_text(declared)}")
+    head = body[:4]
+    if len(head) == 4 and b"\x00" in head:
+        nul = tuple(c == 0 for c in head)
+        enc = {
+            (True, True, True, False): "utf-32-be",
+            (False, True, True, True): "utf-32-le",
+            (True, False, True, False): "utf-16-be",
+            (False, True, False, True): "utf-16-le",
+        }.get(nul)
+        if enc:
+            return body.decode(enc, LOSSLESS), False
+    return text_of(body), True
+
+
+# --- bodies ------------------------------------------------------------------------------------------
+
+_MAGIC = (
+    b"\x89PNG\r\n\x1a\n",
+    b"\xff\xd8\xff",  # JPEG
+    b"GIF87a",
+    b"GIF89a",
+    b"PK\x03\x04",  # ZIP (and docx, jar, apk ...)
+    b"PK\x05\x06",
+    b"\x1f\x8b",  # gzip
+    b"7z\xbc\xaf\x27\x1c",
+    b"Rar!\x1a\x07",
+    b"\x7fELF",
+    b"MZ",  # PE
+    b"\xfd7zXZ\x00",
+    b"\x28\xb5\x2f\xfd",  # zstd
+    b"\x00asm",
+    b"\x00\x00\x01\x00",  # ICO
+)
+
+
+def is_binary_magic(b: bytes) -> bool:
+    """The bytes start like an image, archive or executable (PDF is not here: it can carry scripts)."""
+    if b.startswith(_MAGIC):
+        return True
+    if b[:4] == b"RIFF" and b[8:12] in (b"WEBP", b"WAVE", b"AVI "):
+        return True
+    return b[4:8] == b"ftyp"  # MP4, MOV, HEIC, AVIF
+
+
+def _json(out: _Out, text: str, loc: str = "json", prefix: str = "") -> bool:
+    """JSON keys and string values at any depth (numbers, booleans and null carry no text). False if not JSON."""
+    try:
+        doc = json.loads(text, object_pairs_hook=_Obj, parse_int=_nothing, parse_float=_nothing, parse_constant=_nothing)
+    except RecursionError:
+        raise TooLarge(413, "depth")
+    except ValueError:
+        return False
+    stack: list = [(prefix, doc, 0)]  # (path, node, depth), or (path, key) for a key: document order
+    while stack:
+        item = stack.pop()
+        if len(item) == 2:
+            out.add(loc, item[0], item[1], "name")
+            continue
+        path, node, depth = item
+        if depth > out.limits.depth:
+            raise TooLarge(413, "depth")
+        if isinstance(node, str):
+            out.value(loc, path, node)
+        elif isinstance(node, _Obj):  # pairs, so a duplicate key is not lost
+            for key, child in reversed(node):
+                p = f"{path}.{key}" if path else key
+                if isinstance(child, (str, list)):
+                    stack.append((p, child, depth + 1))
+                stack.append((p, key))
+        elif isinstance(node, list):
+            for i in range(len(node) - 1, -1, -1):
+                child = node[i]
+                if isinstance(child, (str, list)):
+                    stack.append((f"{path}.{i}" if path else str(i), child, depth + 1))
+    return True
+
+
+class _Obj(list):
+    """A JSON object as its (key, value) pairs."""
+
+
+def _nothing(_s: str) -> None:
+    return None
+
+
+def _ndjson(out: _Out, text: str) -> bool:
+    """One JSON document per line; the line number leads each path. False unless every line is JSON."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if len(lines) < 2:
+        return False
+    mark = len(out.fields)
+    for i, ln in enumerate(lines):
+        if not _json(out, ln, prefix=str(i)):
+            del out.fields[mark:]
+            return False
+    return True
+
+
+def _xml(out: _Out, text: str, strict_depth: bool) -> None:
+    """XML/SOAP by a linear scan: text nodes, attribute values, and declarations/PIs as "doctype".
+
+    No entity is expanded and nothing is fetched: the DOCTYPE and its <!ENTITY lines are fields, so XXE
+    is seen. Text is named by its tag path ("Envelope.Body.login.user").
+    """
+    stack: list[str] = []
+    n = len(text)
+    pos = 0
+    while pos < n:
+        lt = text.find("<", pos)
+        end = n if lt < 0 else lt
+        chunk = text[pos:end]
+        if chunk.strip():
+            out.value("xml", ".".join(stack) or "text", chunk)
+        if lt < 0:
+            return
+        if text.startswith("<!--", lt):
+            close = text.find("-->", lt + 4)
+            if close < 0:  # unterminated: inspect the rest rather than hide it
+                out.value("xml", "comment", text[lt:])
+                return
+            pos = close + 3
+        elif text.startswith("<![CDATA[", lt):
+            close = text.find("]]>", lt + 9)
+            stop = n if close < 0 else close
+            if text[lt + 9 : stop].strip():
+                out.value("xml", ".".join(stack) or "text", text[lt + 9 : stop])
+            pos = n if close < 0 else close + 3
+        elif text.startswith("<!", lt) or text.startswith("<?", lt):
+            gt = text.find(">", lt)
+            bracket = text.find("[", lt, n if gt < 0 else gt)
+            if bracket >= 0:  # DOCTYPE with an internal subset: up to "]>"
+                close = text.find("]", bracket)
+                close = -1 if close < 0 else text.find(">", close)
+            elif text.startswith("<?", lt):
+                close = text.find("?>", lt)
+                close = -1 if close < 0 else close + 1
+            else:
+                close = gt
+            stop = n if close < 0 else close + 1
+            out.value("xml", "doctype", text[lt:stop])
+            pos = stop
+        elif text.startswith("</", lt):
+            gt = text.find(">", lt)
+            name = text[lt + 2 : n if gt < 0 else gt].strip()
+            if name in stack:  # pop back to it (tolerates unclosed tags)
+                while stack.pop() != name:
+                    pass
+            pos = n if gt < 0 else gt + 1
+        else:
+            m = _TAG.match(text, lt)
+            if not m:
+                out.value("xml", ".".join(stack) or "text", "<")
+                pos = lt + 1
+                continue
+            tag = m.group(1)
+            pos = m.end()
+            while pos < n:
+                a = _ATTR.match(text, pos)
+                if a is None:
+                    break
+                attr, val = a.group(1), a.group(2)
+                if val is not None:
+                    if val[:1] in ('"', "'") and val[-1:] == val[:1] and len(val) >= 2:
+                        val = val[1:-1]
+                    out.value("xml", f"{tag}@{attr}", val)
+                pos = a.end()
+            rest = _TAG_END.match(text, pos)
+            if rest is None:  # garbage inside the tag: skip one character and scan on
+                pos += 1
+                continue
+            pos = rest.end()
+            if not rest.group(1):  # not self-closing
+                if len(stack) >= out.limits.depth:
+                    if strict_depth:
+                        raise TooLarge(413, "depth")
+                    continue
+                stack.append(tag)
+
+
+_TAG = re.compile(r"<([^\s/>!?<]+)")
+# One attribute: each match is linear in what it consumes (the classes do not overlap across steps).
+_ATTR = re.compile(r"\s*([^\s=/>]+)(?:\s*=\s*(\"[^\"]*\"|'[^']*'|[^\s>]+))?")
+_TAG_END = re.compile(r"\s*(/?)>")
+
+
+def _multipart_part(out: _Out, chunk: bytes) -> None:
+    """One part: its headers (Content-Disposition name and filename) and its content."""
+    if chunk.startswith(b"\r\n"):
+        chunk = chunk[2:]
+    elif chunk.startswith(b"\n"):
+        chunk = chunk[1:]
+    if chunk.endswith(b"\r\n"):
+        chunk = chunk[:-2]
+    elif chunk.endswith(b"\n"):
+        chunk = chunk[:-1]
+    crlf, lf = chunk.find(b"\r\n\r\n"), chunk.find(b"\n\n")
+    if crlf >= 0 and (lf < 0 or crlf < lf):
+        head, content = chunk[:crlf], chunk[crlf + 4 :]
+    elif lf >= 0:
+        head, content = chunk[:lf], chunk[lf + 2 :]
+    else:
+        head, content = b"", chunk
+    name, filename, charset = "", None, None
+    for line in text_of(head).splitlines():
+        hname, _, hvalue = line.partition(":")
+        hname = hname.strip().lower()
+        if hname == "content-disposition":
+            for k, v in _DISPOSITION.findall(hvalue):
+                k = k.lower()
+                if len(v) >= 2 and v[0] == v[-1] == '"':
+                    v = v[1:-1]
+                if k == "name":
+                    name = v
+                elif k in ("filename", "filename*"):
+                    filename = v
+        elif hname == "content-type":
+            charset = dict(_params(hvalue)[1]).get("charset")
+    if name:
+        out.add("multipart", name, name, "name")
+    if filename is not None:
+        out.value("multipart", name, filename, "filename")
+    if not content:
+        out.add("multipart", name, "")
+        return
+    if is_binary_magic(content):
+        runs = strings_of(content)
+        if runs:
+            out.add("multipart", name, runs, "strings")
+        return
+    text, _ = _charset(content, charset, out)
+    if mostly_printable(text):
+        out.value("multipart", name, text)
+    else:
+        runs = strings_of(content)
+        if runs:
+            out.add("multipart", name, runs, "strings")
+
+
+_DISPOSITION = re.compile(r";\s*([^=;\s]+)\s*=\s*(\"(?:[^\"\\]|\\.)*\"|[^;]*)")
+
+
+def _multipart(out: _Out, body: bytes, boundaries: list[str]) -> bool:
+    """Parts under EVERY boundary the Content-Type names (a duplicate boundary must not hide a part)."""
+    found = False
+    for boundary in boundaries:
+        if not boundary:
+            continue
+        chunks = body.split(b"--" + boundary.encode("utf-8", "surrogateescape"))
+        for chunk in chunks[1:]:
+            if chunk.startswith(b"--"):  # the close delimiter; what follows is the epilogue
+                break
+            found = True
+            _multipart_part(out, chunk)
+    return found
+
+
+def _text_or_strings(out: _Out, loc: str, name: str, text: str, raw: bytes) -> None:
+    if mostly_printable(text) and not is_binary_magic(raw):
+        out.value(loc, name, text)
+    else:
+        runs = strings_of(raw)
+        if runs:
+            out.add(loc, name, runs, "strings")
+
+
+def _body(out: _Out, body: bytes, mime: str, params: list[tuple[str, str]]) -> None:
+    """The body by its declared type and by sniffing its content."""
+    if not body:
+        return
+    if mime.startswith("multipart/"):
+        boundaries = list(dict.fromkeys(v for k, v in params if k == "boundary"))
+        if _multipart(out, body, boundaries):
+            return
+    charset = next((v for k, v in params if k == "charset"), None)
+    text, compatible = _charset(body, charset, out)
+    _text_body(out, text, body, mime)
+    if not compatible:  # the origin may read the bytes as UTF-8, ignoring the charset: inspect that too
+        plain = text_of(body)
+        if plain != text:
+            _text_body(out, plain, body, mime)
+
+
+def _text_body(out: _Out, text: str, raw: bytes, mime: str) -> None:
+    if mime == "application/graphql":
+        out.value("text", "graphql", text)
+        return
+    stripped = text.lstrip(" \t\r\n\ufeff")
+    first = stripped[:1]
+    if first in ("{", "[") and (_json(out, stripped) or _ndjson(out, stripped)):
+        return
+    if first == "<" or mime.endswith(("/xml", "+xml")):
+        _xml(out, text, strict_depth=mime.endswith(("/xml", "+xml")))
+        return
+    if mime == "application/x-www-form-urlencoded" or (_FORMISH.match(stripped) and mostly_printable(text)):
+        _pairs(out, "form", text)
+        return
+    _text_or_strings(out, "text", "body", text, raw)
+
+
+def _content_encoding(out: _Out, body: bytes, headers: Sequence[tuple[str, str]], limit: int) -> list[bytes]:
+    """The body with every Content-Encoding undone (last applied, first undone); bounded by `limit`.
+
+    A coding that fails to decode adds "bad-encoding:<coding>"; then the raw bytes are inspected as they
+    are, and so is what decoded before the fault.
+    """
+    codings = [
+        c.strip().lower()
+        for name, value in headers
+        if name.lower() == "content-encoding"
+        for c in value.split(",")
+    ]
+    data = body
+    for coding in reversed(codings):
+        if coding in ("", "identity"):
+            continue
+        try:
+            data = _decode_one(coding, data, limit)
+        except _BadEncoding as e:
+            out.signal(f"bad-encoding:{_signal_text(coding)}")
+            return [body, e.partial] if e.partial else [body]
+    return [data]
+
+
+def extract(
+    method: str,
+    target: str,
+    headers: Sequence[tuple[str, str]],
+    body: bytes,
+    limits: Limits = Limits(),
+    content_decoded: bool = False,
+) -> Request:
+    """Every field of one request, and its request-level signals. Raises `TooLarge` beyond `limits`.
+
+    `headers` are (name, value) pairs as on the wire; `body` is still Content-Encoded unless
+    `content_decoded`. `target` is the request target in origin-form (/p?q) or absolute-form.
+    """
+    if sum(len(k) + len(v) for k, v in headers) > limits.header_bytes:
+        raise TooLarge(431, "headers")
+    if len(body) > limits.body_bytes:
+        raise TooLarge(413, "body")
+    out = _Out(limits)
+    out.add("method", "method", method)
+    if method not in KNOWN_METHODS:
+        out.signal(f"unknown-method:{_signal_text(method)}")
+    _target(out, target)
+    _headers(out, headers)
+    if body:
+        mime, params = "", []
+        for name, value in headers:
+            if name.lower() == "content-type":
+                kind, p = _params(value)
+                mime = mime or kind
+                params += p
+        bodies = [body] if content_decoded else _content_encoding(out, body, headers, limits.body_bytes)
+        for b in bodies:
+            _body(out, b, mime, params)
+    return Request(out.fields, out.signals)
