@@ -44,6 +44,7 @@ class Record:
     category: str
     id: str = ""
     where: str = ""  # file:line, for error messages
+    group: str = ""  # the site group (realworld-benign: meta.group): validation slices never split one
     _feature: str | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -104,6 +105,7 @@ def parse_record(obj: object, where: str, default_source: str) -> Record:
         category=str(category),
         id=str(obj.get("id", "")),
         where=where,
+        group=str(meta.get("group") or meta.get("origin") or "") if isinstance(meta := obj.get("meta"), dict) else "",
     )
 
 

@@ -284,6 +284,8 @@ def _target(out: _Out, target: str, via: str = "") -> None:
         if seg:
             out.value("path", str(i), seg, via)
             i += 1
+    if i > 1:  # the whole path too: a traversal (../../etc/passwd) spans segments
+        out.add("path", "path", path, via)
     if q:
         _pairs(out, "query", query, via=via)
 

@@ -1,0 +1,397 @@
+"""Detection v2's scorer: each field of a request on its own, the request's score the highest. A plain module.
+
+    parse (addons.fields) -> fields -> normalise -> score each field -> decide -> explain
+
+One field (a query value, a header, a JSON string, a path segment ...) is scored like this:
+
+1. **prepare**: normalised (addons.normalise: decoding until stable, case, comments, invisible characters),
+   then high-entropy tokens become shape tokens (`shapes`): a UUID, a JWT, a hex hash, a base64 blob or a long
+   digit run reads as what it is, so ids and tokens look alike whatever their digits.
+2. **windows**: a text longer than WINDOW characters is cut into overlapping windows (stride STRIDE), each
+   scored on its own, so no amount of padding around a payload can dilute it.
+3. **a linear model** over each window's hashed byte n-grams (1 to 5 bytes), counted twice: once in a block
+   shared by all fields, once in a block of the field's class (`CLASSES`: a User-Agent is not a query
+   value), each occurrence worth 1/sqrt(n-grams of the window). Plus a bias per class and two signals from
+   libinjection (the SQLi/XSS tokenizer inside ModSecurity), for texts no longer than a window.
+4. The request's probability is the highest window's, raised to SIGNAL_P by a request-level signal (a
+   scanner's User-Agent) and to `violation_p` by the application profile (`AppProfile`: what one app's own
+   traffic looks like, when one was learnt).
+
+Training (scripts/train.py, addons/learn.py) builds the same rows with the same functions (`rows`), so
+serving and training cannot drift apart. The model is a `.npz` of plain arrays (no pickle: loading it never
+runs code).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from addons import fields as fieldsmod
+from addons import featurize
+
+try:
+    import libinjection
+except ImportError:  # pragma: no cover - a dependency; without it the two signals stay 0
+    libinjection = None
+
+FORMAT = "openflare-field-model/1"
+WINDOW = 128
+STRIDE = 64
+NGRAMS = (1, 5)
+BITS = 20
+CLASS_SCALE = 0.5  # the class block's n-grams count half: a class block weight pays 4x the penalty
+CLASSES = ("method", "path", "query", "json", "cookie", "header", "ua", "name", "text", "xml")
+EXTRA = len(CLASSES) + 2  # class biases, libinjection sqli, libinjection xss
+SIGNAL_P = 0.999  # a scanner's User-Agent: refused whatever its fields score
+_LOC_CLASS = {"method": "method", "path": "path", "query": "query", "form": "query", "json": "json",
+              "cookie": "cookie", "header": "header", "xml": "xml", "multipart": "text", "text": "text"}
+_PLUS = frozenset(("query", "form"))  # `+` is a space there
+
+_P = np.uint64(0x100000001B3)  # FNV prime: the rolling polynomial hash of an n-gram's bytes
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: the top `bits` bits of h * MIX
+_SALT = [np.uint64((k * 0x2545F4914F6CDD1D) % (1 << 64)) for k in range(NGRAMS[1] + 1)]
+_CLASS_SALT = [np.uint64(((c + 1) * 0x9FB21C651E98DF25) % (1 << 64)) for c in range(len(CLASSES))]
+
+# Shape tokens. Control characters never survive normalisation, so request text cannot forge them.
+_SHAPES = (
+    (re.compile(r"eyj[a-z0-9_-]{8,}\.[a-z0-9_-]{8,}\.[a-z0-9_-]*"), "\x01j"),  # JWT (lower-cased)
+    (re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"), "\x01u"),  # UUID
+    (re.compile(r"(?<![a-z0-9])[0-9a-f]{16,}(?![a-z0-9])"), "\x01h"),  # hex hash or id
+    (re.compile(r"(?<![a-z0-9+/_-])(?=[a-z0-9+/_-]*[0-9][a-z0-9+/_-]*[0-9])(?=[a-z0-9+/_-]*[a-z][a-z0-9+/_-]*[a-z])"
+                r"[a-z0-9+/_-]{20,}={0,2}"), "\x01b"),  # base64-ish blob: long, letters and digits mixed
+    (re.compile(r"[0-9]{5,}"), "\x01d"),  # long digit run: timestamps, ids
+)
+
+
+def normalise(value: str, plus: bool = False) -> str:
+    """The canonical form of one field's text (addons.featurize's normaliser, never cut short)."""
+    return featurize.normalise(value, plus, max(len(value), 1))
+
+
+def field_class(f: fieldsmod.Field) -> int:
+    if f.via == "name":
+        return CLASSES.index("name")
+    if f.loc == "header" and f.name == "user-agent":
+        return CLASSES.index("ua")
+    return CLASSES.index(_LOC_CLASS.get(f.loc, "text"))
+
+
+def shapes(text: str) -> str:
+    """Abstract ids and tokens into shape tokens (see _SHAPES)."""
+    for rx, token in _SHAPES:
+        text = rx.sub(token, text)
+    return text
+
+
+def prepare(f: fieldsmod.Field) -> tuple[str, str]:
+    """(normalised text, what the n-grams read) of one field."""
+    norm = normalise(f.value, plus=f.loc in _PLUS)
+    return norm, shapes(norm)
+
+
+def windows(text: str) -> list[str]:
+    """The text itself if short, else overlapping windows of WINDOW characters, the last one flush
+    with the end. A window at the start or end of the text carries a marker there (\\x02, \\x03)."""
+    if len(text) <= WINDOW:
+        return ["\x02" + text + "\x03"]
+    starts = list(range(0, len(text) - WINDOW, STRIDE)) + [len(text) - WINDOW]
+    return [("\x02" if s == 0 else "") + text[s : s + WINDOW] + ("\x03" if s + WINDOW == len(text) else "")
+            for s in starts]
+
+
+def ngram_keys(texts: Sequence[str], classes: Sequence[int], bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The hashed n-grams of many windows at once: (row, column, value) triples, one per n-gram
+    occurrence and block, rows in order. Columns < 2**bits: the shared block; 2**bits and up: the class
+    block. Values: 1/sqrt(the window's n-grams), times CLASS_SCALE in the class block.
+
+    All windows' bytes are hashed in one vectorised pass; an n-gram across two windows is left out.
+    """
+    encoded = [t.encode("utf-8", "surrogatepass") for t in texts]
+    lengths = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded))
+    b = np.frombuffer(b"".join(encoded), dtype=np.uint8).astype(np.uint64)
+    n = len(b)
+    row_of = np.repeat(np.arange(len(encoded)), lengths)
+    end_of = np.repeat(np.cumsum(lengths), lengths)  # one past the last byte of each byte's window
+    cls_salt = np.array([_CLASS_SALT[c] for c in classes], dtype=np.uint64)[row_of] if n else np.zeros(0, np.uint64)
+    shift = np.uint64(64 - bits)
+    h = np.zeros(n, dtype=np.uint64)
+    rows, cols = [], []
+    for k in range(1, NGRAMS[1] + 1):
+        if n < k:
+            break
+        h = h[: n - k + 1] * _P + b[k - 1 :]
+        ok = np.arange(n - k + 1) + k <= end_of[: n - k + 1]
+        hk = h[ok] + _SALT[k]
+        r = row_of[: n - k + 1][ok]
+        rows += [r, r]
+        cols += [(hk * _MIX) >> shift, (((hk + cls_salt[: n - k + 1][ok]) * _MIX) >> shift) + np.uint64(1 << bits)]
+    if not rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    row = np.concatenate(rows)
+    col = np.concatenate(cols).astype(np.int64)
+    per_row = np.bincount(row, minlength=len(encoded)) / 2  # n-grams per window (each counted in both blocks)
+    val = (1.0 / np.sqrt(np.maximum(per_row, 1)))[row].astype(np.float32)
+    val[col >= (1 << bits)] *= CLASS_SCALE
+    order = np.argsort(row, kind="stable")
+    return row[order], col[order], val[order]
+
+
+def injection(norm: str) -> tuple[float, float, str]:
+    """libinjection's opinion of one normalised text: (sqli 0/1, xss 0/1, fingerprint or "")."""
+    if libinjection is None or not norm or len(norm) > WINDOW:
+        return 0.0, 0.0, ""
+    sq = libinjection.is_sql_injection(norm)
+    if sq["is_sqli"]:
+        return 1.0, float(libinjection.is_xss(norm)["is_xss"]), sq["fingerprint"]
+    return 0.0, float(libinjection.is_xss(norm)["is_xss"]), ""
+
+
+@dataclass(slots=True)
+class Rows:
+    """Windows as the model reads them: one per row, with the field each came from."""
+
+    texts: list[str]
+    classes: list[int]
+    extra: np.ndarray  # (rows, EXTRA) float32: class one-hot, libinjection sqli, xss
+    field: list[int]  # index of the field (in the list given to `rows`) of each window
+    window: list[int]  # the window's number within its field
+    fingerprint: list[str]  # libinjection's SQLi fingerprint of the field, or ""
+
+
+def rows(fields: Sequence[fieldsmod.Field]) -> Rows:
+    """Every window of every field, ready for `ngram_keys`."""
+    texts, classes, extra, field, window, fps = [], [], [], [], [], []
+    for i, f in enumerate(fields):
+        c = field_class(f)
+        norm, text = prepare(f)
+        sq, xs, fp = injection(norm)
+        for j, w in enumerate(windows(text)):
+            texts.append(w)
+            classes.append(c)
+            e = [0.0] * EXTRA
+            e[c], e[-2], e[-1] = 1.0, sq, xs
+            extra.append(e)
+            field.append(i)
+            window.append(j + 1)
+            fps.append(fp)
+    return Rows(texts, classes, np.array(extra, dtype=np.float32).reshape(-1, EXTRA), field, window, fps)
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """What decided a request's probability: the field and window, or a request-level signal."""
+
+    p: float
+    field: fieldsmod.Field | None = None
+    window: int = 0
+    fingerprint: str = ""  # libinjection's SQLi fingerprint of the field
+    xss: bool = False
+    signal: str = ""
+
+
+def _sigmoid(z: float) -> float:
+    return float(1.0 / (1.0 + np.exp(-z)))
+
+
+class FieldModel:
+    """The trained weights and how they are applied. See the module docstring."""
+
+    def __init__(self, weights: np.ndarray, extra: np.ndarray, intercept: float, bits: int = BITS,
+                 profile: AppProfile | None = None, violation_p: float = 0.9, cache_size: int = 65536) -> None:
+        if weights.shape != (2 << bits,) or extra.shape != (EXTRA,):
+            raise ValueError(f"weights of shape {weights.shape}, extra {extra.shape}: not a {bits}-bit field model")
+        self.weights = np.ascontiguousarray(weights, dtype=np.float32)
+        self.extra = np.asarray(extra, dtype=np.float32)
+        self.intercept = float(intercept)
+        self.bits = bits
+        self.profile = profile
+        self.violation_p = float(violation_p)
+        self.cache_size = cache_size
+        self._cache: dict[tuple[int, str], tuple[float, int, str, bool]] = {}
+
+    def window_logits(self, r: Rows) -> np.ndarray:
+        row, col, val = ngram_keys(r.texts, r.classes, self.bits)
+        z = np.bincount(row, weights=self.weights[col] * val, minlength=len(r.texts))
+        return z + r.extra @ self.extra + self.intercept
+
+    def field_logits(self, flds: Sequence[fieldsmod.Field]) -> list[tuple[float, int, str, bool]]:
+        """Per field: (highest window logit, that window's number, libinjection fingerprint, xss).
+
+        Fields seen before (a browser's headers, common parameters) come from a bounded cache."""
+        out: list = [None] * len(flds)
+        todo, keys = [], []
+        for i, f in enumerate(flds):
+            key = (field_class(f), f.value)
+            hit = self._cache.get(key)
+            if hit is None:
+                todo.append(f)
+                keys.append((i, key))
+            else:
+                out[i] = hit
+        if todo:
+            r = rows(todo)
+            z = self.window_logits(r)
+            best: dict[int, tuple[float, int, str, bool]] = {}
+            for zi, fi, wi, fp, ex in zip(z.tolist(), r.field, r.window, r.fingerprint, r.extra[:, -1].tolist()):
+                if fi not in best or zi > best[fi][0]:
+                    best[fi] = (zi, wi, fp, ex > 0)
+            if len(self._cache) + len(todo) > self.cache_size:
+                self._cache.clear()
+            for j, (i, key) in enumerate(keys):
+                out[i] = self._cache[key] = best[j]
+        return out
+
+    def score(self, req: fieldsmod.Request) -> Hit:
+        """The request's attack probability and what decided it."""
+        best = Hit(0.0)
+        if req.fields:
+            logits = self.field_logits(req.fields)
+            i = max(range(len(logits)), key=lambda k: logits[k][0])
+            z, w, fp, xss = logits[i]
+            best = Hit(_sigmoid(z), req.fields[i], w, fp, xss)
+        for s in req.signals:
+            if s.startswith("scanner-ua:") and best.p < SIGNAL_P:
+                best = Hit(SIGNAL_P, signal=s)
+        if self.profile is not None and best.p < self.violation_p:
+            problems = self.profile.check(req.fields)
+            if problems:
+                best = Hit(self.violation_p, signal="profile: " + problems[0])
+        return best
+
+    def save(self, path) -> None:
+        profile = json.dumps(self.profile.to_json() if self.profile else None)
+        with open(path, "wb") as fh:
+            np.savez_compressed(fh, format=np.array(FORMAT), weights=self.weights, extra=self.extra,
+                                intercept=np.array(self.intercept), bits=np.array(self.bits),
+                                violation_p=np.array(self.violation_p), profile=np.array(profile))
+
+    @classmethod
+    def load(cls, path) -> FieldModel:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["format"]) != FORMAT:
+                raise ValueError(f"{path}: not an OpenFlare field model ({str(z['format'])!r})")
+            profile = json.loads(str(z["profile"]))
+            return cls(z["weights"], z["extra"], float(z["intercept"]), int(z["bits"]),
+                       AppProfile.from_json(profile) if profile else None, float(z["violation_p"]))
+
+
+# The application profile: positive security for one application's own paths.
+
+_CLASS_RX = ((re.compile(r"[a-z]"), "a"), (re.compile(r"[A-Z]"), "A"), (re.compile(r"[0-9]"), "9"))
+
+
+def char_classes(value: str) -> frozenset[str]:
+    """The characters of a value, letters and digits folded into a/A/9 (a value's alphabet)."""
+    out = set(value)
+    for rx, c in _CLASS_RX:
+        if rx.search(value):
+            out = {ch for ch in out if not rx.fullmatch(ch)} | {c}
+    return frozenset(out)
+
+
+_SHAPE_RX = re.compile(r"[A-Za-z]+|[0-9]+")
+
+
+def shape(value: str) -> str:
+    return _SHAPE_RX.sub(lambda m: "a" if m.group()[0].isalpha() else "9", value)
+
+
+def request_outline(flds: Iterable[fieldsmod.Field]) -> tuple[str, str, list[tuple[str, str | None]]]:
+    """(method, path, [(parameter name, value or None)]) of a request's fields, as the profile reads it:
+    query and form parameters, values percent-decoded (normalise) but never shape-abstracted."""
+    method, segs, pairs = "", [], []
+    for f in flds:
+        if f.via:
+            continue
+        if f.loc == "method":
+            method = f.value
+        elif f.loc == "path":
+            segs.append(f.value)
+        elif f.loc in _PLUS:
+            pairs.append((f.name, normalise(f.value, plus=True) if f.name else None))
+    return method, "/" + "/".join(normalise(s) for s in segs), pairs
+
+
+def _root(path: str) -> str:
+    return "/" + path.split("/")[1] if path.count("/") >= 1 else path
+
+
+class AppProfile:
+    """What one application's benign traffic looks like, per path: methods, parameter names, values.
+
+    `check(fields)` returns None (no opinion: the path is under no learned root) or a list of anomalies
+    (empty: the request conforms): unknown path or parameter, a method, characters, length or shape of
+    value never seen there.
+    """
+
+    def __init__(self, min_root: int = 50, length_slack: float = 1.5, max_shapes: int = 64) -> None:
+        self.min_root = min_root
+        self.length_slack = length_slack
+        self.max_shapes = max_shapes
+        self.roots: tuple[str, ...] = ()
+        self.paths: dict[str, dict] = {}
+
+    def fit(self, requests: Iterable[Sequence[fieldsmod.Field]]) -> AppProfile:
+        per_root: Counter = Counter()
+        paths: dict[str, dict] = {}
+        for flds in requests:
+            method, path, pairs = request_outline(flds)
+            per_root[_root(path)] += 1
+            p = paths.setdefault(path, {"methods": set(), "params": {}})
+            p["methods"].add(method)
+            for name, value in pairs:
+                prm = p["params"].setdefault(name, {"classes": set(), "max_len": 0, "shapes": set()})
+                if value is None:
+                    continue
+                prm["classes"] |= char_classes(value)
+                prm["max_len"] = max(prm["max_len"], len(value))
+                if len(prm["shapes"]) <= self.max_shapes:
+                    prm["shapes"].add(shape(value))
+        self.roots = tuple(sorted(r for r, n in per_root.items() if n >= self.min_root and r != "/"))
+        self.paths = {
+            path: {"methods": sorted(p["methods"]),
+                   "params": {name: {"classes": "".join(sorted(prm["classes"])), "max_len": prm["max_len"],
+                                     "shapes": sorted(prm["shapes"]) if len(prm["shapes"]) <= self.max_shapes else None}
+                              for name, prm in sorted(p["params"].items())}}
+            for path, p in sorted(paths.items()) if _root(path) in self.roots
+        }
+        return self
+
+    def check(self, flds: Sequence[fieldsmod.Field]) -> list[str] | None:
+        method, path, pairs = request_outline(flds)
+        if not path.startswith(self.roots):
+            return None
+        learned = self.paths.get(path)
+        if learned is None:
+            return ["unknown path"]
+        problems = []
+        if method not in learned["methods"]:
+            problems.append(f"method {method} never seen on this path")
+        for name, value in pairs:
+            prm = learned["params"].get(name)
+            if prm is None:
+                problems.append("unknown parameter")
+            elif value is not None:
+                if not char_classes(value) <= set(prm["classes"]):
+                    problems.append("unseen characters in a value")
+                if len(value) > max(prm["max_len"] * self.length_slack, prm["max_len"] + 8):
+                    problems.append("value longer than ever seen")
+                if prm["shapes"] is not None and shape(value) not in prm["shapes"]:
+                    problems.append("value shape never seen")
+        return problems
+
+    def to_json(self) -> dict:
+        return {"min_root": self.min_root, "length_slack": self.length_slack, "max_shapes": self.max_shapes,
+                "roots": list(self.roots), "paths": self.paths}
+
+    @classmethod
+    def from_json(cls, d: dict) -> AppProfile:
+        p = cls(d["min_root"], d["length_slack"], d["max_shapes"])
+        p.roots, p.paths = tuple(d["roots"]), d["paths"]
+        return p
