@@ -44,7 +44,7 @@ _POSITIVE = {
 
 
 def _refuse(flow: http.HTTPFlow, status: int = common.BLOCK_STATUS, body: bytes = common.BLOCK_BODY) -> None:
-    flow.response = common.refusal(status, body)
+    flow.response = common.refusal(status, body, flow.request.method)
 
 
 class IpBans:

@@ -39,7 +39,7 @@ STARTUP_OPTIONS = ("openflare_mongo_uri", "openflare_record_dir", "openflare_rec
 
 
 def _is_refusal(resp: http.Response | None) -> bool:
-    return resp is not None and resp.status_code == common.BLOCK_STATUS and resp.raw_content == common.BLOCK_BODY
+    return common.is_refusal(resp)
 
 
 class Recorder:

@@ -48,7 +48,7 @@ def model_signature(path) -> tuple:
 
 
 def refuse(flow: http.HTTPFlow) -> None:
-    flow.response = common.refusal()
+    flow.response = common.refusal(method=flow.request.method)
 
 
 class Scorer:

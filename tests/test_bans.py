@@ -10,10 +10,12 @@ import pytest
 import redis.asyncio as aioredis
 from mitmproxy import eventsequence
 from mitmproxy import exceptions
+from mitmproxy import http
 from mitmproxy.test import taddons
 from mitmproxy.test import tflow
 from mitmproxy.test import tutils
 
+from addons import bans as bans_addon
 from addons import common
 from addons import featurize
 from addons import model
@@ -98,8 +100,8 @@ async def bans(prefix, monkeypatch):
         await _stop(addon)
 
 
-def flow(ip: str = "203.0.113.7", path: bytes = b"/", verdict: str | None = None):
-    f = tflow.tflow(req=tutils.treq(path=path))
+def flow(ip: str = "203.0.113.7", path: bytes = b"/", verdict: str | None = None, method: bytes = b"GET"):
+    f = tflow.tflow(req=tutils.treq(path=path, method=method))
     f.client_conn.peername = (ip, 40000)
     f.metadata[common.CLIENT_IP] = ip
     if verdict:
@@ -315,6 +317,35 @@ async def test_rate_limit_answers_429_and_strikes_once_per_second(bans):
     assert await served(addon, "198.51.100.15")  # per IP
     tctx.configure(addon, openflare_rate_limit=0)
     assert all([await served(addon, "198.51.100.14") for _ in range(10)])
+
+
+
+def assert_head_refusal(resp: http.Response, status: int, body: bytes) -> None:
+    """A refusal to HEAD: no content, the headers of the GET refusal (its content-length included)."""
+    assert resp.status_code == status and resp.raw_content == b""
+    assert dict(resp.headers) == common.BLOCK_HEADERS | {"content-length": str(len(body))}
+    assert common.is_refusal(resp, status, body)
+
+
+async def test_refusals_to_head_carry_no_body(bans):
+    """A body after a HEAD response would be read as the next response on a keep-alive connection."""
+    addon, tctx = bans
+    tctx.configure(addon, openflare_rate_limit=1, openflare_strikes=5)
+    tctx.command(addon.ban, "198.51.100.16")
+    f = flow("198.51.100.16", method=b"HEAD")
+    await addon.requestheaders(f)
+    assert f.metadata[common.BANNED] is True
+    assert_head_refusal(f.response, common.BLOCK_STATUS, common.BLOCK_BODY)
+    statuses = []
+    for method in (b"HEAD", b"HEAD", b"head"):
+        f = flow("198.51.100.17", method=method)
+        await addon.requestheaders(f)
+        statuses.append(f.response.status_code if f.response else 200)
+    assert statuses == [200, 429, 429] and f.metadata[common.RATE_LIMITED] is True
+    assert_head_refusal(f.response, bans_addon.RATE_STATUS, bans_addon.RATE_BODY)
+    f = flow("198.51.100.17")  # and a GET after them still gets the body
+    await addon.requestheaders(f)
+    assert f.response.status_code == 429 and f.response.content == bans_addon.RATE_BODY
 
 
 # --- commands ---

@@ -143,6 +143,21 @@ async def test_bans_rate_limits_and_kills_are_refusals(tmp_path):
     ]
 
 
+async def test_a_refusal_to_head_is_a_refusal_by_score(tmp_path):
+    """A refusal to HEAD has no content (addons/common.py): still refused by the score."""
+    r = recorder.Recorder()
+    with taddons.context(r) as tctx:
+        configure(tctx, r, tmp_path)
+        r.running()
+        f = refused_flow()
+        f.request.method = "HEAD"
+        f.response = common.refusal(method="HEAD")
+        r.response(f)
+        r.done()
+    (rec,) = stored(tmp_path)
+    assert (rec["tier"], rec["method"], rec["refused_by"], rec["status"]) == ("full", "HEAD", "score", 403)
+
+
 async def test_flows_read_from_a_file_are_not_recorded(tmp_path):
     r = recorder.Recorder()
     with taddons.context(r) as tctx:

@@ -109,6 +109,24 @@ async def test_chain_in_real_order_through_response(real_model, tmp_path):
         assert_refused(f)
 
 
+@pytest.mark.parametrize("method", [b"HEAD", b"head"])
+async def test_refusal_to_head_has_no_body(real_model, tmp_path, method):
+    """RFC 9110 9.3.2: a HEAD response has no content; its content-length is the GET refusal's."""
+    sc = Scorer()
+    with taddons.context(FeatureExtractor(), sc) as tctx:
+        tctx.configure(sc, openflare_model=constant_model(tmp_path, 0.5))
+        sc.model = real_model
+        f = flow(SQLI, headers=[(b"User-Agent", b"Mozilla/5.0")], method=method)
+        await run_chain(tctx, f)
+        assert f.metadata[common.VERDICT] == common.VERDICT_BLOCK
+        assert f.response.status_code == common.BLOCK_STATUS and f.response.raw_content == b""
+        assert dict(f.response.headers) == {**common.BLOCK_HEADERS, "content-length": str(len(common.BLOCK_BODY))}
+        assert common.is_refusal(f.response)
+        g = flow(SQLI, headers=[(b"User-Agent", b"Mozilla/5.0")])  # the GET refusal after it keeps its body
+        await run_chain(tctx, g)
+        assert_refused(g)
+
+
 # --- options and policies with constant models ---
 
 
@@ -349,3 +367,10 @@ def test_refusal_is_what_response_make_gives_and_each_is_its_own():
         second = common.refusal(status, body)
         assert "x-changed" not in second.headers and second.status_code == status
         assert second.content == body
+        head = common.refusal(status, body, "HEAD")
+        assert head.raw_content == b"" and head.headers["content-length"] == str(len(body))
+        assert {**head.get_state(), **ignore, "content": b""} == {**made.get_state(), **ignore, "content": b""}
+        assert common.refusal(status, body).content == body  # the HEAD refusal shares nothing with the GET one
+        assert common.is_refusal(second, status, body) and common.is_refusal(head, status, body)
+        assert not common.is_refusal(http.Response.make(status, b"", common.BLOCK_HEADERS), status, body)
+        assert not common.is_refusal(http.Response.make(200, body), status, body) and not common.is_refusal(None)
