@@ -101,14 +101,26 @@ def request_probability(m: fieldmodel.FieldModel, req: fieldsmod.Request) -> flo
     return m.score(req).p
 
 
-def best_windows(m: fieldmodel.FieldModel, flds: Sequence[fieldsmod.Field], k: int = 1) -> tuple[fieldmodel.Rows, list[int]]:
+def best_windows(m: fieldmodel.FieldModel, flds: Sequence[fieldsmod.Field], k: int = 1,
+                 benign: Table | None = None) -> tuple[fieldmodel.Rows, list[int]]:
     """The k highest-scoring windows of a request: where an attack request's attack most likely is
-    (multiple-instance learning: a corpus labels requests, not fields)."""
+    (multiple-instance learning: a corpus labels requests, not fields). Windows the `benign` table holds
+    as benign are never picked: a header every request of a corpus carries is not its attack."""
     r = fieldmodel.rows(flds)
     if not r.texts:
         return r, []
     z = m.window_logits(r)
-    return r, [int(i) for i in np.argsort(-z)[:k]]
+    out = []
+    for i in np.argsort(-z):
+        if benign is not None:
+            e = r.extra[i]
+            j = benign.index.get((r.classes[i], r.texts[i], float(e[-2]), float(e[-1])))
+            if j is not None and benign.neg[j] > 0:
+                continue
+        out.append(int(i))
+        if len(out) == k:
+            break
+    return r, out
 
 
 def threshold_at(benign_p: Sequence[float], max_fpr: float) -> float:

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     m = learn.fit(table, args.bits, args.C, max_iter=args.max_iter, log=log)
     log("stage 1 fitted; picking each corpus attack's window")
     for req in attack_reqs:
-        r, best = learn.best_windows(m, req.fields, 1)
+        r, best = learn.best_windows(m, req.fields, 1, benign=table)
         table.add(r, attack=True, only=best)
     m = learn.fit(table, args.bits, args.C, max_iter=args.max_iter, start=m, log=log)
     log("stage 2 fitted")
