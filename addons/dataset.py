@@ -6,8 +6,8 @@ with `"body_b64": true`), `label` (`attack` | `benign`), and optionally `split` 
 `source`, `category`, `id`. Files may be gzipped (`.gz`). A bad line raises `DatasetError`
 naming `file:line`.
 
-`feature()` turns a record into the very string the FeatureExtractor addon computes
-(`addons.featurize.featurize`), so training, evaluation and serving share one code path.
+A record is the request as sent: training, evaluation and serving all turn it into fields with
+`addons.fields.extract`, so they share one code path.
 """
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ import gzip
 import json
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from addons import featurize
 
 LABELS = ("attack", "benign")
 SPLITS = ("train", "test")
@@ -45,17 +44,14 @@ class Record:
     id: str = ""
     where: str = ""  # file:line, for error messages
     group: str = ""  # the site group (realworld-benign: meta.group): validation slices never split one
-    _feature: str | None = field(default=None, repr=False, compare=False)
 
     @property
     def attack(self) -> bool:
         return self.label == "attack"
 
-    def feature(self) -> str:
-        """The feature string the addon computes for this request (cached)."""
-        if self._feature is None:
-            self._feature = featurize.featurize(self.method, self.target, self.headers, self.body)
-        return self._feature
+    def key(self) -> tuple:
+        """The request itself (method, target, headers, body): what makes two records the same request."""
+        return (self.method, self.target, tuple(self.headers), self.body)
 
 
 def _open(path: Path):
@@ -188,22 +184,22 @@ def load(paths: Iterable[str | Path]) -> list[Record]:
 class Split:
     train: list[Record]
     test: list[Record]
-    dropped: int  # training records whose feature string also occurs in a test split
+    dropped: int  # training records whose request also occurs in a test split
     dropped_by_source: dict[str, int]
 
 
 def honest_split(records: Iterable[Record]) -> Split:
-    """Train/test by each record's `split`; drop from train every feature string seen in any test split.
+    """Train/test by each record's `split`; drop from train every request seen in any test split.
 
-    No request (after normalisation: identical feature string) is then in both sets.
+    No request (same method, target, headers and body) is then in both sets.
     """
     train: list[Record] = []
     test: list[Record] = []
     for r in records:
         (test if r.split == "test" else train).append(r)
-    seen = {r.feature() for r in test}
-    kept = [r for r in train if r.feature() not in seen]
-    dropped = Counter(r.source for r in train if r.feature() in seen)
+    seen = {r.key() for r in test}
+    kept = [r for r in train if r.key() not in seen]
+    dropped = Counter(r.source for r in train if r.key() in seen)
     return Split(kept, test, sum(dropped.values()), dict(sorted(dropped.items())))
 
 

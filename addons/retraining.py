@@ -1,8 +1,8 @@
-"""Retraining from recorded flows: labels, bounded collection, the fine-tune, promotion gate, threshold, versions.
+"""Retraining from recorded flows: labels, bounded collection, the refit, promotion gate, threshold, versions.
 
 A plain module (no mitmproxy import), used by scripts/retrain.py, scripts/rollback.py and the tests.
 
-Labels, strongest first (one label per feature string: the strongest source wins, ties by weight):
+Labels, strongest first (one label per request: the strongest source wins, ties by weight):
 
 * operator: `openflare.label` (addons/labels.py) writes a full, masked record with `label` into the
   `labels` collection; a `label` on a record in `records` counts the same;
@@ -12,21 +12,29 @@ Labels, strongest first (one label per feature string: the strongest source wins
 Only full records hold a request: refused flows, flows sampled by `openflare_record_benign_one_in`,
 and operator-labelled flows. Brief records are skipped without being decoded further.
 
-Memory stays bounded however many records there are: records are streamed from the store; identical
-feature strings are merged (their count and recency weight add up); past `cap` distinct strings the
-collector keeps the `cap` strings of lowest hash (a deterministic reservoir: the same store gives the
-same sample, and a string is kept or dropped with all its copies). Operator labels have their own cap
-and are never pushed out by machine labels.
+A collected example is the request itself (`Sample`: method, target, headers and body, as the record's
+dataset line gives them), turned into fields (`addons.fields.extract`, as the addons do) only when it
+is used. Memory stays bounded however many records there are: records are streamed from the store;
+identical requests are merged (their count and recency weight add up); past `cap` distinct requests
+the collector keeps the `cap` requests of lowest hash (a deterministic reservoir: the same store gives
+the same sample, and a request is kept or dropped with all its copies). Operator labels have their own
+cap and are never pushed out by machine labels.
 
-The candidate is a fine-tune of the current Detector (`finetune`): same hashed n-gram space and idf
-(plus buckets it ignored that the new rows use), float32 TF-IDF rows built from int32 n-gram counts
-(`term_rows`, `tfidf_rows`), and L-BFGS from the current weights with an L2 pull toward them, moving
-only the weights of the n-grams the app's rows contain. Its memory is bounded by the row caps, not by
-the number of recorded flows.
+The candidate is a refit of the current field model (`refit`): one `learn.Table` of the app's examples
+(weighted by source and recency), a bounded sample of the base corpora's training split, and base
+attack payloads carried into one field of the app's benign requests (`carry`), fitted by `learn.fit`
+warm-started at the current weights, in the current model's hashed n-gram space (its bits). A benign
+request gives all its windows; an attack request only its best one (multiple-instance learning: a
+label says the request is an attack, not which field is): the window the current model scores highest
+among those the table does not hold as benign. The app's benign requests also refit the application
+profile (`refresh_profile`) where enough of them share a root. The candidate's memory is bounded by the
+caps (collector, base sample, carried payloads), not by the number of recorded flows.
 
 The promotion gate compares candidate and current model on held-out data (`evaluate`, `gate`) and on
 the fixed probe set of `addons.probes` (`probe_gate`): a candidate that lets through an attack probe
-the current model refuses is refused, whatever the operator's labels say.
+the current model refuses is refused, whatever the operator's labels say. Every score there is the
+addons' own (`LocalModel.proba` on the extracted fields; a request beyond the inspection limits counts
+as refused, as the proxy refuses it).
 """
 
 from __future__ import annotations
@@ -37,18 +45,18 @@ import heapq
 import json
 import math
 import os
-import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
+from typing import NamedTuple
+from urllib.parse import quote
 
 from addons import dataset
-from addons import detector
-from addons import featurize
+from addons import fieldmodel
+from addons import fields as fieldsmod
+from addons import learn
 from addons import model
 from addons import probes
 from addons import records
@@ -57,7 +65,6 @@ LABELS_COLLECTION = "labels"
 OPERATOR, LLM, LOCAL = "operator", "llm", "local"
 RANK = {OPERATOR: 3, LLM: 2, LOCAL: 1}
 HISTORY_DIR = "history"
-FEATURE_CACHE = 50_000  # requests whose feature string is remembered while streaming
 
 
 class RetrainError(Exception):
@@ -111,21 +118,54 @@ def label_of(rec: dict, policy: Policy) -> tuple[str, str] | None:
     return None
 
 
-def feature_of(rec: dict) -> str:
-    """The feature string of a full record: the exported dataset line through `dataset` (as training)."""
+class Sample(NamedTuple):
+    """One request as recorded: what the collector dedupes (identical requests are one example)."""
+
+    method: str
+    target: str
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+    def request(self, limits: fieldsmod.Limits = fieldsmod.Limits()) -> fieldsmod.Request | None:
+        """Its fields and signals as the addons extract them; None beyond the inspection limits (the
+        proxy refuses such a request whatever a model says)."""
+        try:
+            return fieldsmod.extract(self.method, self.target, list(self.headers), self.body, limits)
+        except fieldsmod.TooLarge:
+            return None
+
+
+def sample(method: str, target: str, headers: Iterable[Sequence[str]] = (), body: bytes = b"") -> Sample:
+    return Sample(method, target, tuple((str(k), str(v)) for k, v in headers), bytes(body))
+
+
+def sample_of(rec: dict) -> Sample:
+    """The request of a full record, through its exported dataset line (as `make export` writes it).
+
+    The recorder keeps the body decoded, so a Content-Encoding header no longer describes it: dropped."""
     line = records.to_dataset(rec)
     if line is None:
         raise ValueError("not a full record")
-    return dataset.parse_record(line, f"record {str(rec.get('_id'))[:16]}", "openflare").feature()
+    r = dataset.parse_record(line, f"record {str(rec.get('_id'))[:16]}", "openflare")
+    return sample(r.method, r.target, [h for h in r.headers if h[0].lower() != "content-encoding"], r.body)
 
 
-def _priority(feature: str) -> int:
-    return int.from_bytes(hashlib.blake2b(feature.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
+def sample_of_record(r: dataset.Record) -> Sample:
+    """A corpus record's request."""
+    return sample(r.method, r.target, r.headers, r.body)
 
 
-def held_slice(feature: str) -> str:
-    """"train", "calibrate" or "gate": a fixed split of the app's labelled strings by hash (80/10/10)."""
-    k = _priority(feature) % 10
+def _priority(s: Sample) -> int:
+    h = hashlib.blake2b(digest_size=8)
+    h.update(json.dumps([s.method, s.target, s.headers], ensure_ascii=False).encode("utf-8", "surrogatepass"))
+    h.update(b"\0")
+    h.update(s.body)
+    return int.from_bytes(h.digest(), "big")
+
+
+def held_slice(s: Sample) -> str:
+    """"train", "calibrate" or "gate": a fixed split of the app's labelled requests by hash (80/10/10)."""
+    k = _priority(s) % 10
     return "gate" if k == 0 else "calibrate" if k == 1 else "train"
 
 
@@ -143,15 +183,14 @@ class Entry:
 
 
 class Collector:
-    """Merges labelled feature strings in bounded memory (see the module docstring)."""
+    """Merges labelled requests in bounded memory (see the module docstring)."""
 
     def __init__(self, policy: Policy, cap: int = 50_000, operator_cap: int = 50_000) -> None:
         self.policy = policy
         self.caps = {False: cap, True: operator_cap}
-        self.entries: dict[bool, dict[str, Entry]] = {False: {}, True: {}}
-        self._heaps: dict[bool, list[tuple[int, str]]] = {False: [], True: []}  # (-priority, feature)
-        self._limit: dict[bool, int | None] = {False: None, True: None}  # strings above this priority are out
-        self._features: dict[tuple, str] = {}
+        self.entries: dict[bool, dict[Sample, Entry]] = {False: {}, True: {}}
+        self._heaps: dict[bool, list[tuple[int, Sample]]] = {False: [], True: []}  # (-priority, request)
+        self._limit: dict[bool, int | None] = {False: None, True: None}  # requests above this priority are out
         self.stats = {"records": 0, "full": 0, "labelled": 0, "unlabelled": 0, "bad": 0, "dropped_by_cap": 0,
                       OPERATOR: 0, LLM: 0, LOCAL: 0}
 
@@ -164,42 +203,34 @@ class Collector:
         if got is None:
             self.stats["unlabelled"] += 1
             return
-        # Recorded traffic repeats itself: the same request (method, target, headers, body) is featurized
-        # once while it stays in a bounded cache.
-        key = (rec.get("method"), rec.get("target"), rec.get("body"), repr(rec.get("headers")))
-        feature = self._features.get(key)
-        if feature is None:
-            try:
-                feature = feature_of(rec)
-            except (ValueError, dataset.DatasetError, TypeError, KeyError):
-                self.stats["bad"] += 1
-                return
-            if len(self._features) >= FEATURE_CACHE:
-                self._features.clear()
-            self._features[key] = feature
+        try:
+            s = sample_of(rec)
+        except (ValueError, dataset.DatasetError, TypeError, KeyError):
+            self.stats["bad"] += 1
+            return
         # An operator label is as fresh as the labelling, however old the flow.
-        self.add(feature, got[0], got[1], rec.get("label_time") or rec.get("time"))
+        self.add(s, got[0], got[1], rec.get("label_time") or rec.get("time"))
 
-    def add(self, feature: str, label: str, source: str, t: datetime.datetime | None = None) -> None:
+    def add(self, s: Sample, label: str, source: str, t: datetime.datetime | None = None) -> None:
         self.stats["labelled"] += 1
         self.stats[source] += 1
         op = source == OPERATOR
         entries, heap = self.entries[op], self._heaps[op]
-        prio = _priority(feature)
-        e = entries.get(feature)
+        prio = _priority(s)
+        e = entries.get(s)
         if e is None:
             limit = self._limit[op]
             if limit is not None and prio >= limit:
                 self.stats["dropped_by_cap"] += 1
                 return
-            e = entries[feature] = Entry(label, source)
-            heapq.heappush(heap, (-prio, feature))
+            e = entries[s] = Entry(label, source)
+            heapq.heappush(heap, (-prio, s))
             if len(entries) > self.caps[op]:
                 neg, gone = heapq.heappop(heap)
                 del entries[gone]
                 self._limit[op] = -neg
                 self.stats["dropped_by_cap"] += 1
-                if gone == feature:
+                if gone == s:
                     return
         elif RANK[source] > RANK[e.source] or (RANK[source] == RANK[e.source] and label != e.label and source == OPERATOR):
             # A stronger source replaces the label; a later operator label replaces an earlier one.
@@ -211,52 +242,53 @@ class Collector:
         e.count += 1
         e.recency += self.policy.recency(t)
 
-    def examples(self) -> Iterator[tuple[str, str, str, float]]:
-        """(feature, label, source, weight), operator labels winning over machine labels of the same string."""
+    def examples(self) -> Iterator[tuple[Sample, str, str, float]]:
+        """(request, label, source, weight), operator labels winning over machine labels of the same request."""
         ops = self.entries[True]
-        for f in sorted(ops):
-            e = ops[f]
-            yield f, e.label, e.source, e.weight(self.policy)
+        for s in sorted(ops):
+            e = ops[s]
+            yield s, e.label, e.source, e.weight(self.policy)
         mach = self.entries[False]
-        for f in sorted(mach):
-            e = mach[f]
-            if f in ops or e.recency <= 0:
+        for s in sorted(mach):
+            e = mach[s]
+            if s in ops or e.recency <= 0:
                 continue
-            yield f, e.label, e.source, e.weight(self.policy)
+            yield s, e.label, e.source, e.weight(self.policy)
 
     def merge(self, other: Collector) -> None:
-        """Add another collector's strings (as if its records had been added here), then re-apply the cap."""
+        """Add another collector's requests (as if its records had been added here), then re-apply the cap."""
         for k, v in other.stats.items():
             self.stats[k] += v
         for op in (False, True):
             mine = self.entries[op]
-            for f, e in other.entries[op].items():
-                m = mine.get(f)
+            for s, e in other.entries[op].items():
+                m = mine.get(s)
                 if m is None:
-                    mine[f] = e
+                    mine[s] = e
                 elif RANK[e.source] > RANK[m.source]:
-                    mine[f] = e
+                    mine[s] = e
                 elif RANK[e.source] == RANK[m.source]:
                     if e.label == m.label:
                         m.count += e.count
                         m.recency += e.recency
                     elif op:  # two operator labels disagree across parts: the one with more weight
                         if e.recency > m.recency:
-                            mine[f] = e
+                            mine[s] = e
                     else:
                         m.recency -= e.recency
             limit = min(x for x in (self._limit[op], other._limit[op]) if x is not None) if (
                 self._limit[op] is not None or other._limit[op] is not None) else None
-            keep = sorted(mine, key=_priority)
+            prio = {s: _priority(s) for s in mine}
+            keep = sorted(mine, key=prio.__getitem__)
             if limit is not None:
-                keep = [f for f in keep if _priority(f) < limit]
+                keep = [s for s in keep if prio[s] < limit]
             if len(keep) > self.caps[op]:
-                limit = _priority(keep[self.caps[op]])
+                limit = prio[keep[self.caps[op]]]
                 keep = keep[: self.caps[op]]
             dropped = len(mine) - len(keep)
             self.stats["dropped_by_cap"] += dropped
-            self.entries[op] = {f: mine[f] for f in keep}
-            self._heaps[op] = [(-_priority(f), f) for f in keep]
+            self.entries[op] = {s: mine[s] for s in keep}
+            self._heaps[op] = [(-prio[s], s) for s in keep]
             heapq.heapify(self._heaps[op])
             self._limit[op] = limit
 
@@ -284,7 +316,6 @@ def _collect_part(args) -> Collector:
     for path in paths:
         for rec in _iter_sqlite(path, queue.put, part, workers):
             col.add_record(rec)
-    col._features.clear()
     return col
 
 
@@ -373,223 +404,138 @@ def _iter_sqlite(path: str, progress=None, part: int = 0, parts: int = 1) -> Ite
         conn.close()
 
 
+
 # ---- the app's requests carrying attacks -----------------------------------------------------------------
 
-_NAME = re.compile(r"(?:(?<=\s)|^)([^\s=]+)=")
+CARRY_LOCS = ("query", "form", "json", "header")
 
 
-def carry(feature: str, payload: str, rng) -> str | None:
-    """`feature` (one of the app's benign strings) with one query or body value replaced by `payload`.
+def carry(flds: Sequence[fieldsmod.Field], payload: str, rng) -> tuple[list[fieldsmod.Field], int] | None:
+    """These fields (one of the app's benign requests) with the value of one query, form, JSON or header
+    field replaced by `payload` (percent-encoded in a query or form, as a client sends it): (the fields,
+    the index of the one carrying it), or None when the request has no such field.
 
-    The app's benign text (its parameter names, its words) then occurs in attacks too, so training on
-    the app's benign flows teaches where an attack differs from the app, not that the app's words are
-    safe. Works on feature strings (all the collector keeps); None when the string has no `name=value`.
-    """
-    parts = feature.split(featurize.SEP)
-    spots = []
-    q = parts[0].find(" ?")
-    if q >= 0:
-        spots.append((0, q + 2))
-    spots += [(i, 2) for i, sec in enumerate(parts[1:], 1) if sec.startswith("b ")]
-    rng.shuffle(spots)
-    for i, start in spots:
-        sec = parts[i]
-        names = list(_NAME.finditer(sec, start))
-        if not names:
-            continue
-        k = rng.randrange(len(names))
-        end = names[k + 1].start() - 1 if k + 1 < len(names) else len(sec.rstrip())
-        parts[i] = sec[: names[k].end()] + featurize.normalise(payload) + sec[end:]
-        return featurize.SEP.join(parts)
-    return None
+    The app's parameter names and words then occur in attacks too, so training on the app's benign
+    flows teaches where an attack differs from the app, not that the app's fields are safe."""
+    spots = [i for i, f in enumerate(flds) if f.loc in CARRY_LOCS and not f.via]
+    if not spots:
+        return None
+    i = rng.choice(spots)
+    f = flds[i]
+    out = list(flds)
+    out[i] = fieldsmod.Field(f.loc, f.name, quote(payload, safe="") if f.loc in ("query", "form") else payload)
+    return out, i
 
 
-# ---- the candidate as a fine-tune of the current model ------------------------------------------------
+# ---- the candidate as a refit of the current model ----------------------------------------------------
 
 
-def _terms(features: list[str], bits: int, header_block: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(segment lengths, buckets, counts) of the hashed n-grams of `features`, two segments per string
-    (`detector.segment_terms`: as Detector.supervised_proba weighs them). int32 buckets, uint16 counts
-    (a count cannot pass 65535 within featurize's size caps; clipped if it ever did)."""
-    rows = [seg for f in features for seg in detector.segment_terms(f, bits, header_block)]
-    lens = np.fromiter((len(r[0]) for r in rows), dtype=np.int64, count=len(rows))
-    if not rows:
-        return lens, np.zeros(0, np.int32), np.zeros(0, np.uint16)
-    return (lens, np.concatenate([r[0] for r in rows]).astype(np.int32),
-            np.minimum(np.concatenate([r[1] for r in rows]), 65535).astype(np.uint16))
+def training_table(parent: fieldmodel.FieldModel, app: Sequence[tuple[Sample, int, float]],
+                   base: Iterable[tuple[Sample, int]], carried: int = 0, rng=None) -> tuple[learn.Table, dict]:
+    """One table of the app's examples (request, 1 for attack, weight), the base rows (request, 1 for
+    attack; weight 1) and `carried` base attack payloads put into the app's benign requests (`carry`,
+    drawn with `rng`).
+
+    Benign requests first, all their windows; then each attack request's best window by the parent
+    (`learn.best_windows`, skipping windows the table holds as benign: the app's own headers are not its
+    attacks). The payloads carried are the fields that decided the base attacks. Returns (table, counts)."""
+    table = learn.Table()
+    info = {"app_benign": 0, "app_attack": 0, "base_benign": 0, "base_attack": 0, "carried": 0, "beyond_limits": 0}
+    attacks: list[tuple[Sample, float, str]] = []
+    app_benign: list[Sample] = []
+    for who, rows in (("app", ((s, y, w) for s, y, w in app)), ("base", ((s, y, 1.0) for s, y in base))):
+        for s, y, w in rows:
+            if y:
+                attacks.append((s, w, who))
+                continue
+            req = s.request()
+            if req is None:
+                info["beyond_limits"] += 1
+                continue
+            table.add_fields(req.fields, attack=False, weight=w)
+            info[f"{who}_benign"] += 1
+            if who == "app":
+                app_benign.append(s)
+    payloads: list[str] = []
+    for who in ("base", "app"):  # base attacks first: their deciding fields are the payloads carried
+        for s, w, src in attacks:
+            if src != who:
+                continue
+            req = s.request()
+            if req is None:
+                info["beyond_limits"] += 1
+                continue
+            r, best = learn.best_windows(parent, req.fields, 1, benign=table)
+            if not best:
+                continue
+            table.add(r, attack=True, weight=w, only=best)
+            info[f"{who}_attack"] += 1
+            if who == "base":
+                norm = fieldmodel.prepare(req.fields[r.field[best[0]]])[0]
+                if len(norm) <= fieldmodel.WINDOW:
+                    payloads.append(norm)
+        if who == "base" and carried > 0 and payloads and app_benign:
+            for _ in range(carried):
+                req = rng.choice(app_benign).request()
+                got = carry(req.fields, rng.choice(payloads), rng) if req is not None else None
+                if got is not None:
+                    table.add_fields([got[0][got[1]]], attack=True)
+                    info["carried"] += 1
+    info["windows"] = len(table)
+    return table, info
 
 
-def _terms_job(job):
-    return _terms(*job)
+def refit(parent: fieldmodel.FieldModel, app: Sequence[tuple[Sample, int, float]], base: Iterable[tuple[Sample, int]],
+          c: float = 8.0, max_iter: int = 100, carried: int = 0, rng=None, log=lambda msg: None) -> tuple[fieldmodel.FieldModel, dict]:
+    """The candidate: `parent` refitted on `training_table(...)` by `learn.fit`, starting at the parent's
+    weights, in its bits; the parent's profile and violation probability are kept (see `refresh_profile`).
+    Returns (candidate, the table's counts)."""
+    table, info = training_table(parent, app, base, carried, rng)
+    log(f"refit table: {info}")
+    try:
+        m = learn.fit(table, parent.bits, c, max_iter=max_iter, start=parent, log=log)
+    except ValueError as e:
+        raise RetrainError(f"cannot refit: {e}") from e
+    m.profile, m.violation_p = parent.profile, parent.violation_p
+    return m, info
 
 
-def term_rows(features: list[str], bits: int, workers: int = 1, progress=None, chunk: int = 2000,
-              header_block: bool = False):
-    """The hashed n-gram counts of every feature string as CSR parts over 2 segments per string
-    (indptr of length 2n+1, buckets, counts; see `_terms`): 6 bytes per distinct n-gram of a segment.
-    `header_block`: the model's (Detector.header_block). `workers` processes share the hashing."""
-    jobs = [(features[i : i + chunk], bits, header_block) for i in range(0, len(features), chunk)]
-    parts = []
-    if workers > 1 and len(jobs) > 1:
-        import multiprocessing
-
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            for (lens, idx, cnt), job in zip(pool.imap(_terms_job, jobs), jobs):
-                parts.append((lens, idx, cnt))
-                if progress:
-                    progress(len(job[0]))
-    else:
-        for job in jobs:
-            parts.append(_terms(*job))
-            if progress:
-                progress(len(job[0]))
-    indptr = np.zeros(2 * len(features) + 1, dtype=np.int64)
-    if parts:
-        indptr[1:] = np.cumsum(np.concatenate([p[0] for p in parts]))
-    idx = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int32)
-    cnt = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.uint16)
-    return indptr, idx, cnt
+def _root(path: str) -> str:
+    return "/" + path.split("/")[1] if path.count("/") >= 1 else path
 
 
-def extend_idf(idf: np.ndarray, indptr: np.ndarray, idx: np.ndarray, min_df: int) -> tuple[np.ndarray, int]:
-    """The parent's idf, plus buckets it ignores (idf 0) that occur in at least `min_df` of these rows:
-    the app's own n-grams join the feature space (idf from their document frequency here, as
-    detector.tfidf_matrix computes it). Buckets the parent uses keep their idf, so the parent's weights
-    keep their meaning. Returns (new idf, number of buckets added). A bucket found in both segments of
-    one string (request and header n-grams hashed apart, colliding) counts twice here: rare, and only
-    for deciding which new buckets join."""
-    n = (len(indptr) - 1) // 2
-    df = np.bincount(idx, minlength=len(idf))  # buckets are distinct within a segment
-    new = (idf == 0) & (df >= max(min_df, 1))
-    out = idf.astype(np.float32).copy()
-    out[new] = (np.log((1.0 + n) / (1.0 + df[new])) + 1.0).astype(np.float32)
-    return out, int(new.sum())
+def refresh_profile(parent: fieldmodel.AppProfile | None, app_benign: Iterable[Sequence[fieldsmod.Field]],
+                    min_root: int = 50) -> fieldmodel.AppProfile | None:
+    """The parent's application profile plus what the app's benign requests say: `AppProfile.fit` on them
+    (a root is learnt from `min_root` requests under it); a root the app's traffic speaks for replaces the
+    parent's paths under it. None when no root has enough of the app's requests (nothing to refresh)."""
+    new = fieldmodel.AppProfile(min_root=min_root).fit(app_benign)
+    if not new.roots:
+        return None
+    if parent is None:
+        return new
+    merged = fieldmodel.AppProfile(parent.min_root, parent.length_slack, parent.max_shapes)
+    merged.roots = tuple(sorted(set(parent.roots) | set(new.roots)))
+    merged.paths = {p: v for p, v in parent.paths.items() if _root(p) not in new.roots}
+    merged.paths.update(new.paths)
+    merged.paths = dict(sorted(merged.paths.items()))
+    return merged
 
 
-def tfidf_rows(indptr: np.ndarray, idx: np.ndarray, cnt: np.ndarray, idf: np.ndarray, block: int = 4096,
-               header_scale: float = 1.0):
-    """Sublinear-tf TF-IDF rows (what Detector.supervised_proba computes): each segment l2-normalised on
-    its own, header segments times `header_scale` (the model's), a string's two segments one row.
-    float32 CSR over the compact columns in use: (matrix, the bucket of each column). Written `block`
-    strings at a time into arrays of the final size (8 bytes per non-zero), so the temporaries stay
-    small. A bucket in both segments of a string appears twice in its row (products sum them)."""
-    from scipy import sparse
-
-    nseg = len(indptr) - 1
-    n = nseg // 2
-    blocks = [(r0, min(r0 + 2 * block, nseg)) for r0 in range(0, nseg, 2 * block)]
-    nnz = sum(int(np.count_nonzero(idf[idx[indptr[r0] : indptr[r1]]])) for r0, r1 in blocks)
-    data = np.empty(nnz, dtype=np.float32)
-    ind = np.empty(nnz, dtype=np.int32)
-    seglen = np.zeros(nseg, dtype=np.int64)
-    used = np.zeros(len(idf), dtype=bool)
-    scale = np.ones(2 * block, dtype=np.float32)
-    scale[1::2] = header_scale
-    at = 0
-    for r0, r1 in blocks:
-        lo, hi = indptr[r0], indptr[r1]
-        bi = idx[lo:hi]
-        v = (1.0 + np.log(cnt[lo:hi].astype(np.float32))) * idf[bi]
-        segid = np.repeat(np.arange(r1 - r0), np.diff(indptr[r0 : r1 + 1]))
-        norms = np.sqrt(np.bincount(segid, weights=v * v, minlength=r1 - r0)).astype(np.float32)
-        norms[norms == 0] = 1.0
-        v *= (scale[: r1 - r0] / norms)[segid]
-        keep = v != 0
-        seglen[r0:r1] = np.bincount(segid[keep], minlength=r1 - r0)
-        k = int(keep.sum())
-        data[at : at + k] = v[keep]
-        ind[at : at + k] = bi[keep]
-        at += k
-    used[ind] = True
-    cols = np.flatnonzero(used)
-    remap = np.zeros(len(idf), dtype=np.int32)
-    remap[cols] = np.arange(len(cols), dtype=np.int32)
-    for lo in range(0, nnz, 1 << 22):
-        ind[lo : lo + (1 << 22)] = remap[ind[lo : lo + (1 << 22)]]
-    new_ptr = np.zeros(n + 1, dtype=np.int32 if nnz < 2**31 else np.int64)  # as scipy would make it: no copy
-    new_ptr[1:] = np.cumsum(seglen.reshape(n, 2).sum(axis=1))
-    return sparse.csr_matrix((data, ind, new_ptr), shape=(n, len(cols)), copy=False), cols
+def profile_summary(p: fieldmodel.AppProfile | None) -> dict | None:
+    return None if p is None else {"roots": list(p.roots), "paths": len(p.paths)}
 
 
-def request_buckets(indptr: np.ndarray, idx: np.ndarray, first_row: int, end_row: int | None = None) -> np.ndarray:
-    """The distinct buckets of the request segments (not the header sections) of the strings
-    `first_row` .. `end_row` (default: the last), in `term_rows` parts: what a fine-tune lets the app's
-    rows move."""
-    n = (len(indptr) - 1) // 2 if end_row is None else end_row
-    parts = [idx[indptr[2 * r] : indptr[2 * r + 1]] for r in range(first_row, n)]
-    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=idx.dtype)
-
-
-def finetune(parent: detector.Detector, X, cols: np.ndarray, y: np.ndarray, sample_weight: np.ndarray, C: float,
-             idf: np.ndarray, anchor_rows: int = 0, maxiter: int = 100, ftol: float = 1e-6,
-             progress=None, free_buckets: np.ndarray | None = None) -> tuple[detector.Detector, dict]:
-    """Logistic regression warm-started at the parent's weights and regularised toward them:
-
-        minimise  C * sum_i s_i c_(y_i) log(1 + exp(-y_i (x_i . w + b)))  +  1/2 |w - w_parent|^2  +  1/2 (b - b_parent)^2
-
-    (train.py's liblinear objective, class_weight="balanced" as c_y, with the L2 term centred on the
-    parent instead of 0), by L-BFGS-B. Only the weights of the buckets that the rows after the first
-    `anchor_rows` use (the app's rows) are free, with the intercept; every other weight stays the
-    parent's (the anchor rows, a sample of the base training set, see them as a fixed offset). So the
-    app's data moves what it speaks to, as far as the base rows that share those n-grams allow.
-    `free_buckets` narrows the free weights further (scripts/retrain.py: the app's request n-grams,
-    not its header sections: an app's few clients would otherwise teach "this browser is an attacker").
-    Returns (the candidate Detector, without profile; fit figures)."""
-    import scipy.optimize
-    from scipy.special import expit
-
-    ys = np.where(y > 0, 1.0, -1.0)
-    counts = np.bincount(y.astype(np.int64), minlength=2)
-    cw = len(y) / (2.0 * np.maximum(counts, 1))  # scikit-learn's "balanced"
-    s = C * sample_weight * cw[y.astype(np.int64)]
-    coef0 = np.asarray(parent.coef, dtype=np.float32)[cols]
-    free = np.zeros(X.shape[1], dtype=bool)
-    free[X.indices[X.indptr[anchor_rows] :]] = True
-    if free_buckets is not None:
-        free &= np.isin(cols, free_buckets)
-    fixed_w = np.where(free, 0.0, coef0).astype(np.float32)
-    offset = (X @ fixed_w).astype(np.float64)  # the fixed weights' part of every row's score
-    free_cols = np.flatnonzero(free)
-    Xf = X[:, free_cols]
-    Xft = Xf.T  # a CSC view: no copy
-    theta0 = np.append(coef0[free_cols].astype(np.float64), parent.intercept)
-    evals = 0
-
-    def fun(theta):
-        nonlocal evals
-        evals += 1
-        z = (Xf @ theta[:-1].astype(np.float32)).astype(np.float64) + offset + theta[-1]
-        m = ys * z
-        d = theta - theta0
-        f = float(s @ np.logaddexp(0.0, -m)) + 0.5 * float(d @ d)
-        gz = -s * ys * expit(-m)
-        gz[np.abs(gz) < 1e-30] = 0.0  # no float32 denormals in the product below
-        g = np.empty_like(theta)
-        g[:-1] = Xft @ gz.astype(np.float32)
-        g[-1] = gz.sum()
-        return f, g + d
-
-    f0 = fun(theta0)[0]
-    trace = []
-
-    def step(intermediate_result):
-        trace.append(float(intermediate_result.fun))
-        if progress:
-            progress(1)
-
-    res = scipy.optimize.minimize(fun, theta0, jac=True, method="L-BFGS-B", callback=step,
-                                  options={"maxiter": maxiter, "ftol": ftol})
-    coef = np.asarray(parent.coef, dtype=np.float32).copy()
-    coef[cols[free_cols]] = res.x[:-1].astype(np.float32)
-    coef[idf == 0] = 0.0
-    det = detector.Detector(idf, coef, float(res.x[-1]), bits=parent.bits, violation_p=parent.violation_p)
-    det.header_block, det.header_scale = parent.header_block, parent.header_scale  # the parent's feature space
-    moved = np.abs(res.x[:-1] - theta0[:-1])
-    info = {"iterations": int(res.nit), "evaluations": evals, "converged": bool(res.success), "message": str(res.message),
-            "objective": {"at_parent": f0, "final": float(res.fun)}, "rows": int(X.shape[0]), "anchor_rows": int(anchor_rows),
-            "free_weights": int(len(free_cols)), "weights_moved_over_0.01": int((moved > 0.01).sum()),
-            "objective_after": {str(k): trace[k - 1] for k in (10, 25, 50) if k <= len(trace)}}
-    return det, info
+def operating_point(current: model.LocalModel, candidate: fieldmodel.FieldModel, benign: Sequence[Sample],
+                    min_benign: int = 100) -> float:
+    """The candidate's operating point: the probability that refuses the same share of these held-out
+    benign requests as the current model does at its own, so a refit keeps the false-positive rate the
+    current card stands for. The current operating point with fewer than `min_benign` of them."""
+    if len(benign) < min_benign:
+        return current.operating_point
+    fpr = sum(p >= current.operating_point for p in proba_many(current, benign)) / len(benign)
+    probe = model.LocalModel(candidate, {"operating_point": current.operating_point}, current.path)
+    return min(max(learn.threshold_at(proba_many(probe, benign), fpr), 1e-6), 1 - 1e-6)
 
 
 # ---- evaluation and the promotion gate ----------------------------------------------------------------
@@ -600,23 +546,33 @@ def threshold_of(lm: model.LocalModel, default: int = 6) -> int:
     return t if isinstance(t, int) and 1 <= t <= 10 else default
 
 
-_SCORING: tuple | None = None  # (model, features) for forked scoring processes
+def proba(lm: model.LocalModel, samples: Sequence[Sample]) -> list[float]:
+    """lm's attack probability of each request, its fields extracted as the addons extract them; a
+    request beyond the inspection limits is refused by the proxy: probability 1."""
+    reqs = [s.request() for s in samples]
+    got = iter(lm.proba([r for r in reqs if r is not None]))
+    return [1.0 if r is None else next(got) for r in reqs]
+
+
+_SCORING: tuple | None = None  # (model, requests) for forked scoring processes
 
 
 def _score_chunk(bounds: tuple[int, int]) -> list[float]:
-    lm, features = _SCORING
-    return lm.proba(features[bounds[0] : bounds[1]])
+    lm, samples = _SCORING
+    return proba(lm, samples[bounds[0] : bounds[1]])
 
 
-def proba_many(lm: model.LocalModel, features: list[str], workers: int = 1, progress=None, chunk: int = 2000) -> list[float]:
-    """lm.proba over many strings in chunks; with `workers` > 1, in that many forked processes."""
+def proba_many(lm: model.LocalModel, samples: Sequence[Sample], workers: int = 1, progress=None,
+               chunk: int = 2000) -> list[float]:
+    """`proba` over many requests in chunks (the fields of one chunk at a time in memory); with
+    `workers` > 1, in that many forked processes."""
     global _SCORING
-    bounds = [(i, min(i + chunk, len(features))) for i in range(0, len(features), chunk)]
+    bounds = [(i, min(i + chunk, len(samples))) for i in range(0, len(samples), chunk)]
     out: list[float] = []
     if workers > 1 and len(bounds) > 1:
         import multiprocessing
 
-        _SCORING = (lm, features)
+        _SCORING = (lm, samples)
         try:
             with multiprocessing.get_context("fork").Pool(workers) as pool:
                 for (i, j), p in zip(bounds, pool.imap(_score_chunk, bounds)):
@@ -627,13 +583,13 @@ def proba_many(lm: model.LocalModel, features: list[str], workers: int = 1, prog
             _SCORING = None
         return out
     for i, j in bounds:
-        out.extend(lm.proba(features[i:j]))
+        out.extend(proba(lm, samples[i:j]))
         if progress:
             progress(j - i)
     return out
 
 
-def evaluate(lm: model.LocalModel, base: list[tuple[str, int]], app_gate: list[tuple[str, int]],
+def evaluate(lm: model.LocalModel, base: list[tuple[Sample, int]], app_gate: list[tuple[Sample, int]],
              max_fpr: float = 0.01, threshold: int | None = None, progress=None, workers: int = 1) -> dict:
     """Figures of one model: base test TPR at `max_fpr` and at its threshold, FPR; app slice FPR/TPR."""
     t = threshold if threshold is not None else threshold_of(lm)
@@ -642,7 +598,7 @@ def evaluate(lm: model.LocalModel, base: list[tuple[str, int]], app_gate: list[t
         if not rows:
             continue
         y = [lab for _, lab in rows]
-        p = proba_many(lm, [f for f, _ in rows], workers, progress)
+        p = proba_many(lm, [s for s, _ in rows], workers, progress)
         out[name] = dataset.metrics(y, p, [model.proba_to_score(pi, lm.operating_point) > t for pi in p])
         if name == "base":
             out["base_tpr_at_fpr"] = dataset.tpr_at_fpr(y, p, max_fpr)
@@ -691,7 +647,7 @@ class ProbeGate:
 def probe_gate(current: model.LocalModel, candidate: model.LocalModel, benign_slack: int = 10,
                items: list[probes.Probe] | None = None) -> ProbeGate:
     """Refuse a candidate that passes any attack probe the current model refuses, or refuses more than
-    `benign_slack` more everyday probes than it. Each probe is featurized and scored as the addons do
+    `benign_slack` more everyday probes than it. Each probe is scored as the addons score it
     (`probes.score`), so the gate holds whatever the models are inside.
 
     Why: the app's own held-out labels share the operator's mistakes (six attacks labelled benign are
@@ -776,16 +732,16 @@ def table(current: dict, candidate: dict) -> str:
     return "\n".join(lines)
 
 
-def calibrate_threshold(lm: model.LocalModel, benign_features: list[str], target_fpr: float,
+def calibrate_threshold(lm: model.LocalModel, benign: Sequence[Sample], target_fpr: float,
                         low: int = 6, high: int = 9, min_benign: int = 1) -> tuple[int, float | None]:
     """The lowest threshold in low..high whose FPR on the app's benign flows is at most `target_fpr`.
 
     (threshold, its FPR); `high` when none reaches the target; (low, None) with fewer than `min_benign`
     benign flows (too few to measure an FPR of a few percent).
     """
-    if not benign_features or len(benign_features) < min_benign:
+    if not benign or len(benign) < min_benign:
         return low, None
-    scores = [model.proba_to_score(p, lm.operating_point) for p in lm.proba(benign_features)]
+    scores = [model.proba_to_score(p, lm.operating_point) for p in proba_many(lm, benign)]
     fpr = None
     for t in range(low, high + 1):
         fpr = sum(1 for s in scores if s > t) / len(scores)
@@ -883,5 +839,6 @@ def versions(current: Path) -> list[dict]:
     return sorted(out, key=lambda c: str(c.get("created", "")))
 
 
-def base_rows(recs: Iterable[dataset.Record]) -> list[tuple[str, int]]:
-    return [(r.feature(), int(r.attack)) for r in recs]
+def base_rows(recs: Iterable[dataset.Record]) -> list[tuple[Sample, int]]:
+    """(request, 1 for attack) of corpus records: the gate's base test rows, the refit's base rows."""
+    return [(sample_of_record(r), int(r.attack)) for r in recs]

@@ -1,15 +1,15 @@
-"""addons/retraining.py: label precedence, bounded dedupe, streaming from both stores, gate, threshold, versions."""
+"""addons/retraining.py: label precedence, bounded dedupe, streaming from both stores, carry, the refit, gate,
+threshold, versions."""
 
 import datetime
 import json
 import time
 
-import joblib
 import mongomock
-import numpy as np
 import pytest
 
-from addons import detector
+import models
+from addons import fields as fieldsmod
 from addons import model
 from addons import records
 from addons import retraining
@@ -48,40 +48,49 @@ def test_label_precedence_and_confidence():
     assert col.stats["full"] == 0 and len(col) == 0
 
 
+def req(target, method="GET", headers=(("Host", "app"),), body=b""):
+    return retraining.sample(method, target, headers, body)
+
+
 def test_operator_wins_and_duplicates_merge():
     pol = retraining.Policy(now=NOW)
     col = retraining.Collector(pol)
+    a, b, c = req("/a?q=select+a+size"), req("/b?q=x"), req("/c?q=y")
     for _ in range(1000):
-        col.add("get /a ?q=select a size", "attack", "local", NOW)
-    col.add("get /a ?q=select a size", "benign", "operator", NOW)
-    col.add("get /b ?q=x", "attack", "llm", NOW)
-    col.add("get /b ?q=x", "benign", "local", NOW)  # weaker: ignored
+        col.add(a, "attack", "local", NOW)
+    col.add(a, "benign", "operator", NOW)
+    col.add(b, "attack", "llm", NOW)
+    col.add(b, "benign", "local", NOW)  # weaker: ignored
     for _ in range(1000):
-        col.add("get /c ?q=y", "benign", "local", NOW)
-    ex = {f: (lab, src, w) for f, lab, src, w in col.examples()}
-    assert ex["get /a ?q=select a size"] == ("benign", "operator", 10.0)
-    assert ex["get /b ?q=x"][:2] == ("attack", "llm")
-    lab, src, w = ex["get /c ?q=y"]
+        col.add(c, "benign", "local", NOW)
+    ex = {s: (lab, src, w) for s, lab, src, w in col.examples()}
+    assert ex[a] == ("benign", "operator", 10.0)
+    assert ex[b][:2] == ("attack", "llm")
+    lab, src, w = ex[c]
     assert (lab, src) == ("benign", "local") and 0.5 < w < 0.5 * 9  # damped: 1000 copies weigh ~8x one copy
     # Operator relabels replace; recency halves per half-life.
-    col.add("get /a ?q=select a size", "attack", "operator", NOW)
-    assert dict((f, lab) for f, lab, *_ in col.examples())["get /a ?q=select a size"] == "attack"
+    col.add(a, "attack", "operator", NOW)
+    assert dict((s, lab) for s, lab, *_ in col.examples())[a] == "attack"
     assert pol.recency(NOW - datetime.timedelta(days=7)) == pytest.approx(0.5)
+    # The request itself is the key: another header or body is another example.
+    col.add(req("/c?q=y", headers=(("Host", "app"), ("Accept", "*/*"))), "benign", "local", NOW)
+    col.add(req("/c?q=y", method="POST", body=b"x=1"), "benign", "local", NOW)
+    assert len(list(col.examples())) == 5
 
 
 def test_cap_is_a_deterministic_reservoir():
     def run(order):
         col = retraining.Collector(retraining.Policy(now=NOW), cap=50)
         for i in order:
-            col.add(f"get /p{i}", "benign", "local", NOW)
-            col.add(f"get /p{i}", "benign", "local", NOW)  # a kept string keeps its copies
-        return {f: w for f, _, _, w in col.examples()}, col.stats["dropped_by_cap"]
+            col.add(req(f"/p{i}"), "benign", "local", NOW)
+            col.add(req(f"/p{i}"), "benign", "local", NOW)  # a kept request keeps its copies
+        return {s: w for s, _, _, w in col.examples()}, col.stats["dropped_by_cap"]
 
     a, dropped = run(range(500))
     b, _ = run(reversed(range(500)))
     assert len(a) == 50 and a == b and dropped >= 450
-    keep = sorted(range(500), key=lambda i: retraining._priority(f"get /p{i}"))[:50]
-    assert set(a) == {f"get /p{i}" for i in keep}
+    keep = sorted(range(500), key=lambda i: retraining._priority(req(f"/p{i}")))[:50]
+    assert set(a) == {req(f"/p{i}") for i in keep}
 
 
 @pytest.mark.parametrize("kind", ["embedded", "mongomock"])
@@ -101,35 +110,25 @@ def test_collect_streams_records_and_labels(kind, tmp_path):
     seen = []
     col = retraining.collect(store, retraining.Policy(), progress=seen.append)
     assert col.stats["full"] == 26 and col.stats["operator"] == 1  # brief records are skipped unread
-    ex = {f: (lab, src) for f, lab, src, _ in col.examples()}
+    ex = {s: (lab, src) for s, lab, src, _ in col.examples()}
     assert len(ex) == 3 and sum(seen) >= 26
-    assert ex[next(f for f in ex if "union square" in f)] == ("benign", "operator")
-    assert ex[next(f for f in ex if "one" in f)] == ("benign", "local")
-    assert sorted(lab for lab, _ in ex.values()) == ["attack", "benign", "benign"]
+    # The example is the recorded request itself (20 identical flows: one example).
+    assert ex[req("/app?q=union+square")] == ("benign", "operator")
+    assert ex[req("/app?q=one")] == ("benign", "local")
+    assert col.entries[False][req("/app?q=one")].count == 20
+    assert ex[req("/app?q=%27%20or%201=1--")] == ("attack", "local")
     store.close()
 
 
-def _det(weight_on: str) -> detector.Detector:
-    """A Detector whose only weight is on the n-grams of `weight_on` (attack when present)."""
-    idf = np.ones(1 << 12, dtype=np.float32)
-    coef = np.zeros(1 << 12, dtype=np.float32)
-    idx, _ = detector.term_counts(weight_on, 12)
-    neutral, _ = detector.term_counts("get /x /app ?q=tea hello world recipe", 12)
-    coef[np.setdiff1d(idx, neutral)] = 40.0
-    return detector.Detector(idf, coef, -4.0, bits=12)
-
-
-def _save(det, path, **card):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    joblib.dump(det, path)
-    model.write_card(path, {"operating_point": 0.5, **card})
-    return model.load(str(path))
+def _lm(fm, **card):
+    return model.LocalModel(fm, {"operating_point": 0.5, **card}, None)
 
 
 def test_gate_calibration_and_table(tmp_path):
-    cur = _save(_det("zzqq"), tmp_path / "cur.joblib", version="a", threshold=6)
-    base = [("get /x ?q=zzqq", 1), ("get /x ?q=hello", 0), ("get /x ?q=zzqq zzqq", 1), ("get /x ?q=world", 0)]
-    app = [("get /app ?q=zzqq recipe", 0), ("get /app ?q=tea", 0)]
+    cur = models.load(models.save(models.attack_model(), tmp_path, "cur", version="a", threshold=6))
+    sqli, xss = req("/x?q=%27%20or%201%3D1--"), req("/x?q=%3Cscript%3Ealert(1)%3C/script%3E")
+    base = [(sqli, 1), (req("/x?q=hello"), 0), (xss, 1), (req("/x?q=world"), 0)]
+    app = [(req("/app?q=%27%20or%201%3D1--"), 0), (req("/app?q=tea"), 0)]
     m = retraining.evaluate(cur, base, app, 0.01)
     assert m["base_tpr_at_fpr"] == 1.0 and m["app"]["fpr"] == 0.5
     worse = dict(m, base_tpr_at_fpr=0.5)
@@ -140,28 +139,35 @@ def test_gate_calibration_and_table(tmp_path):
     assert not retraining.gate(m, higher_fpr).promote
     assert retraining.gate(m, m).promote
     assert "app benign FPR" in retraining.table(m, m)
-    # Calibration: the lowest threshold meeting the target FPR on the app's benign strings.
-    t, fpr = retraining.calibrate_threshold(cur, ["get /app ?q=zzqq"] + ["get /app ?q=tea"] * 9, 0.2)
+    # Calibration: the lowest threshold meeting the target FPR on the app's benign requests.
+    attacky, tea = req("/app?q=%27%20or%201%3D1--"), req("/app?q=tea")
+    t, fpr = retraining.calibrate_threshold(cur, [attacky] + [tea] * 9, 0.2)
     assert (t, fpr) == (6, 0.1)
-    t, fpr = retraining.calibrate_threshold(cur, ["get /app ?q=zzqq"] * 5 + ["get /app ?q=tea"] * 5, 0.01)
+    t, fpr = retraining.calibrate_threshold(cur, [attacky] * 5 + [tea] * 5, 0.01)
     assert t == 9 and fpr == 0.5  # never reached: the highest threshold, and its FPR said
 
 
+def test_a_request_beyond_the_limits_counts_as_refused():
+    huge = req("/x", method="POST", body=b"a" * (fieldsmod.Limits().body_bytes + 1))
+    assert huge.request() is None
+    assert retraining.proba(_lm(models.constant_model(0.01)), [req("/x?q=1"), huge]) == pytest.approx([0.01, 1.0])
+
+
 def test_install_history_and_rollback(tmp_path):
-    cur_path = tmp_path / "models" / "openflare-local.joblib"
-    _save(_det("aaa"), cur_path, version="v1")
-    cand = tmp_path / "models" / "candidate.joblib"
-    _save(_det("bbb"), cand, version="v2", parent_version="v1")
+    d = tmp_path / "models"
+    cur_path = models.save(models.constant_model(0.1), d, version="v1")
+    cand = models.save(models.constant_model(0.2), d, "candidate", version="v2", parent_version="v1")
     retraining.install(cand, cur_path)
     assert model.load(str(cur_path)).version == "v2"
     assert retraining.archived(cur_path, "v1").is_file() and retraining.archived(cur_path, "v2").is_file()
-    assert [c["version"] for c in retraining.versions(cur_path)] == ["v1", "v2"] or len(retraining.versions(cur_path)) == 2
+    assert sorted(c["version"] for c in retraining.versions(cur_path)) == ["v1", "v2"]
     restored = retraining.rollback(cur_path)
     assert restored["version"] == "v1" and model.load(str(cur_path)).version == "v1"
+    assert model.load(str(cur_path)).proba([fieldsmod.extract("GET", "/", [], b"")]) == pytest.approx([0.1])
     with pytest.raises(retraining.RetrainError, match="no parent"):
         retraining.rollback(cur_path)
     # A tampered archive is refused.
-    _save(_det("ccc"), cand, version="v3", parent_version="v1")
+    models.save(models.constant_model(0.3), d, "candidate", version="v3", parent_version="v1")
     retraining.install(cand, cur_path)
     old = retraining.archived(cur_path, "v1")
     old.write_bytes(old.read_bytes() + b"x")
@@ -175,14 +181,13 @@ async def test_scorer_reload_verifies_and_swaps_and_uses_the_card_threshold(tmp_
 
     from addons import scorer
 
-    cur_path = tmp_path / "models" / "openflare-local.joblib"
-    _save(_det("aaa"), cur_path, version="v1", threshold=6)
+    d = tmp_path / "models"
+    cur_path = models.save(models.constant_model(0.1), d, version="v1", threshold=6)
     sc = scorer.Scorer()
     with taddons.context(sc) as tctx:
         tctx.configure(sc, openflare_model=str(cur_path), openflare_llm_enabled=False)
         assert sc.model.version == "v1" and sc.threshold == 6
-        cand = tmp_path / "models" / "candidate.joblib"
-        _save(_det("bbb"), cand, version="v2", parent_version="v1", threshold=8)
+        cand = models.save(models.constant_model(0.2), d, "candidate", version="v2", parent_version="v1", threshold=8)
         retraining.install(cand, cur_path)
         taken = sc.model
         assert await sc.reload() is True
@@ -207,15 +212,14 @@ async def test_scorer_file_watch_picks_up_a_promotion(tmp_path):
 
     from addons import scorer
 
-    cur_path = tmp_path / "models" / "openflare-local.joblib"
-    _save(_det("aaa"), cur_path, version="v1")
+    d = tmp_path / "models"
+    cur_path = models.save(models.constant_model(0.1), d, version="v1")
     sc = scorer.Scorer()
     with taddons.context(sc) as tctx:
         tctx.configure(sc, openflare_model=str(cur_path), openflare_llm_enabled=False, openflare_model_watch=1)
         sc.running()
         try:
-            cand = tmp_path / "models" / "candidate.joblib"
-            _save(_det("bbb"), cand, version="v2", parent_version="v1")
+            cand = models.save(models.constant_model(0.2), d, "candidate", version="v2", parent_version="v1")
             retraining.install(cand, cur_path)
             for _ in range(100):
                 if sc.model.version == "v2":
@@ -246,106 +250,112 @@ def test_parallel_collection_equals_serial(tmp_path):
     store.close()
 
 
+FORM = ("Content-Type", "application/x-www-form-urlencoded")
+
+
 def test_carry_puts_a_payload_into_one_value():
     import random
 
-    f = "post /pantry/comments ‖h user-agent: x ‖b comment=select a pan name=zoë recipe=12"
-    out = {retraining.carry(f, "1' OR '1'='1", random.Random(s)) for s in range(20)}
-    assert "post /pantry/comments ‖h user-agent: x ‖b comment=1' or '1'='1 name=zoë recipe=12" in out
-    assert "post /pantry/comments ‖h user-agent: x ‖b comment=select a pan name=zoë recipe=1' or '1'='1" in out
-    assert retraining.carry("get /pantry/img ‖h user-agent: x", "x", random.Random(0)) is None
+    from addons import fieldmodel
+
+    flds = req("/pantry/comments?page=2", "POST", (FORM, ("User-Agent", "x")), b"comment=select+a+pan&name=zo%C3%AB").request().fields
+    got = [retraining.carry(flds, "1' OR '1'='1", random.Random(s)) for s in range(40)]
+    where = set()
+    for out, i in got:
+        assert [f for k, f in enumerate(out) if k != i] == [f for k, f in enumerate(flds) if k != i]  # one field changes
+        old, new = flds[i], out[i]
+        assert (new.loc, new.name, new.via) == (old.loc, old.name, "") and old.loc in retraining.CARRY_LOCS
+        assert fieldmodel.prepare(new)[0] == "1' or '1'='1"  # encoded as a client would, read back as the payload
+        if new.loc in ("query", "form"):
+            assert "'" not in new.value and "%27" in new.value
+        where.add((new.loc, new.name))
+    assert {("query", "page"), ("form", "comment"), ("form", "name"), ("header", "user-agent")} <= where
+    # A JSON value carries it as is; a request without such a field carries nothing.
+    jflds = req("/pantry/notes", "POST", (("Content-Type", "application/json"),), b'{"note": "tea"}').request().fields
+    out, i = retraining.carry([f for f in jflds if f.loc != "header"], "<script>x</script>", random.Random(0))
+    assert out[i] == fieldsmod.Field("json", out[i].name, "<script>x</script>") and "note" in out[i].name
+    bare = [f for f in req("/pantry/img", headers=()).request().fields if f.loc in ("method", "path")]
+    assert retraining.carry(bare, "x", random.Random(0)) is None
 
 
-BASE = [f"get /shop/item ?id={i} ‖h user-agent: x" for i in range(40)] + [
-    f"get /shop/item ?id={i}' union select password from users-- ‖h user-agent: x" for i in range(40)]
-APP = [f"post /pantry/notes ‖h user-agent: x ‖b note=select the union of flour {i}" for i in range(30)]
+def _key(f: fieldsmod.Field) -> tuple:
+    from addons import fieldmodel
+
+    r = fieldmodel.rows([f])
+    return (r.classes[0], r.texts[0], float(r.extra[0][-2]), float(r.extra[0][-1]))
 
 
-def parent_detector(bits=12):
-    """A small Detector fitted on BASE, as train.py fits one."""
-    from sklearn.linear_model import LogisticRegression
-
-    X, idf = detector.tfidf_matrix(BASE, bits=bits, min_df=2)
-    y = [0] * 40 + [1] * 40
-    clf = LogisticRegression(C=8.0, class_weight="balanced", solver="liblinear").fit(X, y)
-    coef = clf.coef_[0].astype(np.float32)
-    coef[idf == 0] = 0.0
-    return detector.Detector(idf, coef, float(clf.intercept_[0]), bits=bits)
-
-
-@pytest.mark.parametrize("header_block", [True, False])
-def test_tfidf_rows_are_what_the_detector_computes(header_block):
-    det = parent_detector()
-    det.header_block = header_block  # False: a model pickled before the header block (one block)
-    feats = BASE[::7] + APP[:5] + ["get /x ?q=1", "get /y ‖h user-agent: mozilla/5.0 (x11) cookie: a=1"]
-    parts = retraining.term_rows(feats, det.bits, header_block=header_block)
-    assert all(np.array_equal(a, b) for a, b in zip(parts, retraining.term_rows(feats, det.bits, workers=2, chunk=3, header_block=header_block)))
-    X, cols = retraining.tfidf_rows(*parts, det.idf, header_scale=det.header_scale)
-    Xb, colsb = retraining.tfidf_rows(*parts, det.idf, block=3, header_scale=det.header_scale)
-    assert np.array_equal(cols, colsb) and (X != Xb).nnz == 0
-    if header_block:
-        dense, _ = detector.tfidf_matrix(feats, bits=det.bits, idf=det.idf)
-        assert np.allclose(X.toarray(), dense.toarray()[:, cols], atol=1e-6)
-        assert (dense.toarray()[:, np.setdiff1d(np.arange(1 << det.bits), cols)] == 0).all()
-    z = X @ det.coef[cols] + det.intercept
-    assert np.allclose(1 / (1 + np.exp(-z)), [det.supervised_proba(f) for f in feats], atol=1e-5)
+def test_an_attack_request_gives_only_its_best_window():
+    # The operator labels one of the app's requests an attack: its query is the attack, not the app's own
+    # header that every benign request of the app carries too.
+    client = ("X-Pantry-Client", "ios-5.2")
+    app = [(req(f"/pantry/notes?q=tea+{i}", headers=(client,)), 0, 1.0) for i in range(20)]
+    app.append((req("/pantry/notes?q=%27%20or%201%3D1--", headers=(client,)), 1, 10.0))
+    table, info = retraining.training_table(models.attack_model(), app, [])
+    assert info["app_benign"] == 20 and info["app_attack"] == 1
+    hdr = table.index[_key(fieldsmod.Field("header", "x-pantry-client", "ios-5.2"))]
+    assert table.pos[hdr] == 0 and table.neg[hdr] == 20
+    q = table.index[_key(fieldsmod.Field("query", "q", "%27%20or%201%3D1--"))]
+    assert table.pos[q] == 10.0 and table.neg[q] == 0
+    assert sum(1 for v in table.pos if v) == 1  # one window of the attack request, nothing else
+    # Without the app's benign requests, the parent picks the window it scores highest: still the query.
+    alone, _ = retraining.training_table(models.attack_model(), app[-1:], [])
+    assert [alone.texts[k] for k, v in enumerate(alone.pos) if v] == [table.texts[q]]
 
 
-def test_extend_idf_adds_only_buckets_the_parent_ignores():
-    det = parent_detector()
-    indptr, idx, _ = retraining.term_rows(APP, det.bits, header_block=True)
-    idf, added = retraining.extend_idf(det.idf, indptr, idx, min_df=3)
-    used = det.idf > 0
-    assert np.array_equal(idf[used], det.idf[used])
-    assert added == int(((idf > 0) & ~used).sum()) > 0
-    assert retraining.extend_idf(det.idf, indptr, idx, min_df=len(APP) + 1)[1] == 0
+BASE = [(req(f"/shop/item?id={i}", headers=(("User-Agent", "x"),)), 0) for i in range(40)] + [
+    (req(f"/shop/item?id={i}%27%20union%20select%20password%20from%20users--", headers=(("User-Agent", "x"),)), 1)
+    for i in range(40)]
+APP = [req("/pantry/notes", "POST", (("Content-Type", "application/json"),),
+           json.dumps({"note": f"{i} union select flour from pantry"}).encode()) for i in range(30)]
 
 
-def test_finetune_moves_what_the_app_speaks_to_and_keeps_the_rest():
-    det = parent_detector()
-    before = [det.supervised_proba(f) for f in APP]
+def test_refit_learns_the_apps_benign_and_keeps_the_base_attacks():
+    import random
+
+    from addons import fieldmodel
+
+    base_fm = models.attack_model()
+    prof = fieldmodel.AppProfile(min_root=1).fit([req("/tienda/a?x=1").request().fields])
+    parent = fieldmodel.FieldModel(base_fm.weights, base_fm.extra, base_fm.intercept, base_fm.bits, prof, 0.8)
+    before = retraining.proba(_lm(parent), APP)
     assert min(before) > 0.5, "the parent should call the app's notes attacks"
-    feats = BASE + APP
-    indptr, idx, cnt = retraining.term_rows(feats, det.bits, header_block=det.header_block)
-    idf, _ = retraining.extend_idf(det.idf, indptr, idx, min_df=2)
-    X, cols = retraining.tfidf_rows(indptr, idx, cnt, idf, header_scale=det.header_scale)
-    y = np.array([0] * 40 + [1] * 40 + [0] * 30)
-    tuned, info = retraining.finetune(det, X, cols, y, np.ones(len(y)), 8.0, idf, anchor_rows=len(BASE))
-    assert max(tuned.supervised_proba(f) for f in APP) < 0.5
-    assert min(tuned.supervised_proba(f) for f in BASE[40:]) > 0.5  # the base attacks are still attacks
-    app_buckets = np.zeros(1 << det.bits, dtype=bool)
-    app_buckets[idx[indptr[2 * len(BASE)] :]] = True  # two segments per string
-    assert np.array_equal(tuned.coef[~app_buckets], det.coef[~app_buckets])  # untouched by the app: the parent's
-    assert info["free_weights"] == int((app_buckets & (idf > 0)).sum()) and info["objective"]["final"] < info["objective"]["at_parent"]
-    # Without a data term (C = 0) the candidate is the parent.
-    same, _ = retraining.finetune(det, X, cols, y, np.ones(len(y)), 0.0, idf, anchor_rows=len(BASE))
-    assert np.allclose(same.coef, np.where(idf > 0, det.coef, 0.0)) and same.intercept == pytest.approx(det.intercept)
-    assert (same.header_block, same.header_scale) == (det.header_block, det.header_scale)
+    cand, info = retraining.refit(parent, [(s, 0, 10.0) for s in APP], BASE, carried=20, rng=random.Random(0))
+    assert info["app_benign"] == 30 and info["base_benign"] == 40 and info["base_attack"] == 40 and info["carried"] == 20
+    lm = _lm(cand)
+    assert max(retraining.proba(lm, APP)) < 0.5
+    assert min(retraining.proba(lm, [s for s, y in BASE if y])) > 0.5  # the base attacks are still attacks
+    assert max(retraining.proba(lm, [s for s, y in BASE if not y])) < 0.5
+    assert cand.bits == parent.bits and cand.profile is prof and cand.violation_p == 0.8
+    # The carried payloads: the base attack's deciding field, put into the app's own notes.
+    carried = APP[0]._replace(body=json.dumps({"note": "1' union select password from users--"}).encode())
+    assert retraining.proba(lm, [carried])[0] > 0.5
+    with pytest.raises(retraining.RetrainError, match="both attack and benign"):
+        retraining.refit(parent, [(s, 0, 1.0) for s in APP], [])
 
 
-def test_finetune_with_request_buckets_leaves_header_weights_alone():
-    # An app's few clients send the same headers with its benign and its attack traffic: the fine-tune
-    # must not learn "this client is an attacker" from them. Only the app's request n-grams move.
-    det = parent_detector()
-    feats = BASE + APP
-    indptr, idx, cnt = retraining.term_rows(feats, det.bits, header_block=True)
-    idf, _ = retraining.extend_idf(det.idf, indptr, idx, min_df=2)
-    X, cols = retraining.tfidf_rows(indptr, idx, cnt, idf, header_scale=det.header_scale)
-    y = np.array([0] * 40 + [1] * 40 + [0] * 30)
-    req = retraining.request_buckets(indptr, idx, len(BASE))
-    hdr, _ = detector.term_counts("‖h user-agent: x".split(" ", 1)[1], det.bits, True)
-    hdr = np.setdiff1d(hdr, req)  # header buckets that no request n-gram shares
-    assert len(hdr) and len(req)
-    tuned, info = retraining.finetune(det, X, cols, y, np.ones(len(y)), 8.0, idf, anchor_rows=len(BASE), free_buckets=req)
-    assert np.array_equal(tuned.coef[hdr], np.where(idf[hdr] > 0, det.coef[hdr], 0.0))
-    assert max(tuned.supervised_proba(f) for f in APP) < 0.5  # the app's notes still learnt as benign
-    loose, _ = retraining.finetune(det, X, cols, y, np.ones(len(y)), 8.0, idf, anchor_rows=len(BASE))
-    assert not np.array_equal(loose.coef[hdr], det.coef[hdr])  # without the restriction they would move
+def test_refresh_profile_adds_the_apps_roots():
+    from addons import fieldmodel
+
+    parent = fieldmodel.AppProfile(min_root=5).fit([req("/tienda/a?x=1").request().fields] * 5)
+    app = [req(f"/pantry/notes?q=tea{i % 7}").request().fields for i in range(60)]
+    assert retraining.refresh_profile(parent, app[:10]) is None  # too few under /pantry
+    merged = retraining.refresh_profile(parent, app)
+    assert merged.roots == ("/pantry", "/tienda") and len(merged.paths) == 2
+    assert merged.check(req("/pantry/notes?q=tea3").request().fields) == []
+    assert merged.check(req("/pantry/other").request().fields) == ["unknown path"]
+    assert merged.check(req("/tienda/a?x=2").request().fields) == []
+    assert retraining.refresh_profile(None, app).roots == ("/pantry",)
+    assert parent.roots == ("/tienda",)  # the parent's own profile is not changed
 
 
-def test_request_buckets_take_only_the_requests_of_the_rows_asked():
-    feats = ["get /a ?q=1 ‖h user-agent: x", "get /b ?q=2 ‖h user-agent: y", "get /c ?q=3"]
-    indptr, idx, _ = retraining.term_rows(feats, 12, header_block=True)
-    got = retraining.request_buckets(indptr, idx, 1, 2)
-    assert np.array_equal(got, detector.term_counts("get /b ?q=2", 12)[0])
-    assert np.array_equal(retraining.request_buckets(indptr, idx, 2), detector.term_counts("get /c ?q=3", 12)[0])
+def test_operating_point_keeps_the_current_false_positive_rate():
+    cur = _lm(models.attack_model())
+    benign = [req(f"/app?q=tea+{i}") for i in range(95)] + [req(f"/app?q=%27+or+{i}%3D{i}--") for i in range(5)]
+    assert sum(p >= 0.5 for p in retraining.proba(cur, benign)) == 5
+    shifted = models.attack_model()
+    shifted = type(shifted)(shifted.weights, shifted.extra, shifted.intercept - 1.0, shifted.bits)  # less sure of all
+    op = retraining.operating_point(cur, shifted, benign)
+    assert op < 0.5
+    assert sum(p >= op for p in retraining.proba(_lm(shifted, operating_point=op), benign)) == 5
+    assert retraining.operating_point(cur, shifted, benign[:50]) == 0.5  # too few to measure: the current one
