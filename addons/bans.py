@@ -268,8 +268,8 @@ class IpBans:
     async def response(self, flow: http.HTTPFlow) -> None:
         if flow.error or not flow.live or self.store is None:
             return
-        if flow.metadata.get(common.VERDICT) != common.VERDICT_BLOCK:
-            return
+        if flow.metadata.get(common.VERDICT) != common.VERDICT_BLOCK or flow.metadata.get(common.OVERSIZE):
+            return  # an oversize request (413/431) is not an attack: no strike
         from mitmproxy import ctx
 
         if getattr(ctx.options, "openflare_detect_only", False):

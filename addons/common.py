@@ -9,9 +9,13 @@ import time
 
 from mitmproxy import http
 
+from addons import fields as fieldsmod
+
 # Written by FeatureExtractor (addons/features.py).
-FEATURES = "openflare.features"  # str: the normalised feature string
 CLIENT_IP = "openflare.client_ip"  # str: the client address after trusted-proxy resolution
+FIELDS = "openflare.fields"  # list of [location, name, value, via]: every part of the request (addons.fields)
+SIGNALS = "openflare.signals"  # list of str: request-level signals ("scanner-ua:sqlmap", "bad-encoding:gzip", ...)
+OVERSIZE = "openflare.oversize"  # str: what was beyond the inspection limits ("body", "headers", ...); refused 413/431
 
 # Written by Scorer (addons/scorer.py).
 LOCAL_SCORE = "openflare.local_score"  # int 1-10: the local model's score
@@ -20,6 +24,10 @@ VERDICT = "openflare.verdict"  # str: one of VERDICTS
 MODEL_VERSION = "openflare.model_version"  # str
 SCORE_MS = "openflare.score_ms"  # float: time spent scoring, milliseconds
 REASON = "openflare.reason"  # str: why the verdict is what it is (never sent to the client)
+FIELD = "openflare.field"  # [location, name] of the field that decided the score, or None
+SIGNAL = "openflare.signal"  # str: what in it decided ("sqli (libinjection s&sos)", "scanner-ua:sqlmap", ...), or None
+EXPLANATION = "openflare.explanation"  # str: field and signal in words, as in the flow comment
+SIGNAL_CATEGORY = "openflare.signal_category"  # str: the category the deciding field looks like, or None
 
 # Written by the Scorer's LLM half (issue 5: addons/llm.py, called from addons/scorer.py).
 LLM_SCORE = "openflare.llm_score"  # int 1-10 or None
@@ -48,6 +56,8 @@ VERDICTS = (VERDICT_PASS, VERDICT_BLOCK, VERDICT_ERROR)
 BLOCK_STATUS = 403
 BLOCK_BODY = b"Forbidden\n"
 BLOCK_HEADERS = {"content-type": "text/plain; charset=utf-8", "cache-control": "no-store"}
+# A request OpenFlare cannot inspect whole is refused with its own status (never the 403 of an attack).
+OVERSIZE_BODY = {413: b"Request Entity Too Large\n", 431: b"Request Header Fields Too Large\n"}
 _REFUSALS: dict[tuple[int, bytes, bool], http.Response] = {}
 
 
@@ -82,6 +92,14 @@ def is_refusal(resp: http.Response | None, status: int = BLOCK_STATUS, body: byt
         return False
     content = resp.raw_content
     return content == body or (content == b"" and resp.headers.get("content-length") == str(len(body)))
+
+
+def request_of(metadata: dict) -> fieldsmod.Request | None:
+    """The request's fields as FeatureExtractor stored them (None when it did not run)."""
+    got = metadata.get(FIELDS)
+    if got is None:
+        return None
+    return fieldsmod.Request([fieldsmod.Field(*f) for f in got], list(metadata.get(SIGNALS) or ()))
 
 
 def _shallow_copy(obj):

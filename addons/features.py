@@ -1,7 +1,12 @@
-"""FeatureExtractor: turn each request into one normalised feature string for the later addons.
+"""FeatureExtractor: turn each request into its fields for the later addons.
 
-Sets `openflare.client_ip` in `requestheaders` (so an IP ban can refuse before the body is read)
-and `openflare.features` in `request`. The work itself is `addons.featurize`, shared with training.
+Sets `openflare.client_ip` in `requestheaders` (so an IP ban can refuse before the body is read) and, in
+`request`, `openflare.fields` and `openflare.signals`: every part of the request, each with its location
+and name (`addons.fields.extract`, shared with training and evaluation).
+
+Nothing goes uninspected: a request beyond the inspection limits (`openflare_inspect_*`) is refused here
+with 413 (body, fields, nesting, a decompression bomb) or 431 (headers), and so is a body mitmproxy was
+told to stream (it cannot be read before it is forwarded).
 """
 
 import logging
@@ -10,40 +15,35 @@ from collections.abc import Sequence
 from mitmproxy import exceptions
 from mitmproxy import http
 
+from addons import clientip
 from addons import common
-from addons import featurize
+from addons import fields
 
 logger = logging.getLogger(__name__)
 
-
-def _wire_names(names) -> frozenset[bytes]:
-    """The lower-case header names, as bytes, that featurize is given: the chosen ones plus the body's
-    content-type and content-encoding."""
-    return frozenset(n.encode("utf-8", "surrogateescape") for n in (*names, "content-type", "content-encoding"))
+_DEFAULT = fields.Limits()
+# (option, Limits field, default, lowest, help)
+LIMIT_OPTIONS = (
+    ("openflare_inspect_body_bytes", "body_bytes", _DEFAULT.body_bytes, 1024,
+     "Largest request body inspected, raw and after each Content-Encoding (bytes). A larger one is refused "
+     "with 413: never forwarded uninspected."),
+    ("openflare_inspect_fields", "fields", _DEFAULT.fields, 64,
+     "Most fields (parameters, headers, JSON values, ...) inspected in one request; more: 413."),
+    ("openflare_inspect_depth", "depth", _DEFAULT.depth, 4,
+     "Deepest JSON/XML nesting inspected; deeper: 413."),
+    ("openflare_inspect_header_bytes", "header_bytes", _DEFAULT.header_bytes, 1024,
+     "Largest total of header names and values inspected (bytes); more: 431."),
+)
 
 
 class FeatureExtractor:
     def __init__(self) -> None:
-        self.header_names: tuple[str, ...] = featurize.DEFAULT_HEADERS
-        self.header_bytes: frozenset[bytes] = _wire_names(featurize.DEFAULT_HEADERS)
-        self.limit: int = featurize.MAX_CHARS
+        self.limits = fields.Limits()
         self.trusted: tuple = ()
 
     def load(self, loader) -> None:
-        loader.add_option(
-            "openflare_headers",
-            Sequence[str],
-            list(featurize.DEFAULT_HEADERS),
-            "Request headers whose values go into the feature string (case-insensitive). "
-            "Cookies are split into name=value pairs.",
-        )
-        loader.add_option(
-            "openflare_max_feature_bytes",
-            int,
-            featurize.MAX_CHARS,
-            "Cap on the feature text of one request (characters). Longer input is cut before "
-            "decoding, so a huge request costs no more than a capped one.",
-        )
+        for name, _attr, default, _low, help_ in LIMIT_OPTIONS:
+            loader.add_option(name, int, default, help_)
         loader.add_option(
             "openflare_trusted_proxies",
             Sequence[str],
@@ -55,16 +55,17 @@ class FeatureExtractor:
     def configure(self, updated) -> None:
         from mitmproxy import ctx
 
-        if "openflare_headers" in updated:
-            self.header_names = tuple(h.strip().lower() for h in ctx.options.openflare_headers if h.strip())
-            self.header_bytes = _wire_names(self.header_names)
-        if "openflare_max_feature_bytes" in updated:
-            if not 256 <= ctx.options.openflare_max_feature_bytes <= 1024 * 1024:
-                raise exceptions.OptionsError("openflare_max_feature_bytes must be between 256 and 1048576")
-            self.limit = ctx.options.openflare_max_feature_bytes
+        if any(name in updated for name, *_ in LIMIT_OPTIONS):
+            values = {}
+            for name, attr, _default, low, _help in LIMIT_OPTIONS:
+                v = getattr(ctx.options, name)
+                if v < low:
+                    raise exceptions.OptionsError(f"{name} must be at least {low}, not {v}")
+                values[attr] = v
+            self.limits = fields.Limits(**values)
         if "openflare_trusted_proxies" in updated:
             try:
-                self.trusted = featurize.parse_networks(ctx.options.openflare_trusted_proxies)
+                self.trusted = clientip.parse_networks(ctx.options.openflare_trusted_proxies)
             except ValueError as e:
                 raise exceptions.OptionsError(f"openflare_trusted_proxies: {e}") from e
 
@@ -73,7 +74,7 @@ class FeatureExtractor:
             return
         peer = flow.client_conn.peername[0] if flow.client_conn.peername else ""
         headers = flow.request.headers.items(multi=True) if self.trusted else ()  # read only behind a trusted proxy
-        flow.metadata[common.CLIENT_IP] = featurize.client_ip(peer, headers, self.trusted)
+        flow.metadata[common.CLIENT_IP] = clientip.client_ip(peer, headers, self.trusted)
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
@@ -81,27 +82,27 @@ class FeatureExtractor:
         req = flow.request
         if common.CLIENT_IP not in flow.metadata:
             self.requestheaders(flow)
-        # Only the headers featurize reads are decoded (mitmproxy's Headers decodes every field on each
-        # access); a name that is not ASCII goes through, so featurize's own lower-casing decides.
-        wanted = self.header_bytes
-        headers = [
-            (k.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
-            for k, v in req.headers.fields
-            if not k.isascii() or k.lower() in wanted
-        ]
-        body = req.raw_content or b""
-        # Not get_content(): it inflates a compressed body without bound; decode_body stops at the cap.
-        encoding = ", ".join(v for k, v in headers if k.lower() == "content-encoding") if body else ""
-        if encoding:
-            body = featurize.decode_body(body, encoding, self.limit)
-        flow.metadata[common.FEATURES] = featurize.featurize(
-            req.method,
-            req.path,
-            headers,
-            body,
-            header_names=self.header_names,
-            limit=self.limit,
-        )
+        if req.stream:
+            self._oversize(flow, fields.TooLarge(413, "body (streamed)"))
+            return
+        headers = [(k.decode("utf-8", fields.LOSSLESS), v.decode("utf-8", fields.LOSSLESS)) for k, v in req.headers.fields]
+        # raw_content, not get_content(): that inflates a compressed body without bound; extract undoes
+        # Content-Encodings with a bounded output.
+        try:
+            got = fields.extract(req.method, req.path, headers, req.raw_content or b"", self.limits)
+        except fields.TooLarge as e:
+            self._oversize(flow, e)
+            return
+        flow.metadata[common.FIELDS] = [[f.loc, f.name, f.value, f.via] for f in got.fields]
+        flow.metadata[common.SIGNALS] = got.signals
+
+    def _oversize(self, flow: http.HTTPFlow, e: fields.TooLarge) -> None:
+        """Refuse a request that cannot be inspected whole: 413/431, not the 403 of an attack."""
+        flow.metadata[common.OVERSIZE] = e.what
+        flow.metadata[common.VERDICT] = common.VERDICT_BLOCK
+        flow.metadata[common.REASON] = f"oversize: {e}"
+        flow.comment = f"block {e.status} openflare (oversize: {e})"
+        flow.response = common.refusal(e.status, common.OVERSIZE_BODY[e.status], method=flow.request.method)
 
 
 addons = [FeatureExtractor()]

@@ -395,3 +395,75 @@ class AppProfile:
         p = cls(d["min_root"], d["length_slack"], d["max_shapes"])
         p.roots, p.paths = tuple(d["roots"]), d["paths"]
         return p
+
+
+# Explaining a verdict: which field decided, and what in it (for the flow comment, the records, the LLM).
+
+_CATEGORY_RX = (  # checked in order on the deciding field's normalised text
+    ("jndi", re.compile(r"\$\{[^}]*(jndi|lower:|upper:|::-|env:)")),
+    ("ssti", re.compile(r"\{\{.*\}\}|\{%.*%\}|\$\{[^}]*[*(][^}]*\}|<%=|#\{[^}]*\}|__class__|__globals__")),
+    ("xss", re.compile(r"<\s*/?\s*(script|svg|img|iframe|body|object|embed|a|math|details|video|audio|style|input|form)\b"
+                       r"|\bon[a-z]{3,}\s*=|javascript\s*:|vbscript\s*:|\balert\s*\(|document\.(cookie|domain)")),
+    ("xxe", re.compile(r"<!(doctype|entity)\b")),
+    ("ssrf", re.compile(r"169\.254\.169\.254|metadata\.google|\b(gopher|dict|file)://|//(127\.0\.0\.1|localhost|0x7f|\[::)")),
+    ("path_traversal", re.compile(r"\.\.[/\\]|/etc/(passwd|shadow|hosts)|win\.ini|boot\.ini|/proc/self")),
+    ("cmdi", re.compile(r"(^|[;&|`\n]|\$\()\s*(id|cat|ls|wget|curl|nc|bash|sh|ping|whoami|uname|echo|rm|powershell)\b")),
+    ("sqli", re.compile(r"\b(union\b.*\bselect|select\b.*\bfrom|insert\s+into|drop\s+table|sleep\s*\(|benchmark\s*\(|waitfor\s+delay"
+                        r"|or\s+\S+\s*=\s*\S+|and\s+\S+\s*=\s*\S+|order\s+by\s+\d)|'\s*(or|and)\b|--\s*$|#\s*$")),
+)
+
+
+def signal_of(hit: Hit) -> str:
+    """What in the deciding field made its score: a request-level signal, libinjection, or the n-grams."""
+    if hit.signal:
+        return hit.signal
+    if hit.fingerprint:
+        return f"sqli (libinjection {hit.fingerprint})"
+    if hit.xss:
+        return "xss (libinjection)"
+    return "learnt n-grams"
+
+
+def category_of(hit: Hit) -> str | None:
+    """The attack category the deciding field looks like (sqli, xss, ...), or None when nothing says."""
+    if hit.signal.startswith("scanner-ua:"):
+        return "scanner"
+    if hit.fingerprint:
+        return "sqli"
+    if hit.xss:
+        return "xss"
+    if hit.field is None:
+        return None
+    text = normalise(hit.field.value, plus=hit.field.loc in _PLUS)
+    return next((cat for cat, rx in _CATEGORY_RX if rx.search(text)), None)
+
+
+def _quoted(text: str, limit: int = 60) -> str:
+    """Printable ASCII, capped: safe for a flow comment and a log line (request text is untrusted)."""
+    clean = "".join(ch if " " <= ch <= "~" else "?" for ch in text[:limit])
+    return json.dumps(clean + ("..." if len(text) > limit else ""))
+
+
+def explain(hit: Hit, score: int) -> str:
+    """One line: the deciding field, what in it decided, its window and the score.
+
+    `query "id": sqli (libinjection s&sos), window 1, score 9`; `request: scanner-ua:sqlmap, score 10`.
+    """
+    if hit.field is None:
+        return f"request: {signal_of(hit)}, score {score}"
+    f = hit.field
+    where = f"{f.loc}{' ' + f.via if f.via else ''} {_quoted(f.name, 40)}"
+    return f"{where}: {signal_of(hit)}, window {hit.window}, score {score}"
+
+
+def describe(req: fieldsmod.Request, hit: Hit | None = None, limit: int = 4000) -> str:
+    """The request as `location name: value` lines of normalised text, the deciding field first: what the
+    LLM reads (every part it may need, in the order that matters, within `limit` characters)."""
+    order = list(req.fields)
+    if hit is not None and hit.field is not None and hit.field in order:
+        order.remove(hit.field)
+        order.insert(0, hit.field)
+    lines = [f"signal: {s}" for s in req.signals]
+    for f in order:
+        lines.append(f"{f.loc}{' ' + f.via if f.via else ''} {f.name}: {normalise(f.value, plus=f.loc in _PLUS)}")
+    return "\n".join(lines)[:limit]

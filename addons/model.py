@@ -1,22 +1,25 @@
 """Load, verify and apply the local model. A plain module: no mitmproxy import.
 
-A model is two files in `models/`: `<name>.joblib` (a scikit-learn estimator with `predict_proba`
-over feature strings from `addons.featurize`) and `<name>.card.json` (its model card). The card
-records the sha256 of the joblib file; it is checked before unpickling, because a joblib file is code.
+A model is two files in `models/`: `<name>.npz` (an `addons.fieldmodel.FieldModel`: plain arrays, read
+with `allow_pickle=False`, so loading a model file never runs code) and `<name>.card.json` (its model
+card: version, operating point, threshold, and the sha256 of the model file, checked on the very bytes
+that are then loaded).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
+import io
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from addons import fieldmodel
+from addons import fields as fieldsmod
 
 CARD_SUFFIX = ".card.json"
-MODEL_SUFFIX = ".joblib"
+MODEL_SUFFIX = ".npz"
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 DEFAULT_MODEL = "openflare-local"
 
@@ -34,7 +37,7 @@ def sha256_file(path: Path) -> str:
 
 
 def resolve(name_or_path: str, models_dir: Path = MODELS_DIR) -> Path:
-    """`openflare-local`, `models/openflare-local.joblib` or an absolute path -> the .joblib path."""
+    """`openflare-local`, `models/openflare-local.npz` or an absolute path -> the .npz path."""
     p = Path(name_or_path)
     if p.suffix != MODEL_SUFFIX:
         p = p.with_name(p.name + MODEL_SUFFIX)
@@ -65,44 +68,44 @@ def proba_to_score(p: float, operating_point: float = 0.5) -> int:
 
 @dataclass
 class LocalModel:
-    estimator: Any
+    fields: fieldmodel.FieldModel
     card: dict
     path: Path
     version: str = field(init=False)
     operating_point: float = field(init=False)
-    attack_column: int = field(init=False)
-    _fast: Any = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.version = str(self.card.get("version", "unknown"))
         self.operating_point = float(self.card.get("operating_point", 0.5))
-        # The predict_proba column of the attack class: label 1 (or True, or "attack"), else the last.
-        classes = list(getattr(self.estimator, "classes_", [0, 1]))
-        self.attack_column = next(
-            (i for i, c in enumerate(classes) if (c == "attack" if isinstance(c, str) else c == 1)),
-            len(classes) - 1,
-        )
-        self._fast = contextlib.nullcontext
-        if hasattr(self.estimator, "proba_one"):
-            return  # addons.detector.Detector: no scikit-learn at prediction (not even imported: a smaller heap)
+
+    def score(self, req: fieldsmod.Request) -> tuple[int, float, fieldmodel.Hit]:
+        """Score one request's fields: (1-10 score, attack probability, what decided it)."""
+        hit = self.fields.score(req)
+        return proba_to_score(hit.p, self.operating_point), hit.p, hit
+
+    def score_request(self, method: str, target: str, headers, body: bytes,
+                      limits: fieldsmod.Limits = fieldsmod.Limits()) -> tuple[int, float, fieldmodel.Hit]:
+        """`score` of a raw request, as the addons see it: one beyond the inspection limits scores 10
+        (the proxy refuses it with 413/431, never passes it uninspected)."""
         try:
-            import sklearn
+            req = fieldsmod.extract(method, target, headers, body, limits)
+        except fieldsmod.TooLarge as e:
+            return 10, 1.0, fieldmodel.Hit(1.0, signal=f"too large: {e.what}")
+        return self.score(req)
 
-            # scikit-learn re-validates parameters and checks arrays for NaN on every call: for one
-            # short text that is a sizeable part of the time, and our inputs are always valid.
-            self._fast = lambda: sklearn.config_context(assume_finite=True, skip_parameter_validation=True)
-        except ImportError:
-            pass
+    def proba(self, requests) -> list[float]:
+        """The attack probability of each of these `fields.Request`s."""
+        return [self.fields.score(r).p for r in requests]
 
-    def proba(self, features: list[str]) -> list[float]:
-        with self._fast():
-            return [float(x) for x in self.estimator.predict_proba(features)[:, self.attack_column]]
 
-    def score(self, features: str) -> tuple[int, float]:
-        """Score one feature string: (1-10 score, attack probability)."""
-        one = getattr(self.estimator, "proba_one", None)  # addons.detector.Detector: no batch machinery
-        p = float(one(features)) if one is not None else self.proba([features])[0]
-        return proba_to_score(p, self.operating_point), p
+def check_card(card: dict, where: Path) -> None:
+    """A card whose numbers would make the scorer refuse everything or nothing is refused at load."""
+    op = card.get("operating_point", 0.5)
+    if isinstance(op, bool) or not isinstance(op, (int, float)) or not math.isfinite(op) or not 0 < op < 1:
+        raise ModelError(f"model card {where}: operating_point must be a number strictly between 0 and 1, not {op!r}")
+    th = card.get("threshold")
+    if th is not None and (isinstance(th, bool) or not isinstance(th, int) or not 1 <= th <= 9):
+        raise ModelError(f"model card {where}: threshold must be an integer from 1 to 9, not {th!r}")
 
 
 def read_card(model_path: Path) -> dict:
@@ -119,29 +122,24 @@ def read_card(model_path: Path) -> dict:
 
 
 def load(name_or_path: str, models_dir: Path = MODELS_DIR) -> LocalModel:
-    """Verify the model file against its card's sha256, then unpickle it. Raises ModelError."""
+    """Read the model file once, check its sha256 against the card, then load those bytes. Raises ModelError."""
     path = resolve(name_or_path, models_dir)
     if not path.is_file():
         raise ModelError(f"model file not found: {path}")
     card = read_card(path)
-    actual = sha256_file(path)
+    check_card(card, card_path(path))
+    data = path.read_bytes()
+    actual = hashlib.sha256(data).hexdigest()
     if actual != card["sha256"].lower():
         raise ModelError(
             f"model {path} does not match its card: sha256 {actual}, card says {card['sha256']}. "
-            "Refusing to unpickle it (a joblib file is code); retrain it or restore the matching card."
+            "Retrain it or restore the matching card."
         )
-    import joblib  # deferred: importing scikit-learn costs time only when a model is loaded
-
     try:
-        estimator = joblib.load(path)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a model error
+        fm = fieldmodel.FieldModel.load(io.BytesIO(data))
+    except Exception as e:  # noqa: BLE001 - a truncated, foreign or pickled file is a model error
         raise ModelError(f"model {path} could not be loaded: {e}") from e
-    if not hasattr(estimator, "predict_proba"):
-        raise ModelError(f"model {path} has no predict_proba")
-    try:
-        return LocalModel(estimator, card, path)
-    except (TypeError, ValueError) as e:
-        raise ModelError(f"model card {card_path(path)} is invalid: {e}") from e
+    return LocalModel(fm, card, path)
 
 
 def write_card(model_path: Path, card: dict) -> Path:

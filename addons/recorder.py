@@ -245,6 +245,8 @@ class Recorder:
             refused_by = "ban"
         elif meta.get(common.RATE_LIMITED):
             refused_by = "rate-limit"
+        elif meta.get(common.OVERSIZE):
+            refused_by = "oversize"
         elif _is_refusal(flow.response) and verdict in (common.VERDICT_BLOCK, common.VERDICT_ERROR):
             refused_by = "score" if verdict == common.VERDICT_BLOCK else "fail-closed"
         elif killed:
@@ -264,7 +266,8 @@ class Recorder:
             if self.benign_seen % self.one_in == 0:
                 capture["full"] = capture["sampled"] = True
         if capture["full"]:
-            body = req.get_content(strict=False) or b""
+            # An oversize request's body stays as sent: inflating it is what the limit refused.
+            body = (req.raw_content if meta.get(common.OVERSIZE) else req.get_content(strict=False)) or b""
             capture.update(
                 method=req.data.method,
                 target=req.data.path,
@@ -276,6 +279,9 @@ class Recorder:
                 category=meta.get(common.CATEGORY) or meta.get(common.LLM_CATEGORY),
                 model_version=meta.get(common.MODEL_VERSION),
                 refused_by=refused_by,
+                field=meta.get(common.FIELD),
+                signal=meta.get(common.SIGNAL),
+                explanation=meta.get(common.EXPLANATION),
                 status=flow.response.status_code if flow.response else None,
                 error=flow.error.msg if flow.error else None,
             )

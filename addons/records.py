@@ -380,7 +380,7 @@ def build(capture: dict, masker: Masker) -> dict:
     A capture is a plain dict: `time` (Unix seconds), `client_ip`, `verdict`, `score`, `full` (bool),
     and for full records `method`, `target` (bytes), `headers` ((bytes, bytes) pairs), `body` (bytes,
     already cut to the cap), `body_size`, `local_score`, `llm_score`, `category`, `model_version`,
-    `refused_by`, `status`, `error`, `sampled`.
+    `refused_by`, `field` ([location, name] that decided), `signal`, `explanation`, `status`, `error`, `sampled`.
     """
     rec: dict[str, Any] = {
         "tier": TIER_FULL if capture.get("full") else TIER_BRIEF,
@@ -424,6 +424,10 @@ def build(capture: dict, masker: Masker) -> dict:
     rec["category"] = _str(capture.get("category"), 64)
     rec["model_version"] = _str(capture.get("model_version"), 128)
     rec["refused_by"] = _str(capture.get("refused_by"), 32)
+    fld = capture.get("field")
+    rec["field"] = [_str(str(x), 256) for x in fld[:2]] if isinstance(fld, (list, tuple)) else None
+    rec["signal"] = _str(capture.get("signal"), 256)
+    rec["explanation"] = _str(capture.get("explanation"), 512)
     rec["status"] = _int(capture.get("status"))
     rec["error"] = _str(capture.get("error"), 512)
     rec["sampled"] = bool(capture.get("sampled"))

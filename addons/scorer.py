@@ -1,8 +1,9 @@
 """Scorer: score every request 1-10 with the local model and refuse those above the threshold.
 
-Reads `openflare.features` (FeatureExtractor) and writes score, verdict, model version and scoring
-time to flow metadata and `flow.comment` (never `flow.marked`: that is the operator's), for mitmweb. The refusal is the
-one fixed 403 from `addons.common`: it never carries the score or the reason.
+Reads `openflare.fields` (FeatureExtractor), scores each field on its own (`addons.fieldmodel`: the
+request's score is its highest field's), and writes score, verdict, the deciding field and signal, model
+version and scoring time to flow metadata and `flow.comment` (never `flow.marked`: that is the operator's),
+for mitmweb. The refusal is the one fixed 403 from `addons.common`: it never carries the score or the reason.
 
 The ensemble's LLM half (`addons.llm`): when an endpoint is configured, requests whose local score
 falls in the uncertain band get a second opinion within a hard budget; `llm.combine` merges the two.
@@ -27,6 +28,7 @@ from mitmproxy import http
 from mitmproxy.utils import asyncio_utils
 
 from addons import common
+from addons import fieldmodel
 from addons import llm
 from addons import model
 
@@ -45,6 +47,16 @@ def model_signature(path) -> tuple:
         except OSError:
             out.append(None)
     return tuple(out)
+
+
+def explain(flow: http.HTTPFlow, hit: fieldmodel.Hit, score: int) -> str:
+    """Write what decided the local score to the flow's metadata; returns it in words for the comment."""
+    md = flow.metadata
+    md[common.FIELD] = [hit.field.loc, hit.field.name] if hit.field is not None else None
+    md[common.SIGNAL] = fieldmodel.signal_of(hit)
+    md[common.SIGNAL_CATEGORY] = fieldmodel.category_of(hit)
+    md[common.EXPLANATION] = text = fieldmodel.explain(hit, score)
+    return text
 
 
 def refuse(flow: http.HTTPFlow) -> None:
@@ -72,8 +84,8 @@ class Scorer:
             "openflare_model",
             str,
             model.DEFAULT_MODEL,
-            "The local model: a name in models/ or a path to a .joblib file. Its model card "
-            "(<name>.card.json) must hold the file's sha256, checked before loading.",
+            "The local model: a name in models/ or a path to a .npz file. Its model card "
+            "(<name>.card.json) must hold the file's sha256, checked on the bytes loaded.",
         )
         loader.add_option(
             "openflare_threshold",
@@ -240,43 +252,47 @@ class Scorer:
         if flow.response or flow.error or not flow.live:
             return
         start = time.perf_counter()
-        features = flow.metadata.get(common.FEATURES)
+        req = common.request_of(flow.metadata)
         try:
-            if features is None:
-                raise RuntimeError("no feature string: load addons/features.py before addons/scorer.py")
+            if req is None:
+                raise RuntimeError("no fields: load addons/features.py before addons/scorer.py")
             if self.model is None:
                 raise RuntimeError("no model loaded")
-            score, _ = self.model.score(features)
+            score, _, hit = self.model.score(req)
+            explanation = explain(flow, hit, score)
         except Exception as e:  # noqa: BLE001 - any scoring failure goes to the fail policy
             logger.warning("OpenFlare could not score a request (%s); failing %s", e, "closed" if self.fail_closed else "open")
             self._decide(flow, None, time.perf_counter() - start, reason=f"error: {type(e).__name__}")
             return
         judge = self.judge
         if judge is None or not judge.config.in_band(score):  # most requests: the local score decides
-            self._decide_local(flow, score, time.perf_counter() - start, llm.OFF if judge is None else llm.SKIPPED)
+            self._decide_local(flow, score, time.perf_counter() - start, llm.OFF if judge is None else llm.SKIPPED,
+                               explanation)
             return
         try:
-            result = await judge.judge(features, flow.metadata.get(common.CLIENT_IP) or "")
+            text = fieldmodel.describe(req, hit, judge.config.max_chars)
+            result = await judge.judge(text, flow.metadata.get(common.CLIENT_IP) or "")
         except Exception as e:  # noqa: BLE001 - the judge catches its own failures; this is a last resort
             logger.warning("OpenFlare LLM judge failed: %s", llm.sanitise(repr(e)))
             result = llm.Result(llm.ERROR)
         if flow.response or flow.error or not flow.live:
             return  # killed or answered by someone else while we waited
-        self._decide(flow, score, time.perf_counter() - start, llm_result=result, cfg=judge.config)
+        self._decide(flow, score, time.perf_counter() - start, llm_result=result, cfg=judge.config,
+                     explanation=explanation)
 
-    def _decide_local(self, flow: http.HTTPFlow, score: int, elapsed: float, status: str) -> None:
+    def _decide_local(self, flow: http.HTTPFlow, score: int, elapsed: float, status: str, explanation: str) -> None:
         """`_decide` for a local score the LLM had no say in (status off or skipped): its verdict is made
         once per score, status, model and threshold (`_set_threshold` empties the table)."""
         verdict = self._local_table.get((score, status))
         if verdict is None:
             verdict = self._local_table[(score, status)] = self._verdict(score, "", llm.Result(status), None)
-        self._apply(flow, elapsed, *verdict)
+        self._apply(flow, elapsed, *verdict, explanation)
 
     def _decide(
         self, flow: http.HTTPFlow, local: int | None, elapsed: float, reason: str = "",
-        llm_result: llm.Result | None = None, cfg: llm.Config | None = None,
+        llm_result: llm.Result | None = None, cfg: llm.Config | None = None, explanation: str = "",
     ) -> None:  # fmt: skip
-        self._apply(flow, elapsed, *self._verdict(local, reason, llm_result or llm.Result(llm.SKIPPED), cfg))
+        self._apply(flow, elapsed, *self._verdict(local, reason, llm_result or llm.Result(llm.SKIPPED), cfg), explanation)
 
     def _verdict(
         self, local: int | None, reason: str, res: llm.Result, cfg: llm.Config | None
@@ -321,13 +337,16 @@ class Scorer:
             tail = f" [llm {res.status}{said}; {res.ms} ms]"
         return meta, head, tail, blocked
 
-    def _apply(self, flow: http.HTTPFlow, elapsed: float, meta: dict, head: str, tail: str, blocked: bool) -> None:
+    def _apply(self, flow: http.HTTPFlow, elapsed: float, meta: dict, head: str, tail: str, blocked: bool,
+               explanation: str = "") -> None:
         """Write one verdict to the flow: metadata, comment, and the refusal unless detect-only."""
         ms = round(elapsed * 1000, 3)
         md = flow.metadata
         md.update(meta)
         md[common.SCORE_MS] = ms
-        flow.comment = f"{head}{ms} ms){tail}"
+        if blocked and md.get(common.CATEGORY) is None:
+            md[common.CATEGORY] = md.get(common.SIGNAL_CATEGORY)
+        flow.comment = f"{head}{explanation + '; ' if explanation else ''}{ms} ms){tail}"
         if blocked:  # not marked: @marked is the operator's alone (openflare.label); ~comment finds refusals
             if self.detect_only:
                 flow.comment += " [detect-only: forwarded]"

@@ -5,15 +5,15 @@ Fixtures:
     processes       module-scoped `Processes`: start real processes, all killed at module teardown
     mitmdump        module-scoped factory: `mitmdump(scripts=[...], options={...}, mode=..., env=...)`
                     starts a real mitmdump from the repo root, waits until it listens, returns a `Proc`
-    model_path      the model tests with real verdicts use: models/openflare-local.joblib (fails if absent)
+    model_path      the model tests with real verdicts use: models/openflare-local.npz (fails if absent)
     model_conf      option overrides selecting model_path ({} for the shipped model), for `mitmdump(conf=...)`
 
 Plain helpers, importable from test modules as `from conftest import free_port, http_request` (pytest
 puts tests/ on sys.path): `free_port()`, `wait_listening()`, `http_request()`, `make_confdir()`,
 `mitmdump_args()`.
 
-OPENFLARE_TEST_MODEL=/path/to/model.joblib runs the tests that need real verdicts against another model
-(default: the shipped models/openflare-local.joblib).
+OPENFLARE_TEST_MODEL=/path/to/model.npz runs the tests that need real verdicts against another model
+(default: the shipped models/openflare-local.npz).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ if not MITMDUMP.exists():
     MITMDUMP = REPO / ".venv" / "bin" / "mitmdump"
 UPSTREAM_SCRIPT = REPO / "scripts" / "upstream.py"
 MITM_CONF = REPO / "mitm.conf"
-SHIPPED_MODEL = REPO / "models" / "openflare-local.joblib"
+SHIPPED_MODEL = REPO / "models" / "openflare-local.npz"
 # `make` for the tests that run a Makefile target: never rebuilds .venv (the tests already run in it; a
 # pyproject.toml newer than the venv would otherwise reinstall it inside a test).
 MAKE = ["make", "-o", ".venv/.installed"]
@@ -277,7 +277,7 @@ def mitmdump(processes, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def model_path() -> Path:
-    """The model the tests with real verdicts use: models/openflare-local.joblib (the default of
+    """The model the tests with real verdicts use: models/openflare-local.npz (the default of
     openflare_model) unless OPENFLARE_TEST_MODEL names another. Fails if it is missing."""
     path = Path(os.environ.get("OPENFLARE_TEST_MODEL") or SHIPPED_MODEL)
     if not path.is_file():

@@ -6,6 +6,7 @@ import time
 import uuid
 from pathlib import Path
 
+import models
 import pytest
 import redis.asyncio as aioredis
 from mitmproxy import eventsequence
@@ -17,7 +18,6 @@ from mitmproxy.test import tutils
 
 from addons import bans as bans_addon
 from addons import common
-from addons import featurize
 from addons import model
 from addons.bans import IpBans
 from addons.features import FeatureExtractor
@@ -44,30 +44,14 @@ MY_OPTIONS = {
 
 
 def build_model(path: Path) -> Path:
-    """A tiny throwaway model (with a verified card) that scores obvious SQLi/XSS 10 and plain pages 1."""
-    import joblib
-    from sklearn.feature_extraction.text import CountVectorizer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-
-    bad = ["/?id=1' or '1'='1", "/?q=<script>alert(1)</script>", "/?id=1 union select pass from users", "/?id=' or 1=1--"]
-    good = ["/", "/hello", "/search?q=blue shoes", "/?page=2", "/about", "/img/logo.png", "/a/b/c"]
-    texts, labels = [], []
-    for ip in ("198.51.100.10", "203.0.113.7", ""):
-        headers = [("user-agent", "Python-urllib/3.12")] + ([("x-forwarded-for", ip)] if ip else [])
-        for target, label in [(t, 1) for t in bad] + [(t, 0) for t in good]:
-            texts.append(featurize.featurize("GET", target, headers))
-            labels.append(label)
-    est = make_pipeline(CountVectorizer(analyzer="char_wb", ngram_range=(1, 2)), LogisticRegression(C=100, max_iter=2000))
-    est.fit(texts, labels)
-    joblib.dump(est, path)
-    model.write_card(path, {"version": "bans-test", "operating_point": 0.5})
-    return path
+    """A tiny throwaway field model (with a verified card) that scores obvious SQLi/XSS 10 and plain pages 1:
+    `path` names the .npz to write (tests/models.py)."""
+    return models.save(models.attack_model(), path.parent, path.name.removesuffix(model.MODEL_SUFFIX), "bans-test")
 
 
 @pytest.fixture(scope="module")
 def attack_model(tmp_path_factory) -> Path:
-    return build_model(tmp_path_factory.mktemp("model") / "bans-test.joblib")
+    return build_model(tmp_path_factory.mktemp("model") / "bans-test.npz")
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ ATTACK = "/?id=1%27%20OR%20%271%27=%271"
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    return build_model(tmp_path_factory.mktemp("model") / "bans-e2e.joblib")
+    return build_model(tmp_path_factory.mktemp("model") / "bans-e2e.npz")
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ FOLLOW = 1.0  # seconds: the most a running proxy may take to follow a change
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    return build_model(tmp_path_factory.mktemp("model") / "cli-e2e.joblib")
+    return build_model(tmp_path_factory.mktemp("model") / "cli-e2e.npz")
 
 
 @pytest.fixture(scope="module")

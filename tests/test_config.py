@@ -43,7 +43,7 @@ def register_all(tctx) -> list[str]:
 
 def test_addon_modules_found():
     assert {"features", "scorer"} <= set(ADDON_MODULES)
-    assert "featurize" not in ADDON_MODULES and "common" not in ADDON_MODULES
+    assert "fields" not in ADDON_MODULES and "common" not in ADDON_MODULES
 
 
 def test_every_addon_option_is_namespaced():
@@ -138,7 +138,7 @@ def edited(text: str, changes: dict[str, str]) -> str:
 
 USER_EDITS = {
     "openflare_threshold": "9",
-    "openflare_model": "models/openflare-local.joblib",  # another model spec (a path instead of a name)
+    "openflare_model": "models/openflare-local.npz",  # another model spec (a path instead of a name)
     "openflare_record_days": "7",
     "openflare_allowlist": "[10.0.0.0/8]",
     "openflare_view_max_flows": "2000",

@@ -1,13 +1,13 @@
-import json
+"""The shipped model (models/openflare-local.npz) on everyday requests and attacks, and field-model units."""
+
 import shutil
 
-import numpy as np
 import pytest
 
-from addons import probes
-from addons import detector
-from addons import featurize
+from addons import fieldmodel
+from addons import fields
 from addons import model
+from addons import probes
 
 UA = [("User-Agent", "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0 Safari/537.36")]
 JSON = UA + [("Content-Type", "application/json")]
@@ -55,24 +55,7 @@ def shipped():
 ALL_HEADERS = {**probes.DEV_HEADERS, **probes.HELDOUT_HEADERS}
 # Probes the shipped model still blocks under some header set: (method, target) -> why. Strict: a
 # model that passes them must move them back among the plain probes.
-KNOWN_FALSE_POSITIVES: dict[tuple[str, str], str] = {
-    ("GET", "/search?q=tom+%26+jerry%27s"): (
-        "score 7 with no headers, python-requests, okhttp, Edge + referer + cookie, Samsung or curl 8 (4-6 with the "
-        "others): the decoded '&' starts a bare token and the apostrophe after it reads like a quote breaking out"),
-    ("POST", "/graphql"): (
-        "score 7 with no headers, python-requests, okhttp, Edge + referer + cookie, Samsung or curl 8 (4-6 with the "
-        "others): inline GraphQL arguments 'user(id: 5)' in braces look like code to the n-gram model"),
-    ("GET", "/search?q=script+writing"): (
-        "score 7 with the Edge + referer + cookie header set only (3-5 with the others): that header set lifts "
-        "every score by about 0.5 in logit (its _ga cookie's digit runs), and 'script' leads the query"),
-    ("GET", "/search?q=movie+script"): (
-        "score 7 with the Edge + referer + cookie header set only (3-6 with the others): see 'script writing'"),
-    ("GET", "/search?q=order+by+date"): (
-        "score 7 with Edge + referer + cookie or curl 8 (4-6 with the others): 'order by' is an SQL clause"),
-    ("GET", "/search?q=script+font"): (
-        "held-out probe, score 7 with the Edge + referer + cookie header set only (3-6 with the others): see "
-        "'script writing'"),
-}
+KNOWN_FALSE_POSITIVES: dict[tuple[str, str], str] = {}
 
 
 def _probe_params(items):
@@ -86,89 +69,63 @@ def _probe_params(items):
 
 @pytest.mark.parametrize("method, target, extra, body", _probe_params(probes.DEV_BENIGN + probes.HELDOUT_BENIGN))
 def test_everyday_probe_not_blocked_under_any_header_set(shipped, method, target, extra, body):
-    scores = {name: shipped.score(featurize.featurize(method, target, h + extra, body))[0] for name, h in ALL_HEADERS.items()}
+    scores = {name: shipped.score_request(method, target, h + extra, body)[0] for name, h in ALL_HEADERS.items()}
     assert max(scores.values()) <= 6, scores
 
 
 @pytest.mark.parametrize("method, target, extra, body", _probe_params(probes.ATTACKS))
 def test_attack_probe_blocked_under_every_header_set(shipped, method, target, extra, body):
-    scores = {name: shipped.score(featurize.featurize(method, target, h + extra, body))[0] for name, h in ALL_HEADERS.items()}
+    scores = {name: shipped.score_request(method, target, h + extra, body)[0] for name, h in ALL_HEADERS.items()}
     assert min(scores.values()) > 6, scores
 
 
 @pytest.mark.parametrize("method, target, headers, body", probes.HEADER_ATTACKS)
 def test_header_attack_probe_blocked(shipped, method, target, headers, body):
-    assert shipped.score(featurize.featurize(method, target, headers, body))[0] > 6
+    assert shipped.score_request(method, target, headers, body)[0] > 6
 
 
 @pytest.mark.parametrize("method, target, headers, body", BENIGN)
 def test_benign_words_are_not_blocked(shipped, method, target, headers, body):
-    score, p = shipped.score(featurize.featurize(method, target, headers, body))
+    score, p, _ = shipped.score_request(method, target, headers, body)
     assert score <= 6, (target, body, score, p)
 
 
 @pytest.mark.parametrize("method, target, headers, body", ATTACKS)
 def test_plain_attacks_are_blocked(shipped, method, target, headers, body):
-    score, p = shipped.score(featurize.featurize(method, target, headers, body))
+    score, p, _ = shipped.score_request(method, target, headers, body)
     assert score > 6, (target, headers, score, p)
+
+
+def test_header_set_barely_moves_a_score(shipped):
+    """A request's fields are scored one by one: which browser sent it moves its score by at most one point."""
+    moved = {}
+    for method, target, extra, body in probes.DEV_BENIGN + probes.ATTACKS:
+        scores = [shipped.score_request(method, target, h + extra, body)[0] for h in ALL_HEADERS.values()]
+        if max(scores) - min(scores) > 1:
+            moved[target] = scores
+    assert moved == {}
 
 
 def test_shipped_card(shipped):
     card = shipped.card
-    assert isinstance(shipped.estimator, detector.Detector)
+    assert isinstance(shipped.fields, fieldmodel.FieldModel)
     assert 0 < card["operating_point"] < 1 and card["threshold"] == 6
     assert card["sha256"] == model.sha256_file(shipped.path)
-    assert {"version", "sklearn_version", "data_sources", "train_counts", "metrics_held_out"} <= set(card)
+    assert {"version", "format", "data_sources", "train_counts", "metrics_validation"} <= set(card)
     assert shipped.path.stat().st_size <= 50 * 1024 * 1024
-    probs = shipped.proba([featurize.featurize(*BENIGN[1]), featurize.featurize(*ATTACKS[0])])
+    probs = shipped.proba([fields.extract(*BENIGN[1]), fields.extract(*ATTACKS[0])])
     assert probs[0] < shipped.operating_point <= probs[1]
 
 
 def test_load_refuses_a_tampered_model(tmp_path, shipped):
-    path = tmp_path / "m.joblib"
+    path = tmp_path / "m.npz"
     shutil.copy(shipped.path, path)
     shutil.copy(model.card_path(shipped.path), model.card_path(path))
     assert model.load(str(path)).version == shipped.version
     with open(path, "ab") as f:
         f.write(b"\0")
-    with pytest.raises(model.ModelError, match="does not match its card.*Refusing to unpickle"):
+    with pytest.raises(model.ModelError, match="does not match its card"):
         model.load(str(path))
     model.card_path(path).unlink()
     with pytest.raises(model.ModelError, match="model card not found"):
         model.load(str(path))
-
-
-def test_profile_has_no_opinion_outside_its_roots():
-    prof = detector.AppProfile(min_root=2, max_enum=2, min_enum_seen=3).fit(
-        [featurize.featurize("GET", f"/app/a.jsp?id={i}&name=x{i}&mode={'view' if i % 2 else 'edit'}") for i in range(5)]
-        + [featurize.featurize("POST", "/app/b.jsp", [("Content-Type", "application/x-www-form-urlencoded")], b"q=hello+world")]
-    )
-    assert prof.roots == ("/app",)
-    assert prof.check(featurize.featurize("GET", "/other?id=1'")) is None
-    assert prof.check(featurize.featurize("GET", "/app/a.jsp?id=7&name=x3&mode=view")) == []
-    assert prof.check(featurize.featurize("GET", "/app/a.jsp?id=7%2F")) == ["unseen characters in a value", "value shape never seen"]
-    assert prof.check(featurize.featurize("GET", "/app/a.jsp?id=")) == ["value shorter than ever seen", "value shape never seen"]
-    assert prof.check(featurize.featurize("GET", "/app/a.jsp?name=x3y")) == ["value shape never seen"]
-    assert prof.check(featurize.featurize("GET", "/app/a.jsp?mode=drop")) == ["value outside the closed set seen"]
-    assert prof.check(featurize.featurize("GET", "/app.bak")) == ["unknown path"]  # same prefix as a root
-    assert prof.check(featurize.featurize("GET", "/app/a.jsp?ida=7")) == ["unknown parameter"]
-    assert prof.check(featurize.featurize("GET", "/app/a.jsp.bak")) == ["unknown path"]
-    assert prof.check(featurize.featurize("PUT", "/app/a.jsp?id=1")) == ["method put never seen on this path"]
-    assert prof.check(featurize.featurize("GET", "/app/a.jsp?id=" + "1" * 40)) == ["value longer than ever seen"]
-    form = [("Content-Type", "application/x-www-form-urlencoded")]
-    assert prof.check(featurize.featurize("POST", "/app/b.jsp", form, b"q=goodbye+world")) == []
-
-
-def test_parse_feature_string():
-    f = featurize.featurize("POST", "/p?flag&a=1&b=x+y", [("Cookie", "s=1"), ("Content-Type", "application/x-www-form-urlencoded")], b"c=2&d=4")
-    assert detector.parse(f) == ("post", "/p", [("flag", None), ("a", "1"), ("b", "x y"), ("c", "2"), ("d", "4")])
-    # A token without "=" continues the value before it: "d" is read as part of c's value.
-    assert detector.parse("post /p ‖b c=2 d")[2] == [("c", "2 d")]
-    assert detector.parse("get /") == ("get", "/", [])
-
-
-def test_predict_proba_shape():
-    det = detector.Detector(np.zeros(1 << detector.BITS), np.zeros(1 << detector.BITS), 0.0)
-    p = det.predict_proba(["get /", "get /x"])
-    assert p.shape == (2, 2) and np.allclose(p, 0.5)
-    assert json.dumps(float(p[0, 1]))  # plain floats for flow metadata

@@ -5,7 +5,7 @@ import json
 import logging
 import shutil
 
-import joblib
+import models
 import pytest
 from mitmproxy import eventsequence
 from mitmproxy import http
@@ -13,9 +13,10 @@ from mitmproxy.exceptions import OptionsError
 from mitmproxy.test import taddons
 from mitmproxy.test import tflow
 from mitmproxy.test import tutils
-from sklearn.dummy import DummyClassifier
 
 from addons import common
+from addons import fieldmodel
+from addons import fields
 from addons import llm
 from addons import model
 from addons.features import FeatureExtractor
@@ -32,19 +33,17 @@ def flow(path=BENIGN, content=b"", headers=(), method=b"GET"):
 
 
 def constant_model(tmp_path, p_attack: float, name="const", **card) -> str:
-    """A real joblib model whose attack probability is always `p_attack` (a fitted DummyClassifier)."""
-    n_attack = round(p_attack * 100)
-    est = DummyClassifier(strategy="prior").fit([[0]] * 100, [1] * n_attack + [0] * (100 - n_attack))
-    path = tmp_path / f"{name}.joblib"
-    joblib.dump(est, path)
-    model.write_card(path, {"version": f"{name}-1", "operating_point": 0.5, **card})
-    return str(path)
+    """A real field model (.npz with its card) whose attack probability is always `p_attack`."""
+    return str(models.save(models.constant_model(p_attack), tmp_path, name, f"{name}-1", **card))
 
 
-class Raises:
-    classes_ = [0, 1]
+class Raises(fieldmodel.FieldModel):
+    """A field model whose scoring raises."""
 
-    def predict_proba(self, X):
+    def __init__(self):
+        super().__init__(models.constant_model(0.5).weights, models.constant_model(0.5).extra, 0.0, 8)
+
+    def score(self, req):
         raise ValueError("boom")
 
 
@@ -104,7 +103,8 @@ async def test_chain_in_real_order_through_response(real_model, tmp_path):
         sc.model = real_model
         f = flow(b"/search?q=%3Cscript%3Ealert(document.cookie)%3C/script%3E", headers=[(b"User-Agent", b"Mozilla/5.0")])
         await run_chain(tctx, f)
-        assert f.metadata[common.FEATURES].startswith("get /search ?q=<script>")
+        assert ["query", "q", "%3Cscript%3Ealert(document.cookie)%3C/script%3E", ""] in f.metadata[common.FIELDS]
+        assert f.metadata[common.FIELD] == ["query", "q"]
         assert f.metadata[common.CLIENT_IP] == "203.0.113.7"
         assert_refused(f)
 
@@ -179,16 +179,18 @@ async def test_local_verdicts_from_the_table_are_what_decide_gives(tmp_path, det
         for status in (llm.OFF, llm.SKIPPED):
             for score in [*range(1, 11)] * 2:
                 fast, slow = flow(), flow()
-                sc._decide_local(fast, score, 0.00125, status)
-                sc._decide(slow, score, 0.00125, llm_result=llm.Result(status))
+                sc._decide_local(fast, score, 0.00125, status, "query \"q\": learnt n-grams, window 1")
+                sc._decide(slow, score, 0.00125, llm_result=llm.Result(status),
+                           explanation="query \"q\": learnt n-grams, window 1")
                 assert list(fast.metadata.items()) == list(slow.metadata.items())
                 assert (fast.comment, fast.marked) == (slow.comment, slow.marked)
                 assert (fast.response is None) == (slow.response is None) == (detect_only or score <= 6)
         tctx.configure(sc, openflare_model=constant_model(tmp_path, 0.5, name="other"), openflare_threshold=9)
         f = flow()
-        sc._decide_local(f, 8, 0.001, llm.OFF)
+        sc._decide_local(f, 8, 0.001, llm.OFF, 'query "q": learnt n-grams, window 1, score 8')
         assert f.metadata[common.MODEL_VERSION] == "other-1" and f.response is None
-        assert f.comment == "pass 8/10 openflare (local score 8 <= threshold 9; model other-1; 1.0 ms)"
+        assert f.comment == ('pass 8/10 openflare (local score 8 <= threshold 9; model other-1; '
+                             'query "q": learnt n-grams, window 1, score 8; 1.0 ms)')
 
 
 @pytest.mark.parametrize("policy, refused", [("open", False), ("closed", True)])
@@ -196,7 +198,7 @@ async def test_fail_policy_when_scoring_raises(tmp_path, caplog, policy, refused
     sc = Scorer()
     with taddons.context(FeatureExtractor(), sc) as tctx:
         tctx.configure(sc, openflare_model=constant_model(tmp_path, 0.1), openflare_fail=policy)
-        sc.model = model.LocalModel(Raises(), {"version": "broken"}, tmp_path / "broken.joblib")
+        sc.model = model.LocalModel(Raises(), {"version": "broken"}, tmp_path / "broken.npz")
         f = flow(SQLI)
         with caplog.at_level(logging.WARNING):
             await run_chain(tctx, f)
@@ -228,7 +230,7 @@ async def test_without_features_addon_fail_policy_applies(tmp_path):
         ({"openflare_threshold": 0}, "between 1 and 10"),
         ({"openflare_threshold": 11}, "between 1 and 10"),
         ({"openflare_fail": "maybe"}, "open, closed"),
-        ({"openflare_model": "/nonexistent/x.joblib"}, "model file not found"),
+        ({"openflare_model": "/nonexistent/x.npz"}, "model file not found"),
     ],
 )
 async def test_bad_options(tmp_path, opts, message):
@@ -240,7 +242,7 @@ async def test_bad_options(tmp_path, opts, message):
             tctx.configure(sc, **opts)
 
 
-async def test_wrong_sha256_refused_before_unpickling(tmp_path):
+async def test_wrong_sha256_refused_before_loading(tmp_path):
     path = constant_model(tmp_path, 0.1)
     card = model.card_path(model.resolve(path))
     data = json.loads(card.read_text())
@@ -249,7 +251,7 @@ async def test_wrong_sha256_refused_before_unpickling(tmp_path):
     sc = Scorer()
     with taddons.context(sc) as tctx:
         tctx.configure(sc, openflare_model=constant_model(tmp_path, 0.1, name="good"))
-        with pytest.raises(OptionsError, match="does not match its card.*Refusing to unpickle"):
+        with pytest.raises(OptionsError, match="does not match its card"):
             tctx.configure(sc, openflare_model=path)
         assert sc.model.version == "good-1"  # rolled back
 
@@ -275,8 +277,8 @@ async def test_model_name_resolves_in_models_dir(tmp_path):
     constant_model(tmp_path, 0.3, name="mini")
     m = model.load("mini", models_dir=tmp_path)
     assert m.version == "mini-1" and m.operating_point == 0.5
-    assert model.resolve("mini", tmp_path) == tmp_path / "mini.joblib"
-    assert model.resolve("a/b.joblib") == model.resolve("a/b")
+    assert model.resolve("mini", tmp_path) == tmp_path / "mini.npz"
+    assert model.resolve("a/b.npz") == model.resolve("a/b")
 
 
 def test_proba_to_score_bands():
@@ -287,11 +289,66 @@ def test_proba_to_score_bands():
     assert all(type(model.proba_to_score(p / 100)) is int for p in range(101))
 
 
-def test_attack_column_found_by_label(tmp_path):
-    est = DummyClassifier(strategy="prior").fit([[0]] * 10, ["attack"] * 9 + ["benign"])
-    m = model.LocalModel(est, {}, tmp_path / "x.joblib")
-    assert m.attack_column == 0
-    assert m.score("x") == (10, pytest.approx(0.9))
+@pytest.mark.parametrize(
+    "card, message",
+    [
+        ({"operating_point": float("nan")}, "operating_point must be a number strictly between 0 and 1"),
+        ({"operating_point": 1.0}, "operating_point must be"),
+        ({"operating_point": "0.5"}, "operating_point must be"),
+        ({"threshold": 10}, "threshold must be an integer from 1 to 9"),
+        ({"threshold": 0}, "threshold must be"),
+        ({"threshold": 6.5}, "threshold must be"),
+    ],
+)
+def test_card_that_would_refuse_all_or_nothing_is_refused(tmp_path, card, message):
+    path = models.save(models.constant_model(0.1), tmp_path, "m")
+    model.write_card(path, {"version": "x", "operating_point": 0.5, **card})
+    with pytest.raises(model.ModelError, match=message):
+        model.load(str(path))
+
+
+def test_a_pickle_is_never_loaded(tmp_path):
+    """A model file is read with allow_pickle=False: a pickle (code) with a matching card is refused."""
+    import pickle
+
+    path = tmp_path / "evil.npz"
+    path.write_bytes(pickle.dumps({"format": fieldmodel.FORMAT}))
+    model.write_card(path, {"version": "evil", "operating_point": 0.5})
+    with pytest.raises(model.ModelError, match="could not be loaded"):
+        model.load(str(path))
+
+
+EXPLAINED = [  # (target, location, name, what the signal says)
+    (b"/item?id=1%27%20or%201%3D1--", "query", "id", "sqli (libinjection"),
+    (b"/p?x=%3Cscript%3Ealert(1)%3C/script%3E", "query", "x", "xss (libinjection)"),
+    (b"/f?file=../../../../etc/passwd", "query", "file", "learnt n-grams"),
+]
+
+
+@pytest.mark.parametrize("target, loc, name, signal", EXPLAINED)
+async def test_refusal_names_the_field_and_signal(tmp_path, target, loc, name, signal):
+    sc = Scorer()
+    with taddons.context(FeatureExtractor(), sc) as tctx:
+        tctx.configure(sc, openflare_model=str(models.save(models.attack_model(), tmp_path, "attack")))
+        f = flow(target, headers=[(b"User-Agent", b"Mozilla/5.0 (X11; Linux x86_64) Firefox/125.0")])
+        await run_chain(tctx, f)
+        assert_refused(f)
+        md = f.metadata
+        assert md[common.FIELD] == [loc, name]
+        assert md[common.SIGNAL].startswith(signal)
+        assert md[common.EXPLANATION].startswith(f'{loc} "{name}": {signal}')
+        assert md[common.EXPLANATION] in f.comment
+        assert md[common.CATEGORY] in ("sqli", "xss", "path_traversal")
+        ok = flow(b"/search?q=blue+running+shoes")
+        await run_chain(tctx, ok)
+        assert ok.response is None and ok.metadata[common.VERDICT] == common.VERDICT_PASS
+
+
+def test_score_request_refuses_what_it_cannot_inspect():
+    lm = model.LocalModel(models.constant_model(0.01), {"version": "c", "operating_point": 0.5}, None)
+    assert lm.score_request("GET", "/", [("X", "y" * 100)], b"", fields.Limits(header_bytes=50))[:2] == (10, 1.0)
+    score, p, hit = lm.score_request("GET", "/", [], b"")
+    assert score == 1 and p == pytest.approx(0.01) and hit.signal == ""
 
 
 async def test_leaves_finished_flows_alone(tmp_path):
@@ -299,7 +356,7 @@ async def test_leaves_finished_flows_alone(tmp_path):
     with taddons.context(sc) as tctx:
         tctx.configure(sc, openflare_model=constant_model(tmp_path, 0.99))
         for f in (tflow.tflow(resp=True), tflow.tflow(err=True), tflow.tflow(live=False)):
-            f.metadata[common.FEATURES] = "get /"
+            f.metadata[common.FIELDS] = [["method", "method", "GET", ""]]
             before = f.response
             await sc.request(f)
             assert common.VERDICT not in f.metadata
@@ -318,7 +375,7 @@ async def test_loads_as_a_script(model_conf, caplog):
 
 
 def test_tampered_copy_of_real_model_refused(model_path, tmp_path):
-    copy = tmp_path / "copy.joblib"
+    copy = tmp_path / "copy.npz"
     shutil.copyfile(model_path, copy)
     shutil.copyfile(model.card_path(model_path), model.card_path(copy))
     assert model.sha256_file(copy) == model.read_card(copy)["sha256"]
@@ -334,25 +391,24 @@ def test_shipped_model_scores_real_requests_without_raising(real_model):
     Takes every 97th line of the shared datasets (outside the repo: skipped without them).
     """
     from addons import dataset
-    from addons import featurize
 
     files = sorted(dataset.DEFAULT_DATA_DIR.glob("*.jsonl.gz"))
     if not files:
         pytest.skip(f"no shared datasets in {dataset.DEFAULT_DATA_DIR}")
-    feats = []
+    reqs = []
     for path in files:
         with gzip.open(path, "rt", encoding="utf-8") as fh:
             for i, line in enumerate(fh):
                 if i % 97 == 0:
-                    r = json.loads(line)
-                    feats.append(featurize.featurize(r["method"], r["target"], r["headers"], r["body"]))
+                    r = dataset.parse_record(json.loads(line), f"{path}:{i}", path.stem)
+                    reqs.append((r.method, r.target, r.headers, r.body))
     failed = []
-    for f in feats:
+    for r in reqs:
         try:
-            real_model.score(f)
+            real_model.score_request(*r)
         except Exception as e:  # noqa: BLE001 - collected and shown
-            failed.append((f[:120], repr(e)))
-    assert failed == [], f"{len(failed)} of {len(feats)} requests could not be scored, e.g. {failed[:3]}"
+            failed.append((r[1][:120], repr(e)))
+    assert failed == [], f"{len(failed)} of {len(reqs)} requests could not be scored, e.g. {failed[:3]}"
 
 
 def test_refusal_is_what_response_make_gives_and_each_is_its_own():
