@@ -5,6 +5,7 @@ import json
 import re
 from pathlib import Path
 
+import models
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -15,6 +16,8 @@ from mitmproxy.test import tflow
 from mitmproxy.test import tutils
 
 from addons import common
+from addons import fieldmodel
+from addons import fields
 from addons import llm
 from addons import model
 from addons import scorer
@@ -379,21 +382,22 @@ async def test_cost_estimate_follows_tokens_and_prices(server, make_judge):
 # --- the Scorer's ensemble ------------------------------------------------------------------------
 
 
-class MarkerEstimator:
-    """predict_proba from a marker in the feature string: `lp30` -> 0.30 (default 0.05).
+class MarkerModel(fieldmodel.FieldModel):
+    """A field model that reads its probability from a marker in a field: `lp30` -> 0.30 (default 0.05).
 
     With operating point 0.5: lp05 -> 1, lp30 -> 4, lp45 -> 6, lp55 -> 7, lp95 -> 10.
     """
 
-    def predict_proba(self, features):
-        import numpy as np
+    def __init__(self):
+        base = models.constant_model(0.05)
+        super().__init__(base.weights, base.extra, base.intercept, base.bits)
 
-        out = []
-        for f in features:
-            m = re.search(r"lp(\d\d)", f)
-            p = int(m.group(1)) / 100 if m else 0.05
-            out.append([1 - p, p])
-        return np.array(out)
+    def score(self, req):
+        for f in req.fields:
+            m = re.search(r"lp(\d\d)", f.value)
+            if m:
+                return fieldmodel.Hit(int(m.group(1)) / 100, f, 1)
+        return fieldmodel.Hit(0.05)
 
 
 @pytest.fixture
@@ -402,13 +406,15 @@ def tscorer(server, monkeypatch):
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     sc = scorer.Scorer()
     with taddons.context(sc) as tctx:
-        sc.model = model.LocalModel(MarkerEstimator(), {"version": "marker-1", "operating_point": 0.5}, Path("marker"))
+        sc.model = model.LocalModel(MarkerModel(), {"version": "marker-1", "operating_point": 0.5}, Path("marker"))
         yield sc, tctx
 
 
 def flow_for(path: str, ip: str = "203.0.113.7"):
     f = tflow.tflow(req=tutils.treq(path=path.encode()))
-    f.metadata[common.FEATURES] = "get " + path
+    got = fields.extract("GET", path, [], b"")
+    f.metadata[common.FIELDS] = [[x.loc, x.name, x.value, x.via] for x in got.fields]
+    f.metadata[common.SIGNALS] = got.signals
     f.metadata[common.CLIENT_IP] = ip
     return f
 
@@ -532,21 +538,18 @@ async def test_stats_command(tscorer, server):
 def test_real_mitmdump_asks_the_llm_only_in_band(mitmdump, upstream, model_path, model_conf, server):
     from conftest import http_request
 
-    from addons import featurize
-
     lm = model.load(str(model_path))
     # A phrase the local model is unsure of (not the AI-override markers' "instructions"), which the
     # test server's judge calls prompt injection.
     asked, other = "/search?q=ignore+previous+suggestions", "/search?q=1'+union+select+password+from+users--"
-    local = {t: lm.score(featurize.featurize("GET", t, [("Host", "x")]))[0] for t in (asked, other)}
-    assert local[asked] != local[other]
-    band = local[asked]  # a band of exactly the first request's local score
+    local = {t: lm.score_request("GET", t, [("Host", "x")], b"")[0] for t in (asked, other)}
+    assert local[asked] <= 6 < local[other]  # the proxy's own headers (Host, ...) may move them a point, not across
     proc = mitmdump(
         scripts=["addons/features.py", "addons/scorer.py"],
         mode=f"reverse:{upstream.url}",
         env={"OPENAI_API_KEY": "", "OPENAI_BASE_URL": ""},
         conf={**model_conf, "openflare_llm_base_url": server.url, "openflare_llm_model": "test-model",
-              "openflare_llm_band_low": band, "openflare_llm_band_high": band},  # fmt: skip
+              "openflare_llm_band_low": 1, "openflare_llm_band_high": 6},  # fmt: skip
     )
     # In the band: the LLM (the test server's judge says prompt_injection, 8) is asked, and the
     # ensemble refuses with the one fixed 403, whatever the local score was.
