@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -265,11 +266,17 @@ class FieldModel:
         return best
 
     def save(self, path) -> None:
-        profile = json.dumps(self.profile.to_json() if self.profile else None)
-        with open(path, "wb") as fh:
-            np.savez_compressed(fh, format=np.array(FORMAT), weights=self.weights, extra=self.extra,
-                                intercept=np.array(self.intercept), bits=np.array(self.bits),
-                                violation_p=np.array(self.violation_p), profile=np.array(profile))
+        """An .npz of plain arrays, byte for byte the same for the same model (fixed zip timestamps)."""
+        profile = json.dumps(self.profile.to_json() if self.profile else None, sort_keys=True)
+        arrays = {"format": np.array(FORMAT), "weights": self.weights, "extra": self.extra,
+                  "intercept": np.array(self.intercept), "bits": np.array(self.bits),
+                  "violation_p": np.array(self.violation_p), "profile": np.array(profile)}
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+            for name, arr in arrays.items():
+                info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+                info.compress_type = zipfile.ZIP_DEFLATED
+                with zf.open(info, "w", force_zip64=True) as fh:
+                    np.lib.format.write_array(fh, np.asanyarray(arr), allow_pickle=False)
 
     @classmethod
     def load(cls, path) -> FieldModel:

@@ -143,10 +143,20 @@ def main(argv: list[str] | None = None) -> int:
                     help="weight of real-world benign windows (real users are what a WAF must not refuse)")
     ap.add_argument("--target-fpr", type=float, default=0.002)
     ap.add_argument("--limit", type=int, default=0, help="at most this many records per source (quick runs)")
+    ap.add_argument("--profile-sources", default="csic2010",
+                    help="comma-separated sources whose benign requests make the application profile ('' for none)")
+    ap.add_argument("--version", default=None, help="the model version in its card (default: local-<UTC time>)")
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args(argv)
-    rng = random.Random(args.seed)
+    try:
+        return train(args)
+    except (dataset.DatasetError, ValueError) as e:
+        print(f"train: {e}", file=sys.stderr)
+        return 2
 
+
+def train(args: argparse.Namespace) -> int:
+    rng = random.Random(args.seed)
     files = dataset.parse_data_arg(args.data)
     records = dataset.load(files)
     split = dataset.honest_split(records)
@@ -154,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit:
         per: dict[str, int] = {}
         train = [r for r in train if (per.__setitem__(r.source, per.get(r.source, 0) + 1) or per[r.source]) <= args.limit]
+    if not any(r.attack for r in train) or all(r.attack for r in train):
+        raise ValueError(f"training needs both attack and benign requests in the train splits of {', '.join(map(str, files))}")
     fit_recs = [r for r in train if not is_validation(r)]
     val_recs = [r for r in train if is_validation(r)]
     log(f"{len(fit_recs)} records to fit, {len(val_recs)} to validate")
@@ -205,8 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     m = learn.fit(table, args.bits, args.C, max_iter=args.max_iter, start=m, log=log)
     log("stage 2 fitted")
 
-    profile_recs = [request_fields(r) for r in fit_recs if r.source == "csic2010" and not r.attack]
-    m.profile = fieldmodel.AppProfile().fit(q.fields for q in profile_recs if q)
+    sources = {x.strip() for x in args.profile_sources.split(",") if x.strip()}
+    profile_recs = [request_fields(r) for r in fit_recs if r.source in sources and not r.attack]
+    if profile_recs:
+        m.profile = fieldmodel.AppProfile().fit(q.fields for q in profile_recs if q)
 
     real_sources = {r.source for r in train if r.group}
     by_source: dict[str, tuple[list[float], list[int]]] = {}
@@ -228,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics[src] = {"n": len(ps), "tpr": tpr, "fpr": fpr}
         log(f"  val {src}: n={len(ps)} TPR {tpr} FPR {fpr}")
     card = {
-        "version": "local-" + datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d%H%M%S"),
+        "version": args.version or "local-" + datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d%H%M%S"),
         "format": fieldmodel.FORMAT,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "estimator": f"field model: hashed byte 1-5-grams per window of {fieldmodel.WINDOW} characters, logistic "
@@ -237,9 +251,15 @@ def main(argv: list[str] | None = None) -> int:
         "threshold": 6,
         "target_fpr": args.target_fpr,
         "validation": "a fifth of the real-world site groups and a tenth of the other training records, held out of the fit",
-        "data_sources": sorted({r.source for r in train}),
+        "data_sources": [{"file": str(f), "records": sum(1 for r in records if r.where.startswith(f"{f}:"))} for f in files],
+        "sources": sorted({r.source for r in train}),
         "payloads": {"file": Path(args.payloads).name, "train": len(payloads)} if payloads else None,
-        "train_counts": {"records": len(fit_recs), "validation": len(val_recs), "windows": len(table)},
+        "train_counts": {src: {"attack": sum(1 for r in fit_recs if r.source == src and r.attack),
+                               "benign": sum(1 for r in fit_recs if r.source == src and not r.attack)}
+                         for src in sorted({r.source for r in fit_recs})},
+        "windows": {"attack": int(sum(1 for x in table.pos if x > 0)), "benign": int(sum(1 for x in table.neg if x > 0))},
+        "validation_records": len(val_recs),
+        "profile": {"sources": sorted(sources), "roots": list(m.profile.roots), "paths": len(m.profile.paths)} if m.profile else None,
         "metrics_validation": metrics,
         "seed": args.seed,
     }

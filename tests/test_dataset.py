@@ -4,7 +4,6 @@ import json
 import pytest
 
 from addons import dataset
-from addons import featurize
 
 
 def _rec(**kw):
@@ -29,7 +28,7 @@ def test_read_plain_and_gzip(tmp_path, gz):
     recs = list(dataset.read(path))
     assert [r.label for r in recs] == ["benign", "attack"]
     assert recs[0].headers == [("User-Agent", "x")]
-    assert recs[1].feature() == featurize.featurize("GET", "/a?q=%27or+1=1", [("User-Agent", "x")], b"")
+    assert recs[1].key() == ("GET", "/a?q=%27or+1=1", (("User-Agent", "x"),), b"")
 
 
 def test_defaults_and_base64_body(tmp_path):

@@ -49,7 +49,7 @@ def bad_corpus(tmp_path):
 @pytest.fixture
 def truncated(tmp_path, model_path):
     """A copy of the model whose card was cut in half (a copy interrupted, a full disk)."""
-    path = tmp_path / "cut.joblib"
+    path = tmp_path / "cut.npz"
     path.write_bytes(model_path.read_bytes())
     card = model.card_path(model_path).read_text()
     model.card_path(path).write_text(card[: len(card) // 2])
@@ -109,7 +109,7 @@ def test_export_on_a_missing_store_and_an_unwritable_out(tmp_path, capsys):
 
 def test_train_without_the_shared_datasets_explains_where_they_come_from(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(dataset, "DEFAULT_DATA_DIR", tmp_path / "shared" / "datasets")
-    assert script("train").main(["--out", str(tmp_path / "m.joblib")]) == 2
+    assert script("train").main(["--out", str(tmp_path / "m.npz")]) == 2
     assert_clean(capsys, f"no training data: {tmp_path / 'shared' / 'datasets'} does not exist", "README.md",
                  "build_datasets.py", "make train DATA=")
     assert script("retrain").main(["--dir", str(tmp_path / "typo")]) == 2  # the store is checked first
@@ -143,7 +143,7 @@ def test_a_truncated_model_card(truncated, corpus, model_path, capsys):
     assert script("rollback").main(["--model", str(truncated), "--list"]) == 2
     assert_clean(capsys, "model card unreadable")
     # A truncated card in the history is listed as such, not left out.
-    good = truncated.with_name("good.joblib")
+    good = truncated.with_name("good.npz")
     good.write_bytes(truncated.read_bytes())
     model.card_path(good).write_text(model.card_path(model_path).read_text())
     (good.parent / "history").mkdir()
@@ -157,10 +157,10 @@ def test_unwritable_outputs(tmp_path, corpus, capsys):
     nowhere.write_text("a file, not a directory")
     assert script("eval").main(["--data", str(corpus), "--json", str(nowhere / "x.json")]) == 2
     assert_clean(capsys, "cannot write --json")
-    args = ["--data", str(corpus), "--out", str(nowhere / "m.joblib"), "--bits", "12", "--synthetic", "10", "--everyday", "0",
-            "--shaped-attacks", "0", "--generated-attacks", "0", "--ai-attacks", "0", "--profile-sources", ""]
+    args = ["--data", str(corpus), "--out", str(nowhere / "m.npz"), "--bits", "12", "--everyday", "10", "--generated", "5",
+            "--binary", "0", "--payloads", "", "--profile-sources", ""]
     assert script("train").main(args) == 2
-    assert_clean(capsys, f"train: cannot write {nowhere / 'm.joblib'}")
+    assert_clean(capsys, f"train: cannot write {nowhere / 'm.npz'}")
 
 
 @pytest.mark.parametrize("name, argv", [

@@ -2,14 +2,12 @@ import importlib.util
 import json
 from pathlib import Path
 
-import pytest
-from hypothesis import given
-from hypothesis import settings
-from hypothesis import strategies as st
+
+import models as tests_models
 
 from addons import dataset
-from addons import detector
-from addons import featurize
+from addons import fieldmodel
+from addons import fields
 from addons import model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,13 +48,14 @@ def _corpus(path: Path) -> Path:
     return path
 
 
-ARGS = ["--bits", "16", "--synthetic", "40", "--everyday", "40", "--shaped-attacks", "20", "--generated-attacks", "20", "--min-df", "1", "--profile-sources", "app", "--version", "t1"]
+ARGS = ["--bits", "14", "--everyday", "200", "--generated", "40", "--binary", "5", "--placements", "1", "--payloads", "",
+        "--profile-sources", "app", "--version", "t1", "--max-iter", "200"]
 
 
 def test_train_end_to_end_and_deterministic(tmp_path, capsys):
     data = _corpus(tmp_path / "toy.jsonl")
-    out1 = tmp_path / "a" / "m.joblib"
-    out2 = tmp_path / "b" / "m.joblib"
+    out1 = tmp_path / "a" / "m.npz"
+    out2 = tmp_path / "b" / "m.npz"
     assert train.main(["--data", str(data), "--out", str(out1), *ARGS]) == 0
     assert train.main(["--data", str(data), "--out", str(out2), *ARGS]) == 0
     assert "operating point" in capsys.readouterr().err  # progress goes to stderr
@@ -64,18 +63,20 @@ def test_train_end_to_end_and_deterministic(tmp_path, capsys):
     assert out1.read_bytes() == out2.read_bytes()
     card = json.loads(model.card_path(out1).read_text())
     assert card["sha256"] == model.sha256_file(out1)
-    assert card["version"] == "t1" and 0 < card["operating_point"] < 1
-    assert card["train_counts"]["toy"] == {"attack": 48, "benign": 48}
+    assert card["version"] == "t1" and 0 < card["operating_point"] < 1 and card["threshold"] == 6
+    fit = card["train_counts"]["toy"]
+    assert 0 < fit["attack"] <= 48 and 0 < fit["benign"] <= 48  # a tenth held out for validation
     assert card["profile"]["roots"] == ["/shop"] and card["data_sources"][0]["file"] == str(data)
 
     lm = model.load(str(out1))
-    assert isinstance(lm.estimator, detector.Detector)
-    score, p = lm.score(featurize.featurize("GET", "/p9?q=%27+or+1%3D1--"))
-    assert score > 6 and p >= lm.operating_point
-    assert lm.score(featurize.featurize("GET", "/p9?q=red+shoes"))[0] <= 6
+    assert isinstance(lm.fields, fieldmodel.FieldModel)
+    score, p, hit = lm.score_request("GET", "/p9?q=%27+or+1%3D1--", [], b"")
+    assert score > 6 and p >= lm.operating_point and hit.field.name == "q"
+    assert lm.score_request("GET", "/p9?q=red+shoes", [], b"")[0] <= 6
     # The profile: an unknown parameter under /shop is an anomaly, a known one is not.
-    assert lm.score(featurize.featurize("GET", "/shop/item.jsp?id=3&name=item2"))[0] <= 6
-    assert lm.score(featurize.featurize("GET", "/shop/item.jsp?id=3&debug=1"))[0] > 6
+    assert lm.score_request("GET", "/shop/item.jsp?id=3&name=item2", [], b"")[0] <= 6
+    score, _, hit = lm.score_request("GET", "/shop/item.jsp?id=3&debug=1", [], b"")
+    assert score > 6 and hit.signal == "profile: unknown parameter"
 
     recs = [r for r in dataset.read(data) if r.split == "test"]
     result = evalscript.evaluate(recs, lm)
@@ -86,91 +87,35 @@ def test_train_end_to_end_and_deterministic(tmp_path, capsys):
 def test_train_refuses_one_label_and_bad_data(tmp_path, capsys):
     data = tmp_path / "benign.jsonl"
     data.write_text(json.dumps({"method": "GET", "target": "/", "label": "benign"}) + "\n")
-    assert train.main(["--data", str(data), "--out", str(tmp_path / "m.joblib")]) == 2
+    assert train.main(["--data", str(data), "--out", str(tmp_path / "m.npz"), *ARGS[:-4]]) == 2
     assert "both attack and benign" in capsys.readouterr().err
     data.write_text("oops\n")
-    assert train.main(["--data", str(data), "--out", str(tmp_path / "m.joblib")]) == 2
+    assert train.main(["--data", str(data), "--out", str(tmp_path / "m.npz")]) == 2
     assert f"{data}:1: not valid JSON" in capsys.readouterr().err
+    assert not (tmp_path / "m.npz").exists()
 
 
-def test_hashed_tfidf_matches_prediction():
-    feats = ["get /a ?q=1", "get /b ?q=<script>", "get /a ?q=2"]
-    X, idf = detector.tfidf_matrix(feats)
-    det = detector.Detector(idf, [0.5] * (1 << detector.BITS), -1.0)
-    for i, f in enumerate(feats):
-        z = float(X[i].sum()) * 0.5 - 1.0
-        assert det.supervised_proba(f) == pytest.approx(1 / (1 + pytest.importorskip("math").exp(-z)), rel=1e-5)
+def test_payloads_are_placed_where_requests_carry_them():
+    """Every location a request has is among the placements, and a payload keeps its text there."""
+    import random
+
+    rng = random.Random(3)
+    seen = {}
+    for _ in range(400):
+        f = train.place("<script>alert(1)</script>", rng)
+        seen.setdefault(f.loc, f)
+    assert set(seen) == {"query", "form", "json", "header", "cookie", "path", "multipart", "xml"}
+    for f in seen.values():
+        assert "script" in fieldmodel.normalise(f.value, plus=f.loc in ("query", "form"))
 
 
-def _reference_ngrams(s: str, bits: int, headers: bool = False) -> list[int]:
-    """The documented hash, one n-gram at a time in plain Python (slow, obviously right)."""
-    b = s.encode("utf-8", "surrogatepass")
-    mask = (1 << 64) - 1
-    out = []
-    for k in range(detector.NGRAMS[0], detector.NGRAMS[1] + 1):
-        for i in range(len(b) - k + 1):
-            h = 0
-            for byte in b[i : i + k]:
-                h = (h * int(detector._P) + byte) & mask
-            salt = int((detector._SALT_HEADERS if headers else detector._SALT)[k])
-            out.append((((h + salt) & mask) * int(detector._MIX) & mask) >> (64 - bits))
-    return sorted(out)
+def test_everyday_words_pass_and_attacks_do_not_in_every_placement():
+    """The trained toy model scores by text, not by location: the same field locations for both labels."""
+    import random
 
-
-@given(st.text(max_size=1200) | st.binary(max_size=1200).map(lambda b: b.decode("latin-1")), st.sampled_from([12, 20]),
-       st.booleans())
-@settings(max_examples=60, deadline=None)
-def test_hashed_ngrams_both_paths_match_the_reference(s, bits, headers):
-    # Short texts take the matrix path, long ones (>= detector._SHORT bytes) one pass per n-gram length.
-    assert sorted(detector.hashed_ngrams(s, bits, headers).tolist()) == _reference_ngrams(s, bits, headers)
-
-
-@pytest.mark.parametrize("n", [0, 1, 4, 5, 6, detector._SHORT - 1, detector._SHORT, detector._SHORT + 3])
-def test_hashed_ngrams_at_the_path_boundaries(n):
-    s = "".join(chr(97 + (i * 7) % 26) for i in range(n))
-    assert sorted(detector.hashed_ngrams(s).tolist()) == _reference_ngrams(s, detector.BITS)
-    assert sorted(detector.hashed_ngrams(s, headers=True).tolist()) == _reference_ngrams(s, detector.BITS, True)
-
-
-def test_hashed_tfidf_matches_prediction_with_headers():
-    import numpy as np
-
-    feats = [featurize.featurize("GET", "/s?q=red+shoes", [("User-Agent", "curl/8.4.0"), ("Cookie", "a=1; b=2")]),
-             featurize.featurize("POST", "/c?x=1", [("User-Agent", "Mozilla/5.0 (X11)"), ("Content-Type", "application/json")], b'{"t": "hi"}'),
-             featurize.featurize("GET", "/")]
-    X, idf = detector.tfidf_matrix(feats)
-    coef = np.random.default_rng(0).normal(size=1 << detector.BITS).astype(np.float32)
-    det = detector.Detector(idf, coef, 0.25)
-    for i, f in enumerate(feats):
-        z = float((X[i] @ coef)[0]) + 0.25
-        assert det.supervised_proba(f) == pytest.approx(1 / (1 + pytest.importorskip("math").exp(-z)), rel=1e-5)
-
-
-def test_header_section_cannot_dilute_the_request():
-    import numpy as np
-
-    f = featurize.featurize("GET", "/search?q=select+a+size")
-    long_ua = featurize.featurize("GET", "/search?q=select+a+size", [("User-Agent", "Mozilla/5.0 (Windows NT 10.0; Win64; x64) "
-                                  "AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0.0.0 Safari/537.36"), ("Cookie", "sid=" + "ab" * 20)])
-    assert detector.split_headers(long_ua) == (f, long_ua[len(f) + 1:])
-    idx, _ = detector.term_counts(f)
-    coef = np.zeros(1 << detector.BITS, dtype=np.float32)
-    coef[idx] = 3.0  # weights on the request's own n-grams only
-    det = detector.Detector(np.ones(1 << detector.BITS), coef, -2.0)
-    assert det.supervised_proba(long_ua) == pytest.approx(det.supervised_proba(f), rel=1e-6)
-    # A model pickled before the split scores the whole string as one block: headers dilute it.
-    det.header_block = False
-    assert det.supervised_proba(long_ua) < det.supervised_proba(f)
-
-
-@given(st.text(max_size=400), st.text(max_size=400))
-@settings(max_examples=80, deadline=None)
-def test_block_keys_matrix_and_passes_agree(req, hdr):
-    br, bh = req.encode("utf-8", "surrogatepass"), hdr.encode("utf-8", "surrogatepass")
-    fast = detector.block_keys(br, bh)
-    slow = detector.block_keys(br, bh, matrix=False)
-    assert sorted(fast.tolist()) == sorted(slow.tolist())
-    flag = 1 << detector.BITS
-    # The request's keys are its own n-grams; the header section's are its header-salted ones, flagged.
-    assert sorted(k for k in slow.tolist() if k < flag) == sorted(detector.hashed_ngrams(req).tolist())
-    assert sorted(k - flag for k in slow.tolist() if k >= flag) == sorted(detector.hashed_ngrams(hdr, headers=True).tolist())
+    lm_fields = tests_models.tiny()
+    rng = random.Random(5)
+    for _ in range(60):
+        benign = train.place("blue running shoes", rng)
+        attack = train.place("<script>alert(1)</script>", rng)
+        assert lm_fields.score(fields.Request([benign], [])).p < 0.5 < lm_fields.score(fields.Request([attack], [])).p
