@@ -11,8 +11,8 @@ candidate that passes an attack probe the current model refuses (`retraining.pro
 operator's labels can move the model on their own app's traffic, never off these.
 
 A raw probe is (method, target, extra headers, body); a header set is added in front of the extra
-headers. `probes()` expands them into `Probe`s; `score(lm, probe)` featurizes and scores one as the
-addons do (FeatureExtractor -> Scorer), whatever model `addons.model.LocalModel` serves.
+headers. `probes()` expands them into `Probe`s; `score(lm, probe)` scores one as the addons score a
+request (`LocalModel.score_request`: its fields extracted, each scored, the highest deciding).
 """
 
 from __future__ import annotations
@@ -228,13 +228,6 @@ def probes() -> list[Probe]:
     return out
 
 
-def feature(probe: Probe) -> str:
-    """The feature string the FeatureExtractor addon computes for this request."""
-    from addons import featurize
-
-    return featurize.featurize(probe.method, probe.target, list(probe.headers), probe.body)
-
-
 def score(lm, probe: Probe) -> int:
     """The 1-10 score the Scorer gives this request with model `lm` (an addons.model.LocalModel)."""
-    return lm.score(feature(probe))[0]
+    return lm.score_request(probe.method, probe.target, list(probe.headers), probe.body)[0]

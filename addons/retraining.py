@@ -21,9 +21,10 @@ the same sample, and a request is kept or dropped with all its copies). Operator
 cap and are never pushed out by machine labels.
 
 The candidate is a refit of the current field model (`refit`): one `learn.Table` of the app's examples
-(weighted by source and recency), a bounded sample of the base corpora's training split, and base
-attack payloads carried into one field of the app's benign requests (`carry`), fitted by `learn.fit`
-warm-started at the current weights, in the current model's hashed n-gram space (its bits). A benign
+(weighted by source and recency), a bounded sample of the base corpora's training split (and of
+scripts/train.py's placed payloads and everyday text), and base attack payloads carried into one field
+of the app's benign requests (`carry`), fitted by `learn.fit` warm-started at the current weights, in
+the current model's hashed n-gram space (its bits). A benign
 request gives all its windows; an attack request only its best one (multiple-instance learning: a
 label says the request is an attack, not which field is): the window the current model scores highest
 among those the table does not hold as benign. The app's benign requests also refit the application
@@ -431,10 +432,12 @@ def carry(flds: Sequence[fieldsmod.Field], payload: str, rng) -> tuple[list[fiel
 
 
 def training_table(parent: fieldmodel.FieldModel, app: Sequence[tuple[Sample, int, float]],
-                   base: Iterable[tuple[Sample, int]], carried: int = 0, rng=None) -> tuple[learn.Table, dict]:
+                   base: Iterable[tuple[Sample, int]], carried: int = 0, rng=None,
+                   placed: Iterable[tuple[fieldsmod.Field, int]] = ()) -> tuple[learn.Table, dict]:
     """One table of the app's examples (request, 1 for attack, weight), the base rows (request, 1 for
-    attack; weight 1) and `carried` base attack payloads put into the app's benign requests (`carry`,
-    drawn with `rng`).
+    attack; weight 1), `placed` fields (field, 1 for attack; weight 1: scripts/train.py's payloads and
+    everyday text, which the base corpora alone do not hold) and `carried` base attack payloads put into
+    the app's benign requests (`carry`, drawn with `rng`).
 
     Benign requests first, all their windows; then each attack request's best window by the parent
     (`learn.best_windows`, skipping windows the table holds as benign: the app's own headers are not its
@@ -456,6 +459,15 @@ def training_table(parent: fieldmodel.FieldModel, app: Sequence[tuple[Sample, in
             info[f"{who}_benign"] += 1
             if who == "app":
                 app_benign.append(s)
+    placed_attacks = []
+    for f, y in placed:
+        if y:
+            placed_attacks.append(f)
+        else:
+            table.add_fields([f], attack=False)
+    for f in placed_attacks:
+        table.add_fields([f], attack=True)
+    info["placed"] = len(placed_attacks)
     payloads: list[str] = []
     for who in ("base", "app"):  # base attacks first: their deciding fields are the payloads carried
         for s, w, src in attacks:
@@ -486,11 +498,12 @@ def training_table(parent: fieldmodel.FieldModel, app: Sequence[tuple[Sample, in
 
 
 def refit(parent: fieldmodel.FieldModel, app: Sequence[tuple[Sample, int, float]], base: Iterable[tuple[Sample, int]],
-          c: float = 8.0, max_iter: int = 100, carried: int = 0, rng=None, log=lambda msg: None) -> tuple[fieldmodel.FieldModel, dict]:
+          c: float = 8.0, max_iter: int = 100, carried: int = 0, rng=None, placed: Iterable[tuple[fieldsmod.Field, int]] = (),
+          log=lambda msg: None) -> tuple[fieldmodel.FieldModel, dict]:
     """The candidate: `parent` refitted on `training_table(...)` by `learn.fit`, starting at the parent's
     weights, in its bits; the parent's profile and violation probability are kept (see `refresh_profile`).
     Returns (candidate, the table's counts)."""
-    table, info = training_table(parent, app, base, carried, rng)
+    table, info = training_table(parent, app, base, carried, rng, placed)
     log(f"refit table: {info}")
     try:
         m = learn.fit(table, parent.bits, c, max_iter=max_iter, start=parent, log=log)

@@ -7,7 +7,6 @@ import json
 import random
 from pathlib import Path
 
-import joblib
 import pytest
 from mitmproxy import eventsequence
 from mitmproxy import exceptions
@@ -15,10 +14,11 @@ from mitmproxy.addons import view
 from mitmproxy.test import taddons
 from mitmproxy.test import tflow
 from mitmproxy.test import tutils
-from sklearn.dummy import DummyClassifier
-
+import models
 from addons import common
 from addons import dataset
+from addons import fieldmodel
+from addons import fields as fieldsmod
 from addons import labels
 from addons import model
 from addons import probes
@@ -41,57 +41,75 @@ def test_the_probe_set():
     assert len(attacks) == len(probes.ATTACKS) * n_sets + len(probes.HEADER_ATTACKS) == 26 * 19 + 4
 
 
-def test_probes_are_scored_as_the_addons_score_them(model_path):
-    lm = model.load(str(model_path))
-    p = next(p for p in probes.probes() if p.target == "/search?q=%3Bcat+%2Fetc%2Fpasswd" and p.header_set == "curl")
-    from addons import featurize
+@pytest.fixture(scope="module")
+def attack_path(tmp_path_factory):
+    """tests/models.py's attack model as a current model (threshold 6)."""
+    return models.save(models.attack_model(), tmp_path_factory.mktemp("models"), version="attack", threshold=6)
 
-    assert probes.feature(p) == featurize.featurize("GET", p.target, [("User-Agent", "curl/7.88.1"), ("Accept", "*/*")], b"")
-    assert probes.score(lm, p) == lm.score(probes.feature(p))[0] > 6
+
+async def test_probes_are_scored_as_the_addons_score_them(attack_path):
+    lm = model.load(str(attack_path))
+    p = next(p for p in probes.probes() if p.target == "/search?q=%3Bcat+%2Fetc%2Fpasswd" and p.header_set == "curl")
+    assert p.headers == (("User-Agent", "curl/7.88.1"), ("Accept", "*/*"))
+    got = probes.score(lm, p)
+    assert got == lm.score(fieldsmod.extract("GET", p.target, list(p.headers), b""))[0] > 6
+    # The same request through the addons (FeatureExtractor -> Scorer) gets the same score.
+    sc = Scorer()
+    with taddons.context(FeatureExtractor(), sc) as tctx:
+        tctx.configure(sc, openflare_model=str(attack_path), openflare_llm_enabled=False)
+        f = tflow.tflow(req=tutils.treq(path=p.target.encode(), headers=[(k.encode(), v.encode()) for k, v in p.headers], content=b""))
+        for e in eventsequence.iterate(f):
+            await tctx.master.addons.handle_lifecycle(e)
+    assert f.metadata[common.LOCAL_SCORE] == got
 
 
 class Shifted:
-    """A model that scores like `lm`, except that feature strings containing every one of `needles` get
-    probability `p`."""
+    """A field model that scores like `fm`, except requests whose (normalised) fields hold every one of
+    `needles`: those get probability `p`."""
 
-    classes_ = [0, 1]
+    def __init__(self, fm, p: float, *needles: str) -> None:
+        self.fm, self.needles, self.p = fm, needles, p
 
-    def __init__(self, lm, p: float, *needles: str) -> None:
-        self.lm, self.needles, self.p = lm, needles, p
-
-    def predict_proba(self, X):
-        import numpy as np
-
-        out = [self.p if all(n in x for n in self.needles) else self.lm.proba([x])[0] for x in X]
-        return np.array([[1 - v, v] for v in out])
+    def score(self, req):
+        text = " ".join(fieldmodel.normalise(f.value, plus=f.loc in ("query", "form")) for f in req.fields)
+        if all(n in text for n in self.needles):
+            return fieldmodel.Hit(self.p)
+        return self.fm.score(req)
 
 
-def test_probe_gate_refuses_a_candidate_that_passes_an_attack_probe(model_path):
-    cur = model.load(str(model_path))
+def _lm(fm, **card):
+    return model.LocalModel(fm, {"operating_point": 0.5, "threshold": 6, "version": "x", **card}, Path("x.npz"))
+
+
+def test_probe_gate_refuses_a_candidate_that_passes_an_attack_probe():
+    base = models.attack_model()
+    cur = _lm(Shifted(base, 1.0, "cat /etc/passwd"), version="cur")
     same = retraining.probe_gate(cur, cur)
     assert same.promote and same.reasons == [] and same.summary["attacks_refused"]["current"] == same.summary["attacks_refused"]["candidate"]
     # "cat /etc/passwd" passed by the candidate (score 1), everything else as before.
-    cand = model.LocalModel(Shifted(cur, 0.0, "cat /etc/passwd"), dict(cur.card, version="shifted"), cur.path)
+    cand = _lm(Shifted(base, 0.0, "cat /etc/passwd"), version="shifted")
     pg = retraining.probe_gate(cur, cand)
     assert not pg.promote and len(pg.reasons) == 1 and "passes 19 attack probe(s)" in pg.reasons[0]
     assert {p.target for p, _, _ in pg.attacks_passed} == {"/search?q=%3Bcat+%2Fetc%2Fpasswd"}
     table = retraining.probe_table(pg)
     assert "/search?q=%3Bcat+%2Fetc%2Fpasswd: score 10 -> 1 (19 of 19 header sets)" in table, table
     # Everyday probes: a few more refused is within the slack, many more is not.
-    cand = model.LocalModel(Shifted(cur, 1.0, "wget", "search"), dict(cur.card, version="fp"), cur.path)
+    cand = _lm(Shifted(cur.fields, 1.0, "wget", "search"), version="fp")
     pg = retraining.probe_gate(cur, cand, benign_slack=80)
     assert pg.promote and 0 < len(pg.benign_refused) <= 80, pg.summary  # within the slack: passes
     assert "everyday probes the current model passes and the candidate refuses" in retraining.probe_table(pg)
-    worse = model.LocalModel(Shifted(cur, 1.0, "search"), dict(cur.card, version="fp"), cur.path)
+    worse = _lm(Shifted(cur.fields, 1.0, "search"), version="fp")
     pg = retraining.probe_gate(cur, worse, benign_slack=10)
     assert not pg.promote and "everyday probes" in pg.reasons[0] and "at most 10 more" in pg.reasons[0]
 
 
-def test_each_model_is_judged_at_its_own_threshold(model_path):
-    cur = model.load(str(model_path))
-    lenient = model.LocalModel(cur.estimator, dict(cur.card, threshold=9, version="t9"), cur.path)
+def test_each_model_is_judged_at_its_own_threshold():
+    fm = Shifted(models.attack_model(), 0.6, "/etc/")  # score 7: refused at 6, passed at 9
+    cur, lenient = _lm(fm), _lm(fm, threshold=9, version="t9")
     pg = retraining.probe_gate(cur, lenient)
     assert not pg.promote and pg.summary["attacks_refused"]["candidate"] < pg.summary["attacks_refused"]["current"]
+    assert any("etc" in p.target for p, _, _ in pg.attacks_passed)
+    assert retraining.probe_gate(cur, _lm(fm, version="same")).promote
 
 
 # ---- the issue's poisoning, replayed -------------------------------------------------------------------
@@ -136,7 +154,8 @@ def _retrain():
     return mod
 
 
-async def test_poisoned_labels_are_refused_by_the_probe_gate(tmp_path, model_path, tiny_corpus, capsys, caplog):
+async def test_poisoned_labels_are_refused_by_the_probe_gate(tmp_path, attack_path, tiny_corpus, capsys, caplog):
+    model_path = attack_path
     store_dir = tmp_path / "records"
     v, sc, rec, lab = view.View(), Scorer(), recorder.Recorder(), labels.Labeler()
     with taddons.context(v, FeatureExtractor(), sc, rec, lab) as tctx:
@@ -160,14 +179,13 @@ async def test_poisoned_labels_are_refused_by_the_probe_gate(tmp_path, model_pat
         await lab.flush()
     assert sum("override" in r.getMessage() for r in caplog.records) == 6
 
-    cur = tmp_path / "models" / "openflare-local.joblib"
+    cur = tmp_path / "models" / "openflare-local.npz"
     cur.parent.mkdir()
     cur.write_bytes(model_path.read_bytes())
     model.card_path(cur).write_bytes(model.card_path(model_path).read_bytes())
     out_json = tmp_path / "retrain.json"
     rc = _retrain().main(["--dir", str(store_dir), "--data", str(tiny_corpus), "--model", str(cur), "--dry-run",
-                          "--base-sample", "2000", "--synthetic", "300", "--everyday", "0", "--shaped-attacks", "0",
-                          "--generated-attacks", "0", "--ai-attacks", "0", "--json", str(out_json)])
+                          "--base-sample", "0", "--placed", "0", "--json", str(out_json)])
     out = capsys.readouterr().out
     print(out)
     res = json.loads(out_json.read_text())
@@ -176,15 +194,19 @@ async def test_poisoned_labels_are_refused_by_the_probe_gate(tmp_path, model_pat
     assert any(r.startswith("probe gate: the candidate passes") for r in res["reasons"]), res["reasons"]
     assert "attack probes the current model refuses and the candidate passes" in out
     assert res["probes"]["attacks_refused"]["candidate"] < res["probes"]["attacks_refused"]["current"]
+    # What it lets through is what the operator taught it: the poisoned kinds of attack.
+    passed = " ".join(res["probes"]["attacks_passed"])
+    assert any(k in passed for k in ("etc%2Fpasswd", "etc%2Fshadow", "admin%27--", "%60whoami%60", "or+%271%27%3D%271")), passed
     assert model.load(str(cur)).version == model.load(str(model_path)).version  # a dry run: nothing promoted
 
 
-def test_retrain_refuses_cleanly_on_bad_input(tmp_path, model_path, tiny_corpus, capsys):
+def test_retrain_refuses_cleanly_on_bad_input(tmp_path, attack_path, tiny_corpus, capsys):
+    model_path = attack_path
     retrain = _retrain()
     store_dir = tmp_path / "records"
     st = recorder.records.open_store(directory=store_dir)
     st.close()
-    cur = tmp_path / "m.joblib"
+    cur = tmp_path / "m.npz"
     cur.write_bytes(model_path.read_bytes())
     card = model.card_path(model_path).read_text()
     model.card_path(cur).write_text(card[: len(card) // 2])  # a truncated card
@@ -214,11 +236,9 @@ def test_retrain_refuses_cleanly_on_bad_input(tmp_path, model_path, tiny_corpus,
     assert "no record store at" in err and not (tmp_path / "typo").exists()
 
 
-def test_a_constant_candidate_is_refused(tmp_path, model_path):
-    # Any representation LocalModel serves: a scikit-learn estimator that calls everything benign.
-    est = DummyClassifier(strategy="constant", constant=0).fit([[0], [1]], [0, 1])
-    path = tmp_path / "dummy.joblib"
-    joblib.dump(est, path)
-    model.write_card(path, {"version": "dummy", "operating_point": 0.5})
-    pg = retraining.probe_gate(model.load(str(model_path)), model.load(str(path)))
+def test_a_constant_candidate_is_refused(tmp_path, attack_path):
+    # Whatever the candidate is inside: one that calls everything benign refuses no attack probe.
+    path = models.save(models.constant_model(0.01), tmp_path, "constant", version="constant")
+    pg = retraining.probe_gate(model.load(str(attack_path)), model.load(str(path)))
     assert not pg.promote and pg.summary["attacks_refused"]["candidate"] == 0
+    assert pg.summary["attacks_refused"]["current"] > 0
