@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"preparing {args.flows} recorded flows in {store_dir}", file=sys.stderr)
             prepare(store_dir, args.flows, args.distinct, args.labels, args.seed)
         cmd = [sys.executable, str(ROOT / "scripts" / "retrain.py"), "--dir", str(store_dir), "--dry-run",
-               "--candidate", str(work / "candidate.joblib"), "--json", str(work / "retrain.json")]
+               "--candidate", str(work / "candidate.npz"), "--json", str(work / "retrain.json")]
         if args.data:
             cmd += ["--data", args.data]
         cmd += args.retrain_args

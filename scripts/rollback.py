@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Return the current model to its parent version (kept in models/history/ by `make retrain`).
 
-    scripts/rollback.py [--model models/openflare-local.joblib] [--list]
+    scripts/rollback.py [--model models/openflare-local.npz] [--list]
 
 The parent's file is verified against its card's sha256 first; the current model is archived, then the
 model file and its card are replaced atomically. Running proxies pick the change up by themselves
@@ -24,7 +24,7 @@ from addons import retraining  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(ROOT / "models" / (model.DEFAULT_MODEL + model.MODEL_SUFFIX)),
-                    help="the current model (default models/openflare-local.joblib)")
+                    help="the current model (default models/openflare-local.npz)")
     ap.add_argument("--list", action="store_true", help="list the versions in the history and exit")
     args = ap.parse_args(argv)
     current = Path(args.model)

@@ -2,7 +2,8 @@
 promotion picked up by the running proxy while traffic flows; and a poisoned candidate refused.
 
 Small on purpose (seconds, not minutes): a base corpus of a few hundred records sampled from the shared
-HttpParams corpus, a "current" model trained on it with scripts/train.py, and tests/appsim.py traffic.
+HttpParams corpus, a "current" field model fitted on it (tests/models.py's tiny model refitted on the
+corpus with the retraining code itself), and tests/appsim.py traffic.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import appsim
+import models
 from addons import dataset
 from addons import model
 from addons import records
@@ -28,7 +30,7 @@ from conftest import http_request
 pytestmark = pytest.mark.e2e
 
 SHARED = Path("/work/shared/datasets/httpparams.jsonl.gz")
-TRAIN_ARGS = ["--bits", "18", "--synthetic", "300", "--everyday", "0", "--shaped-attacks", "0", "--generated-attacks", "0", "--profile-sources", "", "--min-df", "2"]
+RETRAIN_ARGS = ["--placed", "0", "--base-sample", "0"]  # the tiny corpus whole; no payload list
 LABEL_HEADER = "x-sim-label"
 
 # Loaded after addons/labels.py: an operator at work. Flows whose request says so are labelled through
@@ -74,8 +76,9 @@ def base(tmp_path_factory):
                               "source": "httpparams", "category": r.category})
     corpus = d / "tiny.jsonl"
     corpus.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    current = d / "models" / "openflare-local.joblib"
-    assert _script("train").main(["--data", str(corpus), "--out", str(current), "--version", "base-1", *TRAIN_ARGS]) == 0
+    train = [r for r in dataset.read(corpus) if r.split == "train"]
+    fm, _ = retraining.refit(models.attack_model(), [], retraining.base_rows(train))
+    current = models.save(fm, d / "models", version="base-1", threshold=6)
     return corpus, current
 
 
@@ -87,15 +90,14 @@ def send(port: int, req: dict, label: str | None = None) -> int:
     return http_request(port, req["method"], req["target"], headers, req["body"].encode(), timeout=60)[0]
 
 
-def features(reqs):
-    return [dataset.parse_record(r, "appsim", appsim.SOURCE).feature() for r in reqs]
+def samples(reqs):
+    return [retraining.sample_of_record(dataset.parse_record(r, "appsim", appsim.SOURCE)) for r in reqs]
 
 
-def rates(lm: model.LocalModel, benign: list[str], attacks: list[str]) -> tuple[float, float]:
+def rates(lm: model.LocalModel, benign: list, attacks: list) -> tuple[float, float]:
     t = retraining.threshold_of(lm)
-    fpr = sum(lm.score(f)[0] > t for f in benign) / len(benign)
-    tpr = sum(lm.score(f)[0] > t for f in attacks) / len(attacks)
-    return fpr, tpr
+    refused = [model.proba_to_score(p, lm.operating_point) > t for p in retraining.proba(lm, benign + attacks)]
+    return sum(refused[: len(benign)]) / len(benign), sum(refused[len(benign) :]) / len(attacks)
 
 
 def test_labels_retrain_promote_reload(base, tmp_path, upstream, mitmdump, capsys):
@@ -153,7 +155,7 @@ def test_labels_retrain_promote_reload(base, tmp_path, upstream, mitmdump, capsy
     sender.start()
     try:
         rc = _script("retrain").main(["--dir", str(store_dir), "--data", str(corpus), "--model", str(cur_path),
-                                      "--tolerance", "0.01", "--app-carried", "0.5", *TRAIN_ARGS])
+                                      "--tolerance", "0.01", "--app-carried", "0.5", *RETRAIN_ARGS])
         out = capsys.readouterr().out
         assert rc == 0, out
         assert "PROMOTED" in out and "app benign FPR" in out
@@ -177,7 +179,7 @@ def test_labels_retrain_promote_reload(base, tmp_path, upstream, mitmdump, capsy
     with ThreadPoolExecutor(4) as pool:
         after = list(pool.map(lambda r: send(proxy.port, r), fresh_benign))
     fpr_proxy = after.count(403) / len(after)
-    fpr_old, _ = rates(parent, features(fresh_benign), features([fresh.attack() for _ in range(10)]))
+    fpr_old, _ = rates(parent, samples(fresh_benign), samples([fresh.attack() for _ in range(10)]))
     print(f"fresh app FPR: {fpr_old:.3f} (parent) -> {fpr_proxy:.3f} (promoted, through the proxy)")
     assert fpr_old >= 0.05 and fpr_proxy * 5 <= fpr_old
     test = [r for r in dataset.read(corpus) if r.split == "test"]
@@ -220,17 +222,7 @@ def test_poisoned_labels_are_refused(base, tmp_path, capsys):
     store.close()
     before = model.sha256_file(cur_path)
     rc = _script("retrain").main(["--dir", str(tmp_path / "records"), "--data", str(corpus), "--model", str(cur_path),
-                                  "--app-carried", "0", *TRAIN_ARGS])
+                                  "--app-carried", "0", *RETRAIN_ARGS])
     out = capsys.readouterr().out
     assert rc == 3 and "REFUSED" in out and "base TPR" in out, out
     assert model.sha256_file(cur_path) == before and model.load(str(cur_path)).version == "base-1"
-
-
-def test_every_fixed_size_training_part_is_scaled_to_the_base_sample():
-    # A fine-tune samples the base training set; train.py's parts of a fixed size (counts, not shares of
-    # the attacks) must shrink with it, or they would swamp the sample. Every int option of train.py that
-    # is a count of generated requests must be in retrain.FIXED_SIZE_PARTS.
-    train, retrain = _script("train"), _script("retrain")
-    not_counts = {"bits", "min_df", "seed"}
-    counts = {a.dest for a in train.parser()._actions if a.type is int and a.dest not in not_counts}
-    assert counts == set(retrain.FIXED_SIZE_PARTS)
