@@ -1,5 +1,5 @@
-"""The one C extension: addons._fastscore, the detector's per-request scoring in one call. Optional: without
-a C compiler the install still succeeds and addons.detector uses its numpy path (the same scores)."""
+"""The one C extension: addons._fastscore, the field model's n-gram sums of all windows in one call. Optional:
+without a C compiler the install still succeeds and addons.fieldmodel uses its numpy path (the same sums)."""
 
 from setuptools import Extension
 from setuptools import setup

@@ -41,6 +41,11 @@ try:
 except ImportError:  # pragma: no cover - a dependency; without it the two signals stay 0
     libinjection = None
 
+try:  # window_logits' n-gram sums in C (setup.py builds it where a compiler is present; the same sums)
+    from addons import _fastscore
+except ImportError:  # pragma: no cover - depends on the install
+    _fastscore = None
+
 FORMAT = "openflare-field-model/1"
 WINDOW = 128
 STRIDE = 64
@@ -143,6 +148,17 @@ def ngram_keys(texts: Sequence[str], classes: Sequence[int], bits: int) -> tuple
     return row[order], col[order], val[order]
 
 
+def ngram_sums(texts: Sequence[str], classes: Sequence[int], weights: np.ndarray, bits: int) -> np.ndarray:
+    """Per window, the sum of weights[column] * value over `ngram_keys`' triples: in C when
+    addons._fastscore is built (the same sums, in the same order), else with numpy."""
+    if _fastscore is not None and _fastscore.CONSTANTS == (int(_P), int(_MIX)):  # else a stale build
+        encoded = [t.encode("utf-8", "surrogatepass") for t in texts]
+        salts, class_salts = tuple(int(s) for s in _SALT), tuple(int(s) for s in _CLASS_SALT)
+        return np.array(_fastscore.window_sums(encoded, classes, weights, bits, CLASS_SCALE, salts, class_salts))
+    row, col, val = ngram_keys(texts, classes, bits)
+    return np.bincount(row, weights=weights[col] * val, minlength=len(texts))
+
+
 def injection(norm: str) -> tuple[float, float, str]:
     """libinjection's opinion of one normalised text: (sqli 0/1, xss 0/1, fingerprint or "")."""
     if libinjection is None or not norm or len(norm) > WINDOW:
@@ -217,9 +233,7 @@ class FieldModel:
         self._cache: dict[tuple[int, str], tuple[float, int, str, bool]] = {}
 
     def window_logits(self, r: Rows) -> np.ndarray:
-        row, col, val = ngram_keys(r.texts, r.classes, self.bits)
-        z = np.bincount(row, weights=self.weights[col] * val, minlength=len(r.texts))
-        return z + r.extra @ self.extra + self.intercept
+        return ngram_sums(r.texts, r.classes, self.weights, self.bits) + r.extra @ self.extra + self.intercept
 
     def field_logits(self, flds: Sequence[fieldsmod.Field]) -> list[tuple[float, int, str, bool]]:
         """Per field: (highest window logit, that window's number, libinjection fingerprint, xss).
