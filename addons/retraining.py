@@ -7,7 +7,9 @@ Labels, strongest first (one label per request: the strongest source wins, ties 
 * operator: `openflare.label` (addons/labels.py) writes a full, masked record with `label` into the
   `labels` collection; a `label` on a record in `records` counts the same;
 * llm: the LLM's score on a recorded flow (>= `llm_attack` attack, <= `llm_benign` benign);
-* local: the local model's own score when confident (>= `local_attack` attack, <= `local_benign` benign).
+* local: the local model's own score when confident (<= `local_benign` benign; >= `local_attack` attack only
+  when asked for: by default its own refusals are never taken as attack labels, or its false positives on the
+  app would be learnt again).
 
 Only full records hold a request: refused flows, flows sampled by `openflare_record_benign_one_in`,
 and operator-labelled flows. Brief records are skipped without being decoded further.
@@ -76,7 +78,9 @@ class RetrainError(Exception):
 class Policy:
     """How records become weighted labels."""
 
-    local_attack: int = 9  # local score at or above this, with no LLM verdict: attack
+    # local score at or above this, with no LLM verdict: attack. 11 (the default): never. A model's own refusals
+    # are not evidence: taken as attack labels, its false positives on the app are learnt again (self-training).
+    local_attack: int = 11
     local_benign: int = 2  # local score at or below this on a passed flow: benign
     llm_attack: int = 7
     llm_benign: int = 3

@@ -137,7 +137,9 @@ def parse_args(argv):
     ap.add_argument("--weight-llm", type=float, default=3.0)
     ap.add_argument("--weight-local", type=float, default=0.5)
     ap.add_argument("--half-life-days", type=float, default=7.0, help="recency: labels this old count half (default 7)")
-    ap.add_argument("--local-attack", type=int, default=9, help="local score taken as a confident attack (default 9)")
+    ap.add_argument("--local-attack", type=int, default=11,
+                    help="local score taken as a confident attack (default 11: never; the model's own refusals are "
+                         "not evidence, or its false positives would be learnt again)")
     ap.add_argument("--local-benign", type=int, default=2, help="local score taken as confidently benign (default 2)")
     ap.add_argument("--base-sample", type=int, default=8_000,
                     help="base training requests sampled (deterministically) for the refit; 0: all (default 8000)")

@@ -38,8 +38,10 @@ def test_label_precedence_and_confidence():
     assert retraining.label_of(rec(verdict="block", local=10, llm=2), pol) == ("benign", "llm")
     assert retraining.label_of(rec(verdict="block", local=5, llm=8), pol) == ("attack", "llm")
     assert retraining.label_of(rec(verdict="pass", local=5, llm=5), pol) is None  # the LLM was unsure
-    assert retraining.label_of(rec(verdict="block", local=9), pol) == ("attack", "local")
-    assert retraining.label_of(rec(verdict="block", local=7), pol) is None  # not confident
+    assert retraining.label_of(rec(verdict="block", local=10), pol) is None  # its own refusal is no evidence
+    opt_in = retraining.Policy(local_attack=9)
+    assert retraining.label_of(rec(verdict="block", local=9), opt_in) == ("attack", "local")
+    assert retraining.label_of(rec(verdict="block", local=7), opt_in) is None  # not confident
     assert retraining.label_of(rec(verdict="pass", local=2), pol) == ("benign", "local")
     assert retraining.label_of(rec(verdict="pass", local=4), pol) is None
     brief = records.build({"time": 1.0, "client_ip": "x", "verdict": "pass", "score": 1, "full": False}, records.Masker())
@@ -108,7 +110,7 @@ def test_collect_streams_records_and_labels(kind, tmp_path):
     labelled.update(_id="flow-1", label="benign", label_source="operator", label_time=records.utcnow())
     retraining.labels_store(store).coll.insert_one(labelled)
     seen = []
-    col = retraining.collect(store, retraining.Policy(), progress=seen.append)
+    col = retraining.collect(store, retraining.Policy(local_attack=9), progress=seen.append)
     assert col.stats["full"] == 26 and col.stats["operator"] == 1  # brief records are skipped unread
     ex = {s: (lab, src) for s, lab, src, _ in col.examples()}
     assert len(ex) == 3 and sum(seen) >= 26
