@@ -143,7 +143,7 @@ def parse_args(argv):
     ap.add_argument("--local-benign", type=int, default=2, help="local score taken as confidently benign (default 2)")
     ap.add_argument("--base-sample", type=int, default=8_000,
                     help="base training requests sampled (deterministically) for the refit; 0: all (default 8000)")
-    ap.add_argument("--C", type=float, default=8.0, help="inverse regularisation strength of the refit (default 8, as scripts/train_fields.py)")
+    ap.add_argument("--C", type=float, default=8.0, help="inverse regularisation strength of the refit (default 8, as scripts/train.py)")
     ap.add_argument("--max-iter", "--maxiter", dest="max_iter", type=int, default=100, help="most L-BFGS iterations of the refit (default 100)")
     ap.add_argument("--probe-benign-slack", type=int, default=10,
                     help="probe gate: everyday probes the candidate may refuse beyond the current model's count (default 10 of 1520)")
