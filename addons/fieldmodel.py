@@ -183,21 +183,26 @@ class Rows:
 
 def rows(fields: Sequence[fieldsmod.Field]) -> Rows:
     """Every window of every field, ready for `ngram_keys`."""
-    texts, classes, extra, field, window, fps = [], [], [], [], [], []
-    for i, f in enumerate(fields):
+    texts, counts, classes, signals, fps = [], [], [], [], []  # texts per window, the rest per field
+    for f in fields:
         c = field_class(f)
         norm, text = prepare(f)
         sq, xs, fp = injection(norm)
-        for j, w in enumerate(windows(text)):
-            texts.append(w)
-            classes.append(c)
-            e = [0.0] * EXTRA
-            e[c], e[-2], e[-1] = 1.0, sq, xs
-            extra.append(e)
-            field.append(i)
-            window.append(j + 1)
-            fps.append(fp)
-    return Rows(texts, classes, np.array(extra, dtype=np.float32).reshape(-1, EXTRA), field, window, fps)
+        ws = windows(text)
+        texts += ws
+        counts.append(len(ws))
+        classes.append(c)
+        signals.append((sq, xs))
+        fps.append(fp)
+    n = len(texts)
+    field = np.repeat(np.arange(len(counts)), counts)  # each window's field
+    cls = np.array(classes, dtype=np.intp)[field]
+    extra = np.zeros((n, EXTRA), dtype=np.float32)
+    extra[np.arange(n), cls] = 1.0
+    extra[:, -2:] = np.array(signals, dtype=np.float32).reshape(-1, 2)[field]
+    window = np.arange(1, n + 1) - np.repeat(np.cumsum(counts) - counts, counts)
+    field_of = field.tolist()
+    return Rows(texts, cls.tolist(), extra, field_of, window.tolist(), [fps[i] for i in field_of])
 
 
 @dataclass(frozen=True, slots=True)

@@ -126,3 +126,22 @@ def test_a_stale_build_is_not_used(monkeypatch):
     expected = fm.window_logits(r)
     monkeypatch.setattr(fieldmodel, "_fastscore", Stale)
     np.testing.assert_allclose(fm.window_logits(r), expected, rtol=1e-9, atol=1e-9)
+
+
+def test_rows_number_windows_per_field_and_carry_the_fields_signals():
+    r = fieldmodel.rows(REQUEST.fields)
+    assert r.texts[0] == "\x02post\x03" and len(r.texts) == len(r.extra) == len(r.classes) == len(r.field)
+    assert r.field == sorted(r.field) and set(r.field) == set(range(len(REQUEST.fields)))
+    for k, (i, w) in enumerate(zip(r.field, r.window)):
+        f = REQUEST.fields[i]
+        assert w == r.field[:k + 1].count(i)  # 1, 2, ... within the field
+        norm, _ = fieldmodel.prepare(f)
+        sq, xs, fp = fieldmodel.injection(norm)
+        c = fieldmodel.field_class(f)
+        expected = np.zeros(fieldmodel.EXTRA, dtype=np.float32)
+        expected[c], expected[-2], expected[-1] = 1.0, sq, xs
+        assert r.classes[k] == c and r.fingerprint[k] == fp
+        np.testing.assert_array_equal(r.extra[k], expected)
+    assert r.extra[r.field.index(2), -2] == 1.0  # the query's SQL injection
+    assert max(r.window) > 1  # the long JSON value has several windows
+    assert fieldmodel.rows([]).extra.shape == (0, fieldmodel.EXTRA)
