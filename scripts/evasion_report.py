@@ -39,7 +39,8 @@ def describe_hit(hit: fieldmodel.Hit) -> str:
         return hit.signal or "no field"
     f = hit.field
     value = f.value if len(f.value) <= 60 else f.value[:28] + "..." + f.value[-28:]
-    return f"{f.loc}{' ' + f.via if f.via else ''} {f.name[:30]!r} window {hit.window}: {value!r}"
+    where = f"{f.loc}{' ' + f.via if f.via else ''} {f.name[:30]!r} window {hit.window}"
+    return f"{where} ({fieldmodel.signal_of(hit)}): {value!r}"
 
 
 def main(argv: list[str] | None = None) -> int:

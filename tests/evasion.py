@@ -140,8 +140,8 @@ def words(n: int) -> str:
     return (WORDS * (n // len(WORDS) + 1))[:n].rsplit(" ", 1)[0]
 
 
-def _pad(n: int) -> str:
-    return "A" * n
+def _pad(n: int, ch: str = "A") -> str:
+    return ch * n
 
 
 def pad_query(n: int) -> Family:
@@ -150,9 +150,9 @@ def pad_query(n: int) -> Family:
     return family
 
 
-def pad_query_same(n: int) -> Family:
+def pad_query_same(n: int, ch: str = "A") -> Family:
     def family(payload: str) -> Request:
-        return _get(f"q={_pad(n)}{q(' ' + payload)}")
+        return _get(f"q={_pad(n, ch)}{q(' ' + payload)}")
     return family
 
 
@@ -162,9 +162,9 @@ def pad_json(n: int) -> Family:
     return family
 
 
-def pad_json_same(n: int) -> Family:
+def pad_json_same(n: int, ch: str = "A") -> Family:
     def family(payload: str) -> Request:
-        return _post(json.dumps(_json_doc(_pad(n) + " " + payload)).encode(), JSON_TYPE)
+        return _post(json.dumps(_json_doc(_pad(n, ch) + " " + payload)).encode(), JSON_TYPE)
     return family
 
 
@@ -174,9 +174,9 @@ def pad_form(n: int) -> Family:
     return family
 
 
-def pad_form_same(n: int) -> Family:
+def pad_form_same(n: int, ch: str = "A") -> Family:
     def family(payload: str) -> Request:
-        return _post(f"comment={_pad(n)}{q(' ' + payload)}".encode(), FORM_TYPE, path="/login")
+        return _post(f"comment={_pad(n, ch)}{q(' ' + payload)}".encode(), FORM_TYPE, path="/login")
     return family
 
 
@@ -635,6 +635,9 @@ FAMILIES: dict[str, Family] = {
     "pad70k_form": pad_form(70 * 1024),
     "pad16k_form_same": pad_form_same(16 * 1024),
     "pad70k_form_same": pad_form_same(70 * 1024),
+    # "A"s are hex digits: a model may fold them into one shape token. "z" padding cannot be folded.
+    **{f"pad{k}k_{where}_same_z": same(k * 1024, "z") for k in (16, 70)
+       for where, same in (("query", pad_query_same), ("json", pad_json_same), ("form", pad_form_same))},
     "words4k_query": words_query,
     "words4k_json": words_json,
     "words4k_form": words_form,
