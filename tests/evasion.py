@@ -16,6 +16,9 @@ percent-encoded as a browser would; a family that rewrites something the payload
 around SQL keywords, overlong UTF-8 for `/` and `.`) still rewrites what is there (spaces) or leaves
 the payload percent-encoded, so it is never weaker than the plain request. No combination is left out.
 
+Padding comes in two letters: "A" (what scanners send; also a hex digit, so a model may fold a run of it
+into one shape token) and "z" (no shape folds it: the padding's own n-grams share the payload's window).
+
 The families are the attacker's view: none is softened to make a model pass. What a request is
 *refused* with is up to the proxy: 403 for an attack, or 413/431 when it is beyond the inspection
 limits (never forwarded uninspected, so not a bypass either).
