@@ -56,7 +56,8 @@ def normalise(value: str, plus: bool = False) -> str:
 
 
 def _fold(text: str, plus: bool) -> str:
-    """NFKC, case folded, invisible characters out, lone surrogates U+FFFD (and `+` a space if `plus`)."""
+    """NFKC, case folded (NFKC again after it), invisible characters out, lone surrogates U+FFFD (and `+` a space
+    if `plus`). Folding folded text changes nothing."""
     if text.isascii():
         text = text.lower()
     else:
@@ -64,6 +65,7 @@ def _fold(text: str, plus: bool) -> str:
             text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
         text = _INVISIBLE.sub("", text)  # before NFKC too: `e\u200b\u0301` composes once the space is gone
         text = _INVISIBLE.sub("", unicodedata.normalize("NFKC", text)).casefold()
+        text = unicodedata.normalize("NFKC", text)  # case folding may undo a composition: `ẞ́` is `ss\u0301`, `sś`
     return text.replace("+", " ") if plus else text
 
 
@@ -172,6 +174,10 @@ _HEX = frozenset("0123456789abcdef")
 _DIGIT = frozenset("0123456789")
 _ALNUM = frozenset("0123456789abcdefghijklmnopqrstuvwxyz")
 _WAIT = frozenset("%&\\")  # may decode into a character that continues a reference: it does not end one
+_STARTER = re.compile(r"[%&\\]")
+_STRETCH = 16  # speed only: _decode_deep copies stretches of text this long or longer at once
+_ASCII = tuple(chr(b).lower() for b in range(128))  # a decoded ASCII byte, folded
+_ASCII_PLUS = tuple(" " if b == ord("+") else chr(b).lower() for b in range(128))
 
 
 def _decode_deep(text: str, plus: bool) -> str:
@@ -190,7 +196,9 @@ def _decode_deep(text: str, plus: bool) -> str:
     todo: list[str] = []  # characters to read before the rest of `text`, the next one last
     run = bytearray()  # percent-decoded bytes >= 0x80, not yet text
     run_at = 0  # where they belong in `out`: out[run_at:] is the start ("%" or "%X") of an escape after them
+    ascii_fold = _ASCII_PLUS if plus else _ASCII
     i, n = 0, len(text)
+    skip_at = starter = 0  # speed only: where to try the next copy of a stretch without `%`, `&`, `\`, and where it ends
 
     def spell(value: str) -> None:  # what an escape spells is read next
         todo.extend(reversed(_fold(value, plus)))
@@ -199,6 +207,15 @@ def _decode_deep(text: str, plus: bool) -> str:
         if todo:
             c = todo.pop()
         elif i < n:
+            if i >= skip_at and not run:  # speed only: copy a stretch that no escape can reach into
+                if starter < i:
+                    m = _STARTER.search(text, i)
+                    starter = m.start() if m else n
+                if starter - i >= _STRETCH and (not out or out[-1] not in _HEX) and _WAIT.isdisjoint(out[-33:]):
+                    out += text[i:starter]
+                    i = starter
+                    continue
+                skip_at = i + _STRETCH
             c = text[i]
             i += 1
         elif run:
@@ -224,7 +241,7 @@ def _decode_deep(text: str, plus: bool) -> str:
                 if b >= 0x80:
                     run.append(b)
                     continue
-                spell(chr(b))  # ASCII ends the sequence: it is read after the bytes before it
+                todo.append(ascii_fold[b])  # ASCII ends the sequence: it is read after the bytes before it
             else:  # anything else ends the sequence: the bytes become text, then what followed them is read again
                 todo.append(c)
                 todo.extend(reversed(out[run_at:]))
@@ -237,11 +254,13 @@ def _decode_deep(text: str, plus: bool) -> str:
             if out[-2] == "%" and out[-1] in _HEX:  # %XX
                 b = int(out[-1] + c, 16)
                 del out[-2:]
-                if b < 0x80:
-                    spell(chr(b))
-                else:
+                if b >= 0x80:
                     run.append(b)
                     run_at = len(out)
+                elif (c := ascii_fold[b]) in _WAIT:
+                    out.append(c)  # what reading it next would do (speed: nested `%25`)
+                else:
+                    todo.append(c)
                 continue
             if (len(out) >= 5 and out[-4] == "u" and out[-5] in ("%", "\\")
                     and out[-3] in _HEX and out[-2] in _HEX and out[-1] in _HEX):  # %uXXXX, \uXXXX
@@ -250,15 +269,16 @@ def _decode_deep(text: str, plus: bool) -> str:
                 if 0xDC00 <= v <= 0xDFFF and out and "\ud800" <= out[-1] <= "\udbff":  # the second half of a pair
                     spell(chr(0x10000 + ((ord(out.pop()) - 0xD800) << 10) + v - 0xDC00))
                 elif 0xD800 <= v <= 0xDBFF:
-                    out.append(chr(v))  # the first half of a pair waits for the second (else U+FFFD at the end)
+                    todo.append(chr(v))  # unfolded: the first half of a pair waits for the second (else U+FFFD at the end)
                 else:
                     spell(_code_point(v))
                 continue
         if c in _WAIT:
             out.append(c)
             continue
-        if out and out[-1] in _ALNUM:
-            found = _reference_before(out, c)
+        if out and (last := out[-1]) in _ALNUM and (
+                c not in _ALNUM or (last in _DIGIT and c not in _DIGIT) or (last in _HEX and c not in _HEX)):
+            found = _reference_before(out, c)  # c may end a reference: `;`, a character no name holds, a non-digit
             if found is not None:
                 del out[found[0] :]
                 if c != ";":

@@ -153,6 +153,7 @@ def test_result_is_always_encodable():
     for value in ["%uD800", "%uDC00%uD800", "\ud800", "a\udfffb", "%ed%a0%80", "&#xd800;", "\\ud83d\\ude00x"]:
         normalise(value).encode("utf-8")
     assert normalise("\ud83d\ude00") == "\U0001f600"  # a pair in the text (json.loads keeps them) is one character
+    assert nm._decode_deep("&#5%ud83d", False) == "\x05\ufffd"  # a first half waiting for its second still ends `&#5`
 
 
 # --- comments in one scan ---
@@ -177,10 +178,15 @@ def test_mysql_code_cannot_open_a_comment_with_a_later_closer():
 
 # --- properties ---
 
+_PIECES = st.lists(st.sampled_from([
+    "%25", "%2", "5", "27", "%c3", "%a9", "%ef%bc%85", "&amp;", "&lt", "&#", "&#x", "0", "3c", ";", "%u", "\\u", "00",
+    "d83d", "de00", "&", "%", "\u0301", "\u200b", "%e0%80", "%af", "x", " ", "+", "/*", "*/", "plain words here",
+    "a long stretch of text without any escape in it at all", "1234567890123456789012345678901234567890",
+]), max_size=30).map("".join)
 _ESCAPY = st.text(alphabet="%25&#;xu0\\a7ltampc3ef/*!<->+ \u200b\uff05\u00e9\ud800", max_size=40)
 
 
-@given(st.one_of(_ESCAPY, st.text(max_size=60)), st.booleans())
+@given(st.one_of(_ESCAPY, _PIECES, st.text(max_size=60)), st.booleans())
 @settings(max_examples=1500, deadline=None)
 def test_normalising_twice_changes_nothing(s, plus):
     once = normalise(s, plus)
@@ -188,7 +194,7 @@ def test_normalising_twice_changes_nothing(s, plus):
     once.encode("utf-8")  # never a lone surrogate
 
 
-@given(st.one_of(_ESCAPY, st.text(max_size=60)), st.booleans())
+@given(st.one_of(_ESCAPY, _PIECES, st.text(max_size=60)), st.booleans())
 @settings(max_examples=1500, deadline=None)
 def test_no_escape_is_left_whichever_decoder_ran(s, plus):
     # The rounds and the one-pass decoder both end at a text that holds no escape.
@@ -203,6 +209,19 @@ def test_no_escape_is_left_whichever_decoder_ran(s, plus):
 def test_nesting_never_hides_what_one_layer_shows(s):
     # Encoding a value once more never changes what it normalises to.
     assert normalise(nested(s, 1)) == normalise(s)
+
+
+@given(_PIECES, st.booleans())
+@settings(max_examples=1000, deadline=None)
+def test_copying_stretches_at_once_changes_nothing(s, plus):
+    # _decode_deep copies text no escape can reach into in one go (speed): character by character is the same.
+    folded = nm._fold(s, plus)
+    fast = nm._decode_deep(folded, plus)
+    stretch, nm._STRETCH = nm._STRETCH, 10**9
+    try:
+        assert nm._decode_deep(folded, plus) == fast
+    finally:
+        nm._STRETCH = stretch
 
 
 @given(st.binary(max_size=200).map(lambda b: b.decode("latin-1")), st.booleans())
