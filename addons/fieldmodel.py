@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from addons import fields as fieldsmod
-from addons import featurize
+from addons import normalise as normalisemod
 
 try:
     import libinjection
@@ -49,6 +49,8 @@ except ImportError:  # pragma: no cover - depends on the install
 FORMAT = "openflare-field-model/1"
 WINDOW = 128
 STRIDE = 64
+SHORT = 32  # a text longer than WINDOW is also read in short windows: a payload after 100 characters of words
+SHORT_STRIDE = 16  # in one window is diluted there, not in a window of its own size
 NGRAMS = (1, 5)
 BITS = 20
 CLASS_SCALE = 0.5  # the class block's n-grams count half: a class block weight pays 4x the penalty
@@ -76,8 +78,8 @@ _SHAPES = (
 
 
 def normalise(value: str, plus: bool = False) -> str:
-    """The canonical form of one field's text (addons.featurize's normaliser, never cut short)."""
-    return featurize.normalise(value, plus, max(len(value), 1))
+    """The canonical form of one field's text (addons/normalise.py)."""
+    return normalisemod.normalise(value, plus)
 
 
 def field_class(f: fieldsmod.Field) -> int:
@@ -88,27 +90,46 @@ def field_class(f: fieldsmod.Field) -> int:
     return CLASSES.index(_LOC_CLASS.get(f.loc, "text"))
 
 
+_DIGIT = re.compile(r"[0-9]")
+
+
 def shapes(text: str) -> str:
-    """Abstract ids and tokens into shape tokens (see _SHAPES)."""
+    """Abstract ids and tokens into shape tokens (see _SHAPES). Every shape but the JWT holds a digit
+    (a hex id of letters only, `deadbeefcafebabe`, stays text): a text without one skips those patterns."""
+    if not _DIGIT.search(text):
+        return _SHAPES[0][0].sub(_SHAPES[0][1], text) if "eyj" in text else text
     for rx, token in _SHAPES:
         text = rx.sub(token, text)
     return text
 
 
+_REPEAT = re.compile(r"(.{1,3}?)\1{4,}", re.S)  # a unit of 1-3 characters repeated 5 times or more
+
+
+def collapse(text: str) -> str:
+    """Runs of a repeated unit cut to four repeats: `zzzz...z` padding cannot dilute the n-grams beside it."""
+    return _REPEAT.sub(r"\1\1\1\1", text)
+
+
 def prepare(f: fieldsmod.Field) -> tuple[str, str]:
     """(normalised text, what the n-grams read) of one field."""
     norm = normalise(f.value, plus=f.loc in _PLUS)
-    return norm, shapes(norm)
+    return norm, shapes(collapse(norm))
 
 
-def windows(text: str) -> list[str]:
-    """The text itself if short, else overlapping windows of WINDOW characters, the last one flush
-    with the end. A window at the start or end of the text carries a marker there (\\x02, \\x03)."""
+def _cut(text: str, size: int, stride: int) -> list[str]:
+    starts = list(range(0, len(text) - size, stride)) + [len(text) - size]
+    return [("\x02" if s == 0 else "") + text[s : s + size] + ("\x03" if s + size == len(text) else "") for s in starts]
+
+
+def windows(text: str) -> tuple[list[str], int]:
+    """(windows, how many are long): the text itself if short, else overlapping windows of WINDOW characters
+    (stride STRIDE) and then of SHORT characters (stride SHORT_STRIDE), the last of each flush with the end.
+    A window at the start or end of the text carries a marker there (\\x02, \\x03)."""
     if len(text) <= WINDOW:
-        return ["\x02" + text + "\x03"]
-    starts = list(range(0, len(text) - WINDOW, STRIDE)) + [len(text) - WINDOW]
-    return [("\x02" if s == 0 else "") + text[s : s + WINDOW] + ("\x03" if s + WINDOW == len(text) else "")
-            for s in starts]
+        return ["\x02" + text + "\x03"], 1
+    long = _cut(text, WINDOW, STRIDE)
+    return long + _cut(text, SHORT, SHORT_STRIDE), len(long)
 
 
 def ngram_keys(texts: Sequence[str], classes: Sequence[int], bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -159,9 +180,16 @@ def ngram_sums(texts: Sequence[str], classes: Sequence[int], weights: np.ndarray
     return np.bincount(row, weights=weights[col] * val, minlength=len(texts))
 
 
-def injection(norm: str) -> tuple[float, float, str]:
-    """libinjection's opinion of one normalised text: (sqli 0/1, xss 0/1, fingerprint or "")."""
-    if libinjection is None or not norm or len(norm) > WINDOW:
+_BARE = re.compile(r"[a-z0-9_.]*")  # one bare token: never SQLi or XSS to libinjection (checked on 1.8M values)
+
+
+_UNSHAPE = re.compile("\x01.|[\x02\x03]", re.S)
+
+
+def injection(window: str) -> tuple[float, float, str]:
+    """libinjection's opinion of one window: (sqli 0/1, xss 0/1, fingerprint or ""); a shape token reads as 0."""
+    norm = _UNSHAPE.sub(lambda m: "0" if len(m.group()) == 2 else "", window) if "\x01" in window else window.strip("\x02\x03")
+    if libinjection is None or not norm or _BARE.fullmatch(norm):
         return 0.0, 0.0, ""
     sq = libinjection.is_sql_injection(norm)
     if sq["is_sqli"]:
@@ -178,31 +206,32 @@ class Rows:
     extra: np.ndarray  # (rows, EXTRA) float32: class one-hot, libinjection sqli, xss
     field: list[int]  # index of the field (in the list given to `rows`) of each window
     window: list[int]  # the window's number within its field
-    fingerprint: list[str]  # libinjection's SQLi fingerprint of the field, or ""
+    fingerprint: list[str]  # libinjection's SQLi fingerprint of the window, or ""
 
 
 def rows(fields: Sequence[fieldsmod.Field]) -> Rows:
-    """Every window of every field, ready for `ngram_keys`."""
-    texts, counts, classes, signals, fps = [], [], [], [], []  # texts per window, the rest per field
-    for f in fields:
+    """Every window of every field, ready for `ngram_keys`; libinjection reads each long window (a short
+    text is one)."""
+    texts, classes, field, window, fps, signals = [], [], [], [], [], []
+    for i, f in enumerate(fields):
         c = field_class(f)
-        norm, text = prepare(f)
-        sq, xs, fp = injection(norm)
-        ws = windows(text)
+        _norm, text = prepare(f)
+        ws, n_long = windows(text)
         texts += ws
-        counts.append(len(ws))
-        classes.append(c)
-        signals.append((sq, xs))
-        fps.append(fp)
+        classes += [c] * len(ws)
+        field += [i] * len(ws)
+        window += range(1, len(ws) + 1)
+        for w in ws[:n_long]:
+            sq, xs, fp = injection(w)
+            signals.append((sq, xs))
+            fps.append(fp)
+        signals += [(0.0, 0.0)] * (len(ws) - n_long)
+        fps += [""] * (len(ws) - n_long)
     n = len(texts)
-    field = np.repeat(np.arange(len(counts)), counts)  # each window's field
-    cls = np.array(classes, dtype=np.intp)[field]
     extra = np.zeros((n, EXTRA), dtype=np.float32)
-    extra[np.arange(n), cls] = 1.0
-    extra[:, -2:] = np.array(signals, dtype=np.float32).reshape(-1, 2)[field]
-    window = np.arange(1, n + 1) - np.repeat(np.cumsum(counts) - counts, counts)
-    field_of = field.tolist()
-    return Rows(texts, cls.tolist(), extra, field_of, window.tolist(), [fps[i] for i in field_of])
+    extra[np.arange(n), classes] = 1.0
+    extra[:, -2:] = np.array(signals, dtype=np.float32).reshape(-1, 2)
+    return Rows(texts, classes, extra, field, window, fps)
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,7 +366,7 @@ def request_outline(flds: Iterable[fieldsmod.Field]) -> tuple[str, str, list[tup
             continue
         if f.loc == "method":
             method = f.value
-        elif f.loc == "path":
+        elif f.loc == "path" and f.name != "path":  # the segments; the whole-path field would repeat them
             segs.append(f.value)
         elif f.loc in _PLUS:
             pairs.append((f.name, normalise(f.value, plus=True) if f.name else None))

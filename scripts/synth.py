@@ -987,3 +987,90 @@ def everyday_benign(n: int, rng: random.Random) -> list[dataset.Record]:
 def shaped_attacks(payloads: list[str], n: int, rng: random.Random) -> list[dataset.Record]:
     """Training attack payloads in the same request shapes as the everyday benign text."""
     return [text_record(p, rng, "attack", i, "aug-shaped", "carried") for i, p in enumerate(rng.sample(payloads, min(n, len(payloads))))]
+
+
+# ---- benign values a WAF must not mistake: ids and tokens, words that contain attack words, code --------
+
+_ALNUM = "abcdefghijklmnopqrstuvwxyz0123456789"
+_B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+
+def token(rng: random.Random) -> str:
+    """An id or token as APIs send them: hex digests, UUIDs, base64 blobs, JWTs, digit runs, slugs with digits."""
+    kind = rng.randrange(8)
+    if kind == 0:
+        return "".join(rng.choice("0123456789abcdef") for _ in range(rng.choice((16, 24, 32, 40, 64))))
+    if kind == 1:
+        h = "".join(rng.choice("0123456789abcdef") for _ in range(32))
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    if kind == 2:
+        blob = "".join(rng.choice(_B64) for _ in range(rng.randrange(20, 240)))
+        return blob + "=" * rng.randrange(3)
+    if kind == 3:
+        seg = lambda n: "".join(rng.choice(_B64[:-2] + "-_") for _ in range(n))  # noqa: E731
+        return f"eyJ{seg(30)}.eyJ{seg(rng.randrange(40, 160))}.{seg(43)}"
+    if kind == 4:
+        return str(rng.randrange(10**4, 10**13))
+    if kind == 5:
+        return rng.choice(("rte_images/", "img/", "uploads/", "u/", "static/", "")) + "".join(
+            rng.choice(_ALNUM) for _ in range(rng.randrange(8, 20)))
+    if kind == 6:
+        return rng.choice(("ASIA", "AKIA", "sk_live_", "pk_test_", "ghp_", "xoxb-", "AIza")) + "".join(
+            rng.choice(_B64[:-2]) for _ in range(rng.randrange(16, 40)))
+    return "".join(rng.choice(_ALNUM + "_-.") for _ in range(rng.randrange(6, 30)))
+
+
+# English words that contain an attack keyword (script, select, union, alert, drop, exec, eval, cmd, ...):
+# a path segment or a search made of them is benign however the keyword scores alone.
+TRICKY_WORDS = (
+    "subscription", "subscriptions", "description", "descriptions", "prescription", "transcript", "transcripts",
+    "manuscript", "manuscripts", "typescript", "typescripts", "javascript", "postscript", "scripture", "scripts",
+    "script", "scripting", "nondescript", "conscription", "inscription", "selection", "selected", "selector",
+    "selectors", "preselect", "reunion", "unionized", "trade-union", "alerts", "alerting", "alert-banner",
+    "dropdown", "dropbox", "dropship", "droplet", "raindrop", "executive", "executives", "execution", "evaluation",
+    "evaluate", "medieval", "retrieval", "shellfish", "seashell", "eggshell", "command", "commands", "commander",
+    "recommend", "iframe-resizer", "onboarding", "online", "onload-banner", "updates", "update-profile", "deleted",
+    "insert-coin", "inserts", "ordering", "orderby", "wherever", "somewhere", "fromage", "passwd-reset", "etcetera",
+    "cmdlet", "systemd", "system", "ecosystem", "include", "includes", "required", "require", "import", "exports",
+    "window", "windows", "document", "documents", "documentation", "location", "locations", "cookie", "cookies",
+    "hide_description", "hide_script", "check_subscription", "php-handler", "admin-panel", "admin", "login", "wp-admin",
+)
+
+
+def tricky_text(rng: random.Random) -> str:
+    """Words with an attack keyword inside, as a slug, a file name, a constant or a short search."""
+    words = [rng.choice(TRICKY_WORDS) for _ in range(rng.randrange(1, 4))]
+    style = rng.randrange(5)
+    if style == 0:
+        return "-".join(words)
+    if style == 1:
+        return "_".join(words).upper() + (str(rng.randrange(1, 9)) if rng.random() < 0.5 else "")
+    if style == 2:
+        return "_".join(words) + rng.choice((".php", ".js", ".html", ".aspx", ".jsp", ".css", ""))
+    if style == 3:
+        return " ".join(words)
+    return rng.choice(("how to ", "best ", "free ", "cancel my ", "")) + " ".join(words)
+
+
+_RISKY_CODE = ("system(", "popen", "exec(", "eval(", "/etc/", "subprocess", "__import__", "__class__", "__globals__",
+               "<script", "os.remove", "shutil.rmtree", "pickle.loads", "compile(")
+
+
+def code_snippets(rng: random.Random, n: int) -> list[str]:
+    """Chunks of 2-12 lines of the interpreter's own standard library source (code pasted into a form, a
+    JSON prompt to an LLM API, a gist): benign text full of brackets, quotes and operators. Chunks that
+    spawn processes, evaluate strings or read system files are left out."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.glob("*.py"))
+    out: list[str] = []
+    while files and len(out) < n:
+        lines = rng.choice(files).read_text(encoding="utf-8", errors="replace").splitlines()
+        if len(lines) < 20:
+            continue
+        start = rng.randrange(len(lines) - 12)
+        chunk = "\n".join(lines[start : start + rng.randrange(2, 13)]).strip()
+        if chunk and not any(r in chunk for r in _RISKY_CODE):
+            out.append(chunk)
+    return out

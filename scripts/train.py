@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--everyday", type=int, default=60000)
     ap.add_argument("--generated", type=int, default=8000)
     ap.add_argument("--binary", type=int, default=2000, help="random binary uploads (benign)")
+    ap.add_argument("--tokens", type=int, default=8000, help="benign ids and tokens placed in fields")
+    ap.add_argument("--tricky", type=int, default=8000, help="benign words that contain attack keywords")
+    ap.add_argument("--code", type=int, default=3000, help="benign source-code chunks in bodies")
     ap.add_argument("--realworld-weight", type=float, default=3.0,
                     help="weight of real-world benign windows (real users are what a WAF must not refuse)")
     ap.add_argument("--target-fpr", type=float, default=0.002)
@@ -185,7 +188,14 @@ def train(args: argparse.Namespace) -> int:
         # Placed exactly as the attacks are (same locations, names and encodings): where a text is, and how
         # it is written, says nothing of its label; only the text does.
         table.add_fields([place(synth.everyday_text(rng), rng)], attack=False)
-    log(f"with everyday text: {len(table):,}")
+    for _ in range(args.tokens):
+        table.add_fields([place(synth.token(rng), rng)], attack=False)
+    for _ in range(args.tricky):
+        table.add_fields([place(synth.tricky_text(rng), rng)], attack=False)
+    for chunk in synth.code_snippets(rng, args.code):
+        loc = rng.choice(("json", "json", "form", "multipart", "text"))
+        table.add_fields([fieldsmod.Field(loc, rng.choice(PARAM_NAMES + ("code", "content", "text")), chunk)], attack=False)
+    log(f"with everyday text, tokens, tricky words and code: {len(table):,}")
     for _ in range(args.binary):
         # Compressed or encrypted uploads: their printable runs are symbol soup, not an attack.
         blob = rng.randbytes(rng.randint(512, 16384))

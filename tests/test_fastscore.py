@@ -128,15 +128,17 @@ def test_a_stale_build_is_not_used(monkeypatch):
     np.testing.assert_allclose(fm.window_logits(r), expected, rtol=1e-9, atol=1e-9)
 
 
-def test_rows_number_windows_per_field_and_carry_the_fields_signals():
+def test_rows_number_windows_per_field_and_carry_each_windows_signals():
     r = fieldmodel.rows(REQUEST.fields)
     assert r.texts[0] == "\x02post\x03" and len(r.texts) == len(r.extra) == len(r.classes) == len(r.field)
     assert r.field == sorted(r.field) and set(r.field) == set(range(len(REQUEST.fields)))
     for k, (i, w) in enumerate(zip(r.field, r.window)):
         f = REQUEST.fields[i]
         assert w == r.field[:k + 1].count(i)  # 1, 2, ... within the field
-        norm, _ = fieldmodel.prepare(f)
-        sq, xs, fp = fieldmodel.injection(norm)
+        _, text = fieldmodel.prepare(f)
+        ws, n_long = fieldmodel.windows(text)
+        assert r.texts[k] == ws[w - 1]
+        sq, xs, fp = fieldmodel.injection(ws[w - 1]) if w <= n_long else (0.0, 0.0, "")  # long windows only
         c = fieldmodel.field_class(f)
         expected = np.zeros(fieldmodel.EXTRA, dtype=np.float32)
         expected[c], expected[-2], expected[-1] = 1.0, sq, xs

@@ -33,14 +33,33 @@ def test_shapes_abstract_ids_and_tokens():
 
 
 def test_windows_cover_long_text_with_overlap():
-    text = "a" * 300
-    ws = fieldmodel.windows(text)
-    assert ws[0].startswith("\x02") and ws[-1].endswith("\x03")
-    assert all(len(w.strip("\x02\x03")) == fieldmodel.WINDOW for w in ws)
-    # every stretch of STRIDE characters is inside one window whole: a payload up to WINDOW - STRIDE long
-    # is never cut by every window that touches it
-    assert len(ws) == len(range(0, 300 - fieldmodel.WINDOW, fieldmodel.STRIDE)) + 1
-    assert fieldmodel.windows("short") == ["\x02short\x03"]
+    text = "ab" * 150
+    ws, n_long = fieldmodel.windows(text)
+    long, short = ws[:n_long], ws[n_long:]
+    for size, stride, part in ((fieldmodel.WINDOW, fieldmodel.STRIDE, long), (fieldmodel.SHORT, fieldmodel.SHORT_STRIDE, short)):
+        assert part[0].startswith("\x02") and part[-1].endswith("\x03")
+        assert all(len(w.strip("\x02\x03")) == size for w in part)
+        # every stretch of `stride` characters is inside one window whole: a payload up to size - stride long
+        # is never cut by every window that touches it
+        assert len(part) == len(range(0, 300 - size, stride)) + 1
+    assert fieldmodel.windows("short") == (["\x02short\x03"], 1)
+
+
+def test_repeats_collapse_so_padding_in_a_window_cannot_dilute(tiny):
+    assert fieldmodel.collapse("z" * 100 + "' or 1=1--") == "zzzz' or 1=1--"
+    assert fieldmodel.collapse("ababababab!") == "abababab!" and fieldmodel.collapse("aaaah") == "aaaah"
+    plain = tiny.score(Request([Field("query", "q", "' or 1=1--")], [])).p
+    for pad in ("z" * 100, "ab" * 60, "-" * 110):
+        assert tiny.score(Request([Field("query", "q", pad + "' or 1=1--")], [])).p > 0.5, pad
+    assert plain > 0.5
+
+
+def test_libinjection_reads_every_long_window():
+    """A payload past the first window still gets libinjection's signal (shape tokens read as 0)."""
+    r = fieldmodel.rows([Field("query", "q", "a" * 16384 + " admin'--")])
+    assert r.extra[:, -2].max() == 1.0 and any(r.fingerprint)
+    long = fieldmodel.rows([Field("json", "q", "lorem ipsum " * 40 + "1' or '1'='1")])
+    assert long.extra[:, -2].max() == 1.0
 
 
 def test_ngram_keys_match_a_direct_count():
@@ -65,7 +84,7 @@ def test_field_class():
 
 
 def test_libinjection_signal():
-    sq, xs, fp = fieldmodel.injection("1' or '1'='1")
+    sq, xs, fp = fieldmodel.injection("\x021' or '1'='1\x03")
     assert sq == 1.0 and fp
     assert fieldmodel.injection("<script>alert(1)</script>")[1] == 1.0
     assert fieldmodel.injection("hello world") == (0.0, 0.0, "")
