@@ -1,4 +1,4 @@
-"""The canonical text of one field's value: what the field model reads. A plain module.
+r"""The canonical text of one field's value: what the field model reads. A plain module.
 
 Normalising undoes what attackers use to hide a payload from a filter but not from the application:
 
@@ -6,12 +6,12 @@ Normalising undoes what attackers use to hide a payload from a filter but not fr
    invisible and zero-width characters removed (`SEL\u200bECT` is `select`), `+` a space in a query or form;
 2. **escapes**, decoded until none is left, each layer's text folded as in 1 before the next: `%XX` (the bytes
    as UTF-8, overlong forms of ASCII as the character they spell, every other byte that is not UTF-8 kept as
-   the latin-1 character of its value: never dropped), `%uXXXX`, `\\uXXXX` and HTML character references;
+   the latin-1 character of its value: never dropped), `%uXXXX`, `\uXXXX` and HTML character references;
 3. **comments**: an SQL comment becomes one marker (`/**/`), a MySQL `/*!50000 ... */` its code, an HTML
    comment is split out; an unclosed comment is kept as text (nothing hides behind an unclosed `/*`);
 4. **spaces**: NUL becomes `<nul>`, other control characters a space, whitespace runs one space.
 
-    normalise("UN%2549ON/**/SEL%C3%89CT&#x20;1") == "union /**/ sel\u00e9ct 1"
+    normalise("UN%2549ON/**/SEL%C3%89CT&#x20;1") == "union /**/ seléct 1"
 
 Every step is linear in the length of the value, however the value is built: decoding runs in rounds (each
 round decodes one layer, and shrinks the text or ends the decoding), and a value still changing after ROUNDS
@@ -46,6 +46,10 @@ def normalise(value: str, plus: bool = False) -> str:
     """The canonical, lower-case text of one field's value; `plus`: a `+` is a space (query and form values)."""
     if _PLAIN.fullmatch(value):  # the common case: the same result, faster
         return value.lower()
+    return _normalise(value, plus)
+
+
+def _normalise(value: str, plus: bool) -> str:
     text = _decode(_fold(value, plus), plus)
     text = _html_comments(_c_comments(text))
     text = _CTRL.sub(" ", text.replace("\x00", " <nul> "))
@@ -100,7 +104,7 @@ def _decode_once(text: str) -> str:
     if "%" in text or "\\" in text:
         text = _U_ESCAPE.sub(_u_char, text)
     if "%" in text:
-        text = _PCT_RUN.sub(lambda m: text_of_bytes(bytes.fromhex(m.group().replace("%", ""))), text)
+        text = _PCT_RUN.sub(lambda m: _text_of_bytes(bytes.fromhex(m.group().replace("%", ""))), text)
     if "&" in text:
         text = _ENTITY.sub(_entity, text)
     return text
@@ -127,7 +131,7 @@ def _overlong(m: re.Match) -> bytes:
     return bytes([(b[-2] & 1) << 6 | b[-1] & 0x3F])
 
 
-def text_of_bytes(b: bytes) -> str:
+def _text_of_bytes(b: bytes) -> str:
     """Percent-decoded bytes as text: UTF-8 (overlong forms of ASCII included), each other byte its latin-1 character."""
     if b.isascii():
         return b.decode("ascii")
@@ -191,6 +195,8 @@ def _decode_deep(text: str, plus: bool) -> str:
 
     The escapes are those of `_decode_once`. Percent-decoded bytes >= 0x80 wait in `run` for the rest of their
     UTF-8 sequence while what follows may still decode into one (`%`, `%X`); anything else ends the sequence.
+    Knowing no layers, this pass may join what rounds keep apart (`%25C3%A9`: rounds read `%C3` a layer after
+    `%A9`, `ã©`; this pass `é`); either way the result holds no escape.
     """
     out: list[str] = []
     todo: list[str] = []  # characters to read before the rest of `text`, the next one last
@@ -219,7 +225,7 @@ def _decode_deep(text: str, plus: bool) -> str:
             c = text[i]
             i += 1
         elif run:
-            spell(text_of_bytes(bytes(run)))
+            spell(_text_of_bytes(bytes(run)))
             run.clear()
             continue
         else:  # the end of the text ends a reference written without `;`
@@ -246,7 +252,7 @@ def _decode_deep(text: str, plus: bool) -> str:
                 todo.append(c)
                 todo.extend(reversed(out[run_at:]))
                 del out[run_at:]
-            spell(text_of_bytes(bytes(run)))
+            spell(_text_of_bytes(bytes(run)))
             run.clear()
             continue
 

@@ -78,6 +78,13 @@ def test_plain_fast_path_matches_full_path():
         assert normalise(s) == normalise(s + " ").strip() == s.lower()
 
 
+@given(st.text(alphabet="aZ09_.-/,*%&+#;:<>!' \\u\u00e9\uff0f", max_size=80), st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_the_plain_text_shortcut_changes_nothing(s, plus):
+    # normalise() lower-cases text of letters, digits and _ . - / , without decoding it: the full path agrees.
+    assert normalise(s, plus) == nm._normalise(s, plus)
+
+
 # --- decoding until stable, with no round limit to outlast ---
 
 
@@ -103,6 +110,15 @@ def test_deep_nesting_of_every_kind(value):
     out = normalise(value)
     assert out in ("'", "<")
     assert out == nm._fold(nm._decode_deep(nm._fold(value, False), False), False)  # the one-pass decoder agrees
+
+
+def test_no_folded_character_starts_two_escapes():
+    # What _decode_deep's linear bound rests on: folding a character yields at most one `%`, `&` or `\`, and only
+    # as the whole of its folded text (`％` is `%`), so decoding never multiplies the escapes to read.
+    for cp in range(0x110000):
+        folded = nm._fold(chr(cp), False)
+        starts = sum(folded.count(c) for c in "%&\\")
+        assert starts == 0 or folded in ("%", "&", "\\"), hex(cp)
 
 
 def test_a_round_shrinks_the_text_or_ends():
