@@ -390,3 +390,71 @@ def test_readers_never_create_a_store(tmp_path):
     with pytest.raises(records.StoreMissing, match="not an OpenFlare record store"):
         records.store_from_args(None, str(tmp_path / "other"))
     assert list((tmp_path / "other").iterdir()) == []
+
+
+# --- every refusal is explained: the deciding field in the comment and in the record ------------------
+
+FORM = (b"Content-Type", b"application/x-www-form-urlencoded")
+BOUNDARY = b"x7MA4YWxkTrZu0gW"
+EXPLAINED_AT = [  # (location, the field's name, method, path, headers, body)
+    ("query", "id", b"GET", b"/item?id=1%27%20or%201%3D1--", [], b""),
+    ("form", "comment", b"POST", b"/c", [FORM], b"name=ann&comment=%3Cscript%3Ealert(1)%3C%2Fscript%3E"),
+    ("json", "user.note", b"POST", b"/api", [(b"Content-Type", b"application/json")],
+     b'{"user": {"name": "ann", "note": "<img src=x onerror=alert(1)>"}}'),
+    ("header", "x-api-version", b"GET", b"/", [(b"X-Api-Version", b"' or 1=1--")], b""),
+    ("cookie", "pref", b"GET", b"/", [(b"Cookie", b"theme=dark; pref=%27%20or%201%3D1--")], b""),
+    ("path", "1", b"GET", b"/files/..%2F..%2F..%2Fetc%2Fpasswd", [], b""),
+    ("multipart", "bio", b"POST", b"/upload", [(b"Content-Type", b"multipart/form-data; boundary=" + BOUNDARY)],
+     b"--" + BOUNDARY + b'\r\nContent-Disposition: form-data; name="bio"\r\n\r\n<script>alert(1)</script>\r\n--'
+     + BOUNDARY + b"--\r\n"),
+]
+
+
+@pytest.mark.parametrize("loc, name, method, path, headers, body", EXPLAINED_AT, ids=[e[0] for e in EXPLAINED_AT])
+async def test_the_record_and_comment_name_the_deciding_field(tmp_path, loc, name, method, path, headers, body):
+    import models
+
+    from addons.features import FeatureExtractor
+    from addons.scorer import Scorer
+
+    fx, sc, r = FeatureExtractor(), Scorer(), recorder.Recorder()
+    with taddons.context(fx, sc, r) as tctx:
+        tctx.configure(sc, openflare_model=str(models.save(models.attack_model(), tmp_path / "model", "attack")))
+        configure(tctx, r, tmp_path)
+        r.running()
+        f = tflow.tflow(req=tutils.treq(method=method, path=path, headers=[(b"Host", b"app"), *headers], content=body))
+        f.request.timestamp_start = time.time()
+        f.client_conn.peername = ("198.51.100.4", 40000)
+        fx.request(f)
+        await sc.request(f)
+        assert f.response.status_code == common.BLOCK_STATUS
+        assert f.metadata[common.FIELD] == [loc, name]
+        assert f'{loc} "{name}": ' in f.comment
+        r.response(f)
+        r.done()
+    (rec,) = stored(tmp_path)
+    assert rec["refused_by"] == "score" and rec["field"] == [loc, name]
+    assert rec["explanation"] == f.metadata[common.EXPLANATION] and rec["explanation"].startswith(f'{loc} "{name}": ')
+    assert rec["signal"] == f.metadata[common.SIGNAL]
+
+
+async def test_an_oversize_refusal_is_recorded_as_such_with_its_body_as_sent(tmp_path):
+    import gzip
+
+    from addons.features import FeatureExtractor
+
+    fx, r = FeatureExtractor(), recorder.Recorder()
+    bomb = gzip.compress(b"a" * 20_000_000)
+    with taddons.context(fx, r) as tctx:
+        configure(tctx, r, tmp_path)
+        r.running()
+        f = tflow.tflow(req=tutils.treq(method=b"POST", path=b"/up", content=bomb,
+                                        headers=[(b"Content-Encoding", b"gzip"), (b"Content-Type", b"text/plain")]))
+        f.request.timestamp_start = time.time()
+        fx.request(f)
+        assert f.response.status_code == 413
+        r.response(f)
+        r.done()
+    (rec,) = stored(tmp_path)
+    assert rec["refused_by"] == "oversize" and rec["verdict"] == "block" and rec["status"] == 413
+    assert rec["body_size"] == len(bomb)  # as sent: the recorder never inflates what the limit refused
