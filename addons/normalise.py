@@ -132,7 +132,7 @@ def _overlong(m: re.Match) -> bytes:
 
 
 def _text_of_bytes(b: bytes) -> str:
-    """Percent-decoded bytes as text: UTF-8 (overlong forms of ASCII included), each other byte its latin-1 character."""
+    """Percent-decoded bytes as text: UTF-8 (overlong forms of ASCII too), each other byte its latin-1 character."""
     if b.isascii():
         return b.decode("ascii")
     return _OVERLONG.sub(_overlong, b).decode("utf-8", fields.LOSSLESS)
@@ -204,7 +204,7 @@ def _decode_deep(text: str, plus: bool) -> str:
     run_at = 0  # where they belong in `out`: out[run_at:] is the start ("%" or "%X") of an escape after them
     ascii_fold = _ASCII_PLUS if plus else _ASCII
     i, n = 0, len(text)
-    skip_at = starter = 0  # speed only: where to try the next copy of a stretch without `%`, `&`, `\`, and where it ends
+    skip_at = starter = 0  # speed only: where to try copying a stretch without `%`, `&`, `\`; where it ends
 
     def spell(value: str) -> None:  # what an escape spells is read next
         todo.extend(reversed(_fold(value, plus)))
@@ -275,7 +275,7 @@ def _decode_deep(text: str, plus: bool) -> str:
                 if 0xDC00 <= v <= 0xDFFF and out and "\ud800" <= out[-1] <= "\udbff":  # the second half of a pair
                     spell(chr(0x10000 + ((ord(out.pop()) - 0xD800) << 10) + v - 0xDC00))
                 elif 0xD800 <= v <= 0xDBFF:
-                    todo.append(chr(v))  # unfolded: the first half of a pair waits for the second (else U+FFFD at the end)
+                    todo.append(chr(v))  # unfolded: a first half waits for its second (else U+FFFD at the end)
                 else:
                     spell(_code_point(v))
                 continue
