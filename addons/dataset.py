@@ -49,6 +49,13 @@ class Record:
     def attack(self) -> bool:
         return self.label == "attack"
 
+    def normal_key(self) -> tuple:
+        """`key` with target and body normalised (addons/normalise.py): two spellings of one request are one."""
+        from addons import fields, normalise
+
+        body = normalise.normalise(fields.text_of(self.body)) if self.body else ""
+        return (self.method.upper(), normalise.normalise(self.target), tuple(self.headers), body)
+
     def key(self) -> tuple:
         """The request itself (method, target, headers, body): what makes two records the same request."""
         return (self.method, self.target, tuple(self.headers), self.body)
@@ -191,15 +198,16 @@ class Split:
 def honest_split(records: Iterable[Record]) -> Split:
     """Train/test by each record's `split`; drop from train every request seen in any test split.
 
-    No request (same method, target, headers and body) is then in both sets.
+    No request (the same method, headers, and target and body once normalised: `/%41` is `/a`) is then in
+    both sets.
     """
     train: list[Record] = []
     test: list[Record] = []
     for r in records:
         (test if r.split == "test" else train).append(r)
-    seen = {r.key() for r in test}
-    kept = [r for r in train if r.key() not in seen]
-    dropped = Counter(r.source for r in train if r.key() in seen)
+    seen = {r.normal_key() for r in test}
+    kept = [r for r in train if r.normal_key() not in seen]
+    dropped = Counter(r.source for r in train if r.normal_key() in seen)
     return Split(kept, test, sum(dropped.values()), dict(sorted(dropped.items())))
 
 

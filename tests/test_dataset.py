@@ -103,7 +103,7 @@ def test_parse_data_arg(tmp_path):
 def test_honest_split_drops_train_copies_of_test_requests(tmp_path):
     recs = [
         dataset.parse_record(_rec(target="/a?q=1"), "t:1", "s"),
-        # Same request after normalisation (%41 -> a): same feature string, so it is dropped from train.
+        # Same request after normalisation (%41 -> a): dropped from train.
         dataset.parse_record(_rec(target="/%41?q=1", split="test"), "t:2", "s"),
         dataset.parse_record(_rec(target="/b", label="attack", source="o"), "t:3", "s"),
         dataset.parse_record(_rec(target="/c", split="test", label="attack"), "t:4", "s"),
@@ -112,7 +112,7 @@ def test_honest_split_drops_train_copies_of_test_requests(tmp_path):
     assert [r.target for r in s.train] == ["/b"]
     assert [r.target for r in s.test] == ["/%41?q=1", "/c"]
     assert s.dropped == 1 and s.dropped_by_source == {"s": 1}
-    assert not {r.feature() for r in s.train} & {r.feature() for r in s.test}
+    assert not {r.normal_key() for r in s.train} & {r.normal_key() for r in s.test}
     assert dataset.counts(recs) == {"o": {"attack": 1, "benign": 0}, "s": {"attack": 1, "benign": 2}}
 
 
