@@ -4,15 +4,20 @@ Detection v2 scores each part of a request on its own (issue 14): `extract` is t
 of that pipeline. A plain module (no mitmproxy import), so serving, training and the benchmarks share it.
 
 What becomes a field: the method; each path segment; every query pair; every header (names that are
-not standard are inspected too); cookie pairs; the path and query of URL-valued headers (Referer,
-Origin, ...); and the body, by its declared type *and* by sniffing (a JSON body declared text/plain is
-still JSON): JSON keys and string values at any depth, NDJSON, forms, XML/SOAP text, attributes and
-declarations, multipart names, filenames and values, GraphQL, plain text, and the printable runs of
-binary data. A value that is a base64 or hex encoding of text also yields the decoded text.
+not standard are inspected too), and the parts of structured ones (Content-Type parameters, the items
+of Accept-style and Sec-CH-UA lists, Forwarded pairs); cookie pairs; the path and query of URL-valued
+headers (Referer, Origin, ...); and the body, by its declared type *and* by sniffing (a JSON body
+declared text/plain is still JSON): JSON keys and string values at any depth, NDJSON, forms, XML/SOAP
+text, attributes and declarations, multipart names, filenames and values, GraphQL (and its string
+arguments), plain text, and the printable runs of binary data. A value that is a base64 or hex encoding
+of text also yields the decoded text; a JSON string, query or form value that is itself a JSON document
+yields its keys and values; a form declared in a charset other than UTF-8 (`charset=ibm037`) also
+yields its pairs percent-decoded to bytes and read in that charset, as a server honouring it reads them.
 
-Values stay raw: nothing is percent-decoded or normalised here (the normaliser runs later), but bytes
-become text losslessly: UTF-8, with each byte that is not valid UTF-8 kept as the character of the
-same latin-1 value. So one bad byte never hides a value. Content-Encodings are undone with a bounded
+Values stay raw: nothing is percent-decoded or normalised here (the normaliser runs later; the layers
+above are added beside the raw value, not instead of it), but bytes become text losslessly: UTF-8, with each byte that is not valid UTF-8 kept as the character of the
+same latin-1 value. So one bad byte never hides a value, and no field holds a lone surrogate (a JSON
+`"\\ud800"` is U+FFFD): every value encodes as UTF-8. Content-Encodings are undone with a bounded
 output and charsets come from `charset=` or a BOM.
 
 No blind spot hides behind a limit: a request beyond `Limits` raises `TooLarge`, and the caller refuses
@@ -31,7 +36,9 @@ import re
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from urllib.parse import unquote
+from urllib.parse import unquote, unquote_plus, unquote_to_bytes
+
+import numpy as np
 
 try:  # brotli comes with mitmproxy
     import brotli
@@ -54,7 +61,9 @@ class Field:
     name: str  # parameter / header / cookie / JSON key path ("a.b.0.c") / multipart part name / path segment index
     value: str  # the raw text (not percent-decoded or normalised), bytes decoded losslessly
     via: str = ""  # "" normally; "name" for a NAME; "base64"/"hex" for a decoded layer; "referer"/... for a URL
-    # inside a header; "filename" for multipart filenames; "strings" for the printable runs of binary data
+    # inside a header; "filename" for multipart filenames; "strings" for the printable runs of binary data;
+    # "json" for a JSON document inside a value; "graphql" for a GraphQL string argument; "part" for a part
+    # of a structured header; "charset" for a form value read in its declared charset
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +105,19 @@ codecs.register_error(LOSSLESS, _lossless)
 
 
 def text_of(b: bytes) -> str:
-    """UTF-8 where the bytes are UTF-8, latin-1 for each byte that is not: never fails, never drops."""
-    return b.decode("utf-8", LOSSLESS)
+    """UTF-8 where the bytes are UTF-8, latin-1 for each byte that is not: never fails, never drops.
+
+    The same text as `b.decode("utf-8", LOSSLESS)`, at C speed (one Python call per bad byte takes
+    seconds on 8 MB of binary data): surrogateescape marks each byte that is not UTF-8 as U+DC80-U+DCFF
+    (strict UTF-8 never yields those itself), then numpy turns each mark into its byte's latin-1 character.
+    """
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    marked = np.array(b.decode("utf-8", "surrogateescape")).reshape(1).view(np.uint32).copy()  # UCS-4
+    marked[(marked >= 0xDC80) & (marked <= 0xDCFF)] -= 0xDC00
+    return marked.tobytes().decode("utf-32-le")
 
 
 # --- small helpers -----------------------------------------------------------------------------------
@@ -174,8 +194,15 @@ _ASCII_LETTER = re.compile(r"[A-Za-z]")
 # Characters that make text "not printable": C0 controls but tab/CR/LF, DEL, C1 (bytes 0x80-0x9f kept
 # losslessly land here), U+FFFD and unpaired surrogates.
 _UNPRINTABLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufffd\ud800-\udfff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _STRINGS = re.compile(rb"[\x20-\x7e\t]{8,}")
 _FORMISH = re.compile(r"[A-Za-z0-9_.\-\[\]%+]{1,256}=")
+
+
+def _no_surrogates(s: str) -> str:
+    """Surrogates out (a JSON "\\ud800", UTF-7, a caller's surrogateescape): a pair becomes its character, a
+    lone half U+FFFD, as the normaliser does. Every field then encodes as UTF-8."""
+    return s.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 def _signal_text(s: str) -> str:
@@ -198,19 +225,25 @@ def decode_layer(value: str) -> tuple[str, str] | None:
     """The text a base64 or hex value encodes, as (via, text), or None if it is not such a value.
 
     The value is percent-decoded once first (a `%3D` padding); the decoded text must be mostly
-    printable (>= 90 %) and hold a letter, so random ids and hashes yield nothing.
+    printable (>= 90 %) and hold a letter, so random ids and hashes yield nothing. A value of hex digits
+    only is read as hex or not at all (an MD5 read as base64 is latin-1 noise that looks printable). A short value
+    (8 to 15 characters: `YWRtaW4nLS0` is `admin'--`) must decode to printable ASCII only, with a
+    character that is not a letter or digit or two letters in a row, and be encoded as an encoder writes
+    it (the unused low bits of the last character zero): a word or an id of that length fails one of
+    these far more often than not (about 1 in 3000 random letters-and-digits ids passes).
     """
-    if len(value) < 12:
+    if len(value) < 8:
         return None
     if "%" in value:
         value = unquote(value, "utf-8", LOSSLESS)
     raw = None
-    if len(value) >= 16 and len(value) % 2 == 0 and _HEX.fullmatch(value):
-        raw, via = binascii.unhexlify(value), "hex"
-        text = text_of(raw)
-        if mostly_printable(text) and _ASCII_LETTER.search(text):
-            return via, text
-    if len(value) >= 12 and _B64.fullmatch(value):
+    if _HEX.fullmatch(value):  # a hash or a number: hex if anything (as base64 it reads as latin-1 noise)
+        if len(value) >= 16 and len(value) % 2 == 0:
+            text = text_of(binascii.unhexlify(value))
+            if mostly_printable(text) and _ASCII_LETTER.search(text):
+                return "hex", text
+        return None
+    if _B64.fullmatch(value):
         s = value.rstrip("=").replace("-", "+").replace("_", "/")
         if len(s) % 4 == 1:
             return None
@@ -219,9 +252,20 @@ def decode_layer(value: str) -> tuple[str, str] | None:
         except (binascii.Error, ValueError):
             return None
         text = text_of(raw)
-        if mostly_printable(text) and _ASCII_LETTER.search(text):
+        if len(value) < 16:  # and the unused bits of the last character are zero, as an encoder leaves them
+            if (
+                _SHORT_TEXT.fullmatch(text)
+                and _WORDISH.search(text)
+                and base64.b64encode(raw).rstrip(b"=") == s.encode("ascii")
+            ):
+                return "base64", text
+        elif mostly_printable(text) and _ASCII_LETTER.search(text):
             return "base64", text
     return None
+
+
+_SHORT_TEXT = re.compile(r"[\x20-\x7e]+")
+_WORDISH = re.compile(r"[A-Za-z]{2}|[^A-Za-z0-9]")
 
 
 class _Out:
@@ -235,6 +279,10 @@ class _Out:
         self.limits = limits
 
     def add(self, loc: str, name: str, value: str, via: str = "") -> None:
+        if not value.isascii() and _SURROGATE.search(value):
+            value = _no_surrogates(value)
+        if not name.isascii() and _SURROGATE.search(name):
+            name = _no_surrogates(name)
         self.fields.append(Field(loc, name, value, via))
         if len(self.fields) > self.limits.fields:
             raise TooLarge(413, "fields")
@@ -271,6 +319,13 @@ def _pairs(out: _Out, loc: str, text: str, sep: str = "&", via: str = "") -> Non
         out.value(loc, name, val, via)
         if name:
             out.add(loc, name, name, "name")
+        if loc in _PAIR_DOCS and val:
+            _nested_json(out, name, val)
+            if name == "query" and ("{" in val or "%7" in val):  # GraphQL over GET
+                _graphql(out, "text", unquote_plus(val, "utf-8", LOSSLESS))
+
+
+_PAIR_DOCS = frozenset(("query", "form"))
 
 
 def _target(out: _Out, target: str, via: str = "") -> None:
@@ -290,12 +345,35 @@ def _target(out: _Out, target: str, via: str = "") -> None:
         _pairs(out, "query", query, via=via)
 
 
+# Structured headers: besides the whole value, each parameter or list item is a field (via "part").
+_PARAM_HEADERS = frozenset(("content-type", "content-disposition"))
+_LIST_HEADERS = frozenset(
+    "accept accept-language accept-encoding accept-charset te sec-ch-ua sec-ch-ua-full-version-list".split()
+)
+
+
 def _headers(out: _Out, headers: Sequence[tuple[str, str]]) -> None:
     for name, value in headers:
         lname = name.lower()
         out.value("header", lname, value)
         if lname not in COMMON_HEADERS:
             out.add("header", lname, lname, "name")
+        if lname in _PARAM_HEADERS:
+            for k, v in _params(value)[1]:
+                out.value("header", f"{lname}.{k}", v, "part")
+        elif lname in _LIST_HEADERS:
+            items = value.split(",")
+            if len(items) > 1 or '"' in value:
+                for i, item in enumerate(items):
+                    item = item.replace('"', "").strip(" \t")
+                    if item:
+                        out.value("header", f"{lname}.{i}", item, "part")
+        elif lname == "forwarded":
+            for element in value.split(","):
+                for pair in element.split(";"):
+                    k, eq, v = pair.partition("=")
+                    if eq:
+                        out.value("header", "forwarded." + k.strip(" \t").lower(), v.strip(' \t"'), "part")
         if lname == "cookie":
             _pairs(out, "cookie", value, ";")
         elif lname in URL_HEADERS and ("://" in value or value.startswith("/")):
@@ -483,28 +561,42 @@ def is_binary_magic(b: bytes) -> bool:
     return b[4:8] == b"ftyp"  # MP4, MOV, HEIC, AVIF
 
 
-def _json(out: _Out, text: str, loc: str = "json", prefix: str = "") -> bool:
-    """JSON keys and string values at any depth (numbers, booleans and null carry no text). False if not JSON."""
+def _json(out: _Out, text: str, loc: str = "json", prefix: str = "", via: str = "", depth: int = 0) -> bool:
+    """JSON keys and string values at any depth (numbers, booleans and null carry no text). False if not JSON.
+
+    A string value that is itself a JSON document (`"{\\"a\\":1}"`) yields its keys and values too (via
+    "json", named under the value's path; `depth`, the arrays and objects around `text`, counts the
+    nesting across these layers: `Limits.depth` of them are allowed in all), and a `query`
+    value its GraphQL string arguments. Each layer's text is shorter than the one around it (its quotes
+    are escaped), so re-reading them stays bounded by the depth limit times the body.
+    """
     try:
         doc = json.loads(text, object_pairs_hook=_Obj, parse_int=_nothing, parse_float=_nothing, parse_constant=_nothing)
     except RecursionError:
         raise TooLarge(413, "depth")
     except ValueError:
         return False
-    stack: list = [(prefix, doc, 0)]  # (path, node, depth), or (path, key) for a key: document order
+    # (path, node, depth), or (path, key) for a key, in document order; a node's depth is the number of
+    # arrays and objects around it and itself (its own layer's and those of the layers around it)
+    stack: list = [(prefix, doc, depth + 1)]
     while stack:
         item = stack.pop()
         if len(item) == 2:
             out.add(loc, item[0], item[1], "name")
             continue
         path, node, depth = item
+        if isinstance(node, str):
+            out.value(loc, path, node, via)
+            if node[:1] in _JSON_START or node.lstrip(_JSON_SPACE)[:1] in _JSON_START:
+                _json(out, node.strip(_JSON_SPACE), "json", path, "json", depth - 1)
+            if path.rpartition(".")[2] == "query" and "{" in node:
+                _graphql(out, loc, node)
+            continue
         if depth > out.limits.depth:
             raise TooLarge(413, "depth")
-        if isinstance(node, str):
-            out.value(loc, path, node)
-        elif isinstance(node, _Obj):  # pairs, so a duplicate key is not lost
+        if isinstance(node, _Obj):  # pairs, so a duplicate key is not lost
             for key, child in reversed(node):
-                p = f"{path}.{key}" if path else key
+                p = f"{path}.{key[:_LABEL]}" if path else key[:_LABEL]
                 if isinstance(child, (str, list)):
                     stack.append((p, child, depth + 1))
                 stack.append((p, key))
@@ -514,6 +606,82 @@ def _json(out: _Out, text: str, loc: str = "json", prefix: str = "") -> bool:
                 if isinstance(child, (str, list)):
                     stack.append((f"{path}.{i}" if path else str(i), child, depth + 1))
     return True
+
+
+_JSON_START = ("{", "[")
+_JSON_SPACE = " \t\r\n"
+
+
+def _nested_json(out: _Out, name: str, value: str) -> None:
+    """A query or form value that is a JSON document (`?data={"a":"..."}`, percent-encoded or not)."""
+    head = value.lstrip(" +")
+    if head[:1] not in _JSON_START and head[:3].upper() not in ("%7B", "%5B"):
+        return
+    if "%" in value or "+" in value:
+        value = unquote_plus(value, "utf-8", LOSSLESS)
+    value = value.strip(_JSON_SPACE)
+    if value[:1] in _JSON_START:
+        _json(out, value, "json", name, "json")
+
+
+def _graphql(out: _Out, loc: str, text: str) -> None:
+    """The string literals of a GraphQL document as fields "graphql.<argument>" (via "graphql").
+
+    A linear scan: `"..."` with backslash escapes (ending at a newline if unclosed: nothing hides behind
+    an open quote) and `\"\"\"block strings\"\"\"`. The name is the argument or variable before the `:`.
+    """
+    n = len(text)
+    pos = 0
+    while True:
+        lo = pos
+        q = text.find('"', pos)
+        if q < 0:
+            return
+        if text.startswith('"""', q):
+            end = text.find('"""', q + 3)
+            while end > 0 and text[end - 1] == "\\":  # \""" is an escaped triple quote
+                end = text.find('"""', end + 3)
+            stop, pos = (n, n) if end < 0 else (end, end + 3)
+            value = text[q + 3 : stop]
+        else:
+            j = q + 1
+            while True:
+                k = text.find('"', j)
+                nl = text.find("\n", j, n if k < 0 else k)
+                if k < 0 or nl >= 0:
+                    stop = n if nl < 0 else nl
+                    pos = stop
+                    break
+                b = k  # an odd run of backslashes before the quote escapes it
+                while b > j and text[b - 1] == "\\":
+                    b -= 1
+                if (k - b) % 2 == 0:
+                    stop, pos = k, k + 1
+                    break
+                j = k + 1
+            value = text[q + 1 : stop]
+        out.value(loc, _graphql_name(text, q, lo), value, "graphql")
+
+
+_GQL_IDENT = frozenset("_0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def _graphql_name(text: str, q: int, lo: int) -> str:
+    """ "graphql.<name>" for the `name:` just before the string at `q`, looked for back to `lo` (the end of
+    the string before, so each character is looked at once)."""
+    i = q - 1
+    while i >= lo and text[i] in " \t\r\n,":
+        i -= 1
+    if i < lo or text[i] != ":":
+        return "graphql"
+    i -= 1
+    while i >= lo and text[i] in " \t\r\n":
+        i -= 1
+    end = i + 1
+    while i >= lo and text[i] in _GQL_IDENT:
+        i -= 1
+    name = text[i + 1 : end]
+    return f"graphql.{name}" if name and not name[0].isdigit() else "graphql"
 
 
 class _Obj(list):
@@ -541,9 +709,12 @@ def _xml(out: _Out, text: str, strict_depth: bool) -> None:
     """XML/SOAP by a linear scan: text nodes, attribute values, and declarations/PIs as "doctype".
 
     No entity is expanded and nothing is fetched: the DOCTYPE and its <!ENTITY lines are fields, so XXE
-    is seen. Text is named by its tag path ("Envelope.Body.login.user").
+    is seen. Text is named by its tag path ("Envelope.Body.login.user"). Each distinct start tag is a field
+    too (via "tag", as written: `<img src=x onerror=alert(1)>`): a tag's name and its attribute names are
+    text an attack is made of (`<script>alert(1)</script>` in a text body is not just `alert(1)`).
     """
-    stack: list[str] = []
+    stack: list[str] = []  # tag names cut to _LABEL characters: a name is never copied at full length per field
+    seen: set[str] = set()
     n = len(text)
     pos = 0
     while pos < n:
@@ -582,7 +753,7 @@ def _xml(out: _Out, text: str, strict_depth: bool) -> None:
             pos = stop
         elif text.startswith("</", lt):
             gt = text.find(">", lt)
-            name = text[lt + 2 : n if gt < 0 else gt].strip()
+            name = text[lt + 2 : n if gt < 0 else gt].strip()[:_LABEL]
             if name in stack:  # pop back to it (tolerates unclosed tags)
                 while stack.pop() != name:
                     pass
@@ -593,7 +764,7 @@ def _xml(out: _Out, text: str, strict_depth: bool) -> None:
                 out.value("xml", ".".join(stack) or "text", "<")
                 pos = lt + 1
                 continue
-            tag = m.group(1)
+            tag = m.group(1)[:_LABEL]
             pos = m.end()
             while pos < n:
                 a = _ATTR.match(text, pos)
@@ -603,13 +774,23 @@ def _xml(out: _Out, text: str, strict_depth: bool) -> None:
                 if val is not None:
                     if val[:1] in ('"', "'") and val[-1:] == val[:1] and len(val) >= 2:
                         val = val[1:-1]
-                    out.value("xml", f"{tag}@{attr}", val)
+                    out.value("xml", f"{tag}@{attr[:_LABEL]}", val)
                 pos = a.end()
             rest = _TAG_END.match(text, pos)
-            if rest is None:  # garbage inside the tag: skip one character and scan on
+            if rest is None:  # garbage inside the tag (`<svg/onload=...>`): the tag up to `>`, then scan on
+                nxt = text.find("<", pos)  # `>` is looked for before the next `<` only: each text is read once
+                gt = text.find(">", pos, n if nxt < 0 else nxt)
+                raw = text[lt : (n if nxt < 0 else nxt) if gt < 0 else gt + 1]
+                if raw not in seen:
+                    seen.add(raw)
+                    out.value("xml", tag, raw, "tag")
                 pos += 1
                 continue
             pos = rest.end()
+            raw = text[lt:pos]
+            if raw not in seen:
+                seen.add(raw)
+                out.value("xml", tag, raw, "tag")
             if not rest.group(1):  # not self-closing
                 if len(stack) >= out.limits.depth:
                     if strict_depth:
@@ -619,6 +800,7 @@ def _xml(out: _Out, text: str, strict_depth: bool) -> None:
 
 
 _TAG = re.compile(r"<([^\s/>!?<]+)")
+_LABEL = 64  # characters of a tag, attribute or JSON key kept in the name of the fields under it
 # One attribute: each match is linear in what it consumes (the classes do not overlap across steps).
 _ATTR = re.compile(r"\s*([^\s=/>]+)(?:\s*=\s*(\"[^\"]*\"|'[^']*'|[^\s>]+))?")
 _TAG_END = re.compile(r"\s*(/?)>")
@@ -671,6 +853,8 @@ def _multipart_part(out: _Out, chunk: bytes) -> None:
     text, _ = _charset(content, charset, out)
     if mostly_printable(text):
         out.value("multipart", name, text)
+        if text.lstrip(_JSON_SPACE)[:1] in _JSON_START:  # a JSON part (GraphQL uploads' "operations")
+            _json(out, text.strip(_JSON_SPACE), "json", name, "json")
     else:
         runs = strings_of(content)
         if runs:
@@ -715,15 +899,49 @@ def _body(out: _Out, body: bytes, mime: str, params: list[tuple[str, str]]) -> N
     charset = next((v for k, v in params if k == "charset"), None)
     text, compatible = _charset(body, charset, out)
     _text_body(out, text, body, mime)
-    if not compatible:  # the origin may read the bytes as UTF-8, ignoring the charset: inspect that too
-        plain = text_of(body)
-        if plain != text:
-            _text_body(out, plain, body, mime)
+    plain = text if compatible else text_of(body)
+    if not compatible and plain != text:  # the origin may read the bytes as UTF-8, ignoring the charset
+        _text_body(out, plain, body, mime)
+    if charset and b"%" in body and (mime == "application/x-www-form-urlencoded" or _FORMISH.match(plain)):
+        _charset_form(out, body, charset)
+
+
+_UTF8_NAMES = frozenset(("utf-8", "ascii"))
+
+
+def _charset_form(out: _Out, body: bytes, charset: str) -> None:
+    """A form read as a server that honours its `charset=` reads it: each name and value percent-decoded
+    to bytes, then decoded in that charset (`%4C%A2%83...` with `charset=ibm037` is `<sc...`), via
+    "charset". UTF-8 needs none of this: the normaliser decodes `%XX` as UTF-8."""
+    try:
+        codec = codecs.lookup(charset)
+    except (LookupError, ValueError, TypeError):
+        return
+    if codec.name in _UTF8_NAMES or not getattr(codec, "_is_text_encoding", True):
+        return
+    for piece in body.split(b"&"):
+        name, eq, val = piece.partition(b"=")
+        if not eq:
+            name, val = b"", name
+        name_text = _charset_decode(name, codec.name)
+        val_text = _charset_decode(val, codec.name)
+        if eq and name_text:
+            out.add("form", name_text, name_text, "name")
+        if val_text:
+            out.value("form", name_text, val_text, "charset")
+
+
+def _charset_decode(b: bytes, codec: str) -> str:
+    try:
+        return unquote_to_bytes(b.replace(b"+", b" ")).decode(codec, LOSSLESS)
+    except (UnicodeError, ValueError, TypeError, LookupError):  # a codec that fails in its own way
+        return ""
 
 
 def _text_body(out: _Out, text: str, raw: bytes, mime: str) -> None:
     if mime == "application/graphql":
         out.value("text", "graphql", text)
+        _graphql(out, "text", text)
         return
     stripped = text.lstrip(" \t\r\n\ufeff")
     first = stripped[:1]
