@@ -159,6 +159,7 @@ SCANNER_UAS = (
     ("nuclei", "nuclei"),
     ("feroxbuster", "feroxbuster"),
     ("ffuf", "ffuf"),
+    ("fuzz faster u fool", "ffuf"),  # ffuf's default User-Agent
     ("gobuster", "gobuster"),
     ("dirbuster", "dirbuster"),
     ("dirb", "dirb"),
@@ -912,28 +913,40 @@ _UTF8_NAMES = frozenset(("utf-8", "ascii"))
 def _charset_form(out: _Out, body: bytes, charset: str) -> None:
     """A form read as a server that honours its `charset=` reads it: each name and value percent-decoded
     to bytes, then decoded in that charset (`%4C%A2%83...` with `charset=ibm037` is `<sc...`), via
-    "charset". UTF-8 needs none of this: the normaliser decodes `%XX` as UTF-8."""
+    "charset". UTF-8 needs none of this: the normaliser decodes `%XX` as UTF-8; nor does a pair of an
+    ASCII-compatible charset (latin-1, Shift JIS, ...) whose bytes are all ASCII: it reads the same."""
     try:
         codec = codecs.lookup(charset)
     except (LookupError, ValueError, TypeError):
         return
     if codec.name in _UTF8_NAMES or not getattr(codec, "_is_text_encoding", True):
         return
+    try:
+        compatible = _ASCII_PROBE.decode(codec.name) == _ASCII_PROBE.decode("ascii")
+    except (UnicodeError, ValueError, TypeError, LookupError):
+        compatible = False
     for piece in body.split(b"&"):
         name, eq, val = piece.partition(b"=")
         if not eq:
             name, val = b"", name
+        name, val = _unquote_bytes(name), _unquote_bytes(val)
+        if compatible and name.isascii() and val.isascii():
+            continue
         name_text = _charset_decode(name, codec.name)
         val_text = _charset_decode(val, codec.name)
-        if eq and name_text:
+        if name_text and not (compatible and name.isascii()):
             out.add("form", name_text, name_text, "name")
         if val_text:
             out.value("form", name_text, val_text, "charset")
 
 
+def _unquote_bytes(b: bytes) -> bytes:
+    return unquote_to_bytes(b.replace(b"+", b" ")) if b"%" in b or b"+" in b else b
+
+
 def _charset_decode(b: bytes, codec: str) -> str:
     try:
-        return unquote_to_bytes(b.replace(b"+", b" ")).decode(codec, LOSSLESS)
+        return b.decode(codec, LOSSLESS)
     except (UnicodeError, ValueError, TypeError, LookupError):  # a codec that fails in its own way
         return ""
 

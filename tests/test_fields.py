@@ -134,7 +134,7 @@ def test_a_url_header_that_is_not_a_url_is_only_a_header():
         ("sqlmap/1.7.2#stable (https://sqlmap.org)", "sqlmap"),
         ("Mozilla/5.0 (compatible; Nmap Scripting Engine; https://nmap.org/book/nse.html)", "nmap"),
         ("Mozilla/5.00 (Nikto/2.1.6) (Evasions:None) (Test:000001)", "nikto"),
-        ("Fuzz Faster U Fool v2.1.0-dev", None),
+        ("Fuzz Faster U Fool v2.1.0-dev", "ffuf"),
         ("ffuf/2.1.0", "ffuf"),
         ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 Chrome/124.0 Safari/537.36", None),
     ],
@@ -455,18 +455,27 @@ def test_ibm037_percent_encoded_form_is_decoded_as_bytes_of_that_charset():
     assert ("%89%A3%85%94", "%4C%A2%83%99%89%97%A3%6E", "") in got  # what it yielded before is still there
 
 
-@pytest.mark.parametrize("charset, codec", [("utf-16le", "utf-16-le"), ("cp875", "cp875"), ("shift_jis", "shift_jis")])
-def test_percent_encoded_form_in_other_charsets(charset, codec):
-    def pct(s):  # as a client of that charset sends it: every byte escaped (a literal `q` is byte 0x71)
+@pytest.mark.parametrize(
+    "charset, codec, text",
+    [("utf-16le", "utf-16-le", "' or 1=1"), ("cp875", "cp875", "' or 1=1"), ("shift_jis", "shift_jis", "\uff1cscript\uff1e")],
+)
+def test_percent_encoded_form_in_other_charsets(charset, codec, text):
+    def pct(s):  # as a client of that charset sends it: every byte escaped (a literal `q` is byte 0x71 in cp875)
         return "".join(f"%{c:02X}" for c in s.encode(codec)).encode()
 
-    req = post(pct("q") + b"=" + pct("' or 1=1"), f"{FORM}; charset={charset}")
-    assert ("q", "' or 1=1", "charset") in triples(req, "form")
+    req = post(pct("q") + b"=" + pct(text), f"{FORM}; charset={charset}")
+    assert ("q", text, "charset") in triples(req, "form")
 
 
-def test_utf8_forms_need_no_charset_layer():
-    req = post(b"q=%3Cscript%3E", FORM + "; charset=utf-8")
+@pytest.mark.parametrize("charset", ["utf-8", "UTF8", "us-ascii", "iso-8859-1", "shift_jis"])
+def test_forms_that_read_the_same_in_their_charset_add_no_charset_layer(charset):
+    req = post(b"q=%3Cscript%3E&n=1+2", f"{FORM}; charset={charset}")
     assert [f for f in req.fields if f.via == "charset"] == []
+
+
+def test_latin1_form_with_a_non_ascii_escape_is_read_in_latin1():
+    req = post(b"id=1&q=%E9%27+or+1%3D1", FORM + "; charset=iso-8859-1")
+    assert [(n, v, via) for n, v, via in triples(req, "form") if via == "charset"] == [("q", "\xe9' or 1=1", "charset")]
 
 
 def test_unknown_charset_is_a_signal_and_utf8_is_read():
@@ -693,6 +702,7 @@ _HEADER_NAMES = st.sampled_from(
 )
 _HEADER_VALUES = st.one_of(
     st.text(max_size=40),
+    st.text(max_size=12).map(lambda t: f"{FORM}; charset={t}"),
     st.sampled_from(
         [
             "gzip", "deflate, br", "zstd", "x-gzip", "application/json", "application/graphql", "text/xml",
@@ -704,7 +714,7 @@ _HEADER_VALUES = st.one_of(
 )
 _BODY_ATOMS = st.sampled_from(
     [b"{", b"}", b"[", b"]", b'"', b"\\", b"%", b"%7B", b"=", b"&", b"query", b":", b"\n", b'"""', b"\xed\xa0\x80",
-     b"\\ud800", b"+2AA-", b"--b", b"\r\n\r\n", b"<", b"<!", b"<?", b">", b"a", b"\x00", b"\xff", b"YWRtaW4nLS0", b","]
+     b"\\ud800", b"\\udc00", b"+2AA-", b"--b", b"\r\n\r\n", b"<", b"<!", b"<?", b">", b"a", b"\x00", b"\xff", b"YWRtaW4nLS0", b","]
 )
 _BODIES = st.one_of(st.binary(max_size=200), st.lists(_BODY_ATOMS, max_size=40).map(b"".join))
 
