@@ -15,10 +15,11 @@ yields its keys and values; a form declared in a charset other than UTF-8 (`char
 yields its pairs percent-decoded to bytes and read in that charset, as a server honouring it reads them.
 
 Values stay raw: nothing is percent-decoded or normalised here (the normaliser runs later; the layers
-above are added beside the raw value, not instead of it), but bytes become text losslessly: UTF-8, with each byte that is not valid UTF-8 kept as the character of the
-same latin-1 value. So one bad byte never hides a value, and no field holds a lone surrogate (a JSON
-`"\\ud800"` is U+FFFD): every value encodes as UTF-8. Content-Encodings are undone with a bounded
-output and charsets come from `charset=` or a BOM.
+above are added beside the raw value, not instead of it), but bytes become text losslessly: UTF-8,
+with each byte that is not valid UTF-8 kept as the character of the same latin-1 value. So one bad
+byte never hides a value, and no field holds a lone surrogate (a JSON `"\\ud800"` is U+FFFD): every
+value encodes as UTF-8. Content-Encodings are undone with a bounded output and charsets come from
+`charset=` or a BOM.
 
 No blind spot hides behind a limit: a request beyond `Limits` raises `TooLarge`, and the caller refuses
 it (413, or 431 for headers) instead of passing it uninspected. Every step is linear in the input:
@@ -114,7 +115,8 @@ def text_of(b: bytes) -> str:
     try:
         return b.decode("utf-8")
     except UnicodeDecodeError:
-        pass
+        if len(b) < 512:  # numpy's fixed cost is more than the error handler's on a short text
+            return b.decode("utf-8", LOSSLESS)
     marked = np.array(b.decode("utf-8", "surrogateescape")).reshape(1).view(np.uint32).copy()  # UCS-4
     marked[(marked >= 0xDC80) & (marked <= 0xDCFF)] -= 0xDC00
     return marked.tobytes().decode("utf-32-le")
@@ -252,21 +254,22 @@ def decode_layer(value: str) -> tuple[str, str] | None:
             raw = base64.b64decode(s + "=" * (-len(s) % 4), validate=True)
         except (binascii.Error, ValueError):
             return None
-        text = text_of(raw)
         if len(value) < 16:  # and the unused bits of the last character are zero, as an encoder leaves them
             if (
-                _SHORT_TEXT.fullmatch(text)
-                and _WORDISH.search(text)
+                _SHORT_TEXT.fullmatch(raw)
+                and _WORDISH.search(raw)
                 and base64.b64encode(raw).rstrip(b"=") == s.encode("ascii")
             ):
-                return "base64", text
-        elif mostly_printable(text) and _ASCII_LETTER.search(text):
+                return "base64", raw.decode("ascii")
+            return None
+        text = text_of(raw)
+        if mostly_printable(text) and _ASCII_LETTER.search(text):
             return "base64", text
     return None
 
 
-_SHORT_TEXT = re.compile(r"[\x20-\x7e]+")
-_WORDISH = re.compile(r"[A-Za-z]{2}|[^A-Za-z0-9]")
+_SHORT_TEXT = re.compile(rb"[\x20-\x7e]+")
+_WORDISH = re.compile(rb"[A-Za-z]{2}|[^A-Za-z0-9]")
 
 
 class _Out:
@@ -588,9 +591,12 @@ def _json(out: _Out, text: str, loc: str = "json", prefix: str = "", via: str = 
         path, node, depth = item
         if isinstance(node, str):
             out.value(loc, path, node, via)
-            if node[:1] in _JSON_START or node.lstrip(_JSON_SPACE)[:1] in _JSON_START:
+            first = node[:1]
+            if first in _JSON_START_SET or (
+                first in _JSON_SPACE_SET and node.lstrip(_JSON_SPACE)[:1] in _JSON_START_SET
+            ):
                 _json(out, node.strip(_JSON_SPACE), "json", path, "json", depth - 1)
-            if path.rpartition(".")[2] == "query" and "{" in node:
+            if path.endswith("query") and (len(path) == 5 or path.endswith(".query")) and "{" in node:
                 _graphql(out, loc, node)
             continue
         if depth > out.limits.depth:
@@ -610,7 +616,9 @@ def _json(out: _Out, text: str, loc: str = "json", prefix: str = "", via: str = 
 
 
 _JSON_START = ("{", "[")
+_JSON_START_SET = frozenset(_JSON_START)
 _JSON_SPACE = " \t\r\n"
+_JSON_SPACE_SET = frozenset(_JSON_SPACE)
 
 
 def _nested_json(out: _Out, name: str, value: str) -> None:

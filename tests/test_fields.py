@@ -281,7 +281,10 @@ def test_multipart_names_filenames_values_and_a_png_that_is_text():
 
 
 def test_multipart_under_every_declared_boundary():
-    body = b'--A\r\nContent-Disposition: form-data; name="a"\r\n\r\n1\r\n--A--\r\n--B\r\nContent-Disposition: form-data; name="b"\r\n\r\n<x>\r\n--B--'
+    body = (
+        b'--A\r\nContent-Disposition: form-data; name="a"\r\n\r\n1\r\n--A--\r\n'
+        b'--B\r\nContent-Disposition: form-data; name="b"\r\n\r\n<x>\r\n--B--'
+    )
     req = post(body, "multipart/form-data; boundary=A; boundary=B")
     assert ("b", "<x>", "") in triples(req, "multipart")
 
@@ -358,7 +361,8 @@ def test_graphql_unclosed_string_ends_at_the_newline_and_is_still_seen():
 
 def test_plain_text_and_binary_bodies():
     assert triples(post(b"just some words", "text/plain"), "text") == [("body", "just some words", "")]
-    req = post(b"\x7fELF\x02\x01\x01\x00" + b"\x00" * 20 + b"/bin/sh -c id;cat /etc/passwd" + b"\x00\x01", "application/octet-stream")
+    elf = b"\x7fELF\x02\x01\x01\x00" + b"\x00" * 20 + b"/bin/sh -c id;cat /etc/passwd" + b"\x00\x01"
+    req = post(elf, "application/octet-stream")
     assert triples(req, "text") == [("body", "/bin/sh -c id;cat /etc/passwd", "strings")]
 
 
@@ -366,7 +370,8 @@ def test_plain_text_and_binary_bodies():
 
 
 def test_json_inside_a_json_string():
-    req = post(json.dumps({"data": json.dumps({"a": "<script>", "b": [json.dumps({"c": "x"})]})}).encode(), "application/json")
+    doc = {"data": json.dumps({"a": "<script>", "b": [json.dumps({"c": "x"})]})}
+    req = post(json.dumps(doc).encode(), "application/json")
     got = triples(req, "json")
     assert ("data.a", "a", "name") in got
     assert ("data.a", "<script>", "json") in got
