@@ -506,6 +506,7 @@ def test_text_of_never_yields_a_surrogate():
 
 def test_text_of_is_the_lossless_decoding():
     samples = [b"", b"\x00", b"plain", b"\x80\x81", b"\xe2\x82", b"\xf0\x9f\x98\x80\xff\x00", bytes(range(256))]
+    samples += [bytes(range(256)) * 8 + b"\x00", "é".encode() * 300 + b"\xed\xa0\x80" + b"\x00" * 3]  # long: numpy
     for b in samples:
         assert fields.text_of(b) == b.decode("utf-8", fields.LOSSLESS)
 
