@@ -329,7 +329,7 @@ def _pairs(out: _Out, loc: str, text: str, sep: str = "&", via: str = "") -> Non
                 _graphql(out, "text", unquote_plus(val, "utf-8", LOSSLESS))
 
 
-_PAIR_DOCS = frozenset(("query", "form"))
+_PAIR_DOCS = frozenset(("query", "form", "cookie"))  # where a value may be a JSON document
 
 
 def _target(out: _Out, target: str, via: str = "") -> None:
@@ -622,7 +622,7 @@ _JSON_SPACE_SET = frozenset(_JSON_SPACE)
 
 
 def _nested_json(out: _Out, name: str, value: str) -> None:
-    """A query or form value that is a JSON document (`?data={"a":"..."}`, percent-encoded or not)."""
+    """A query, form or cookie value that is a JSON document (`?data={"a":"..."}`, percent-encoded or not)."""
     head = value.lstrip(" +")
     if head[:1] not in _JSON_START and head[:3].upper() not in ("%7B", "%5B"):
         return

@@ -386,6 +386,8 @@ def test_json_inside_a_query_or_form_value_percent_encoded_or_not():
     assert ("raw.1.k", "v", "json") in got
     req = post(b"payload=%7B%22q%22%3A%22union+select%22%7D", FORM)
     assert ("payload.q", "union select", "json") in triples(req, "json")
+    req = extract(headers=[("Cookie", "prefs=%7B%22lang%22%3A%22en%27--%22%7D; sid=1")])
+    assert ("prefs.lang", "en'--", "json") in triples(req, "json")
 
 
 def test_a_value_that_only_looks_like_json_adds_nothing():
