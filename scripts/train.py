@@ -70,7 +70,10 @@ def request_fields(r: dataset.Record) -> fieldsmod.Request | None:
 
 # Where a payload goes, and how it is written there (a client encodes a query; a JSON value is raw).
 HEADER_NAMES = ("user-agent", "referer", "x-api-version", "accept-language", "x-forwarded-for", "x-request-id",
-                "content-type", "origin", "x-custom", "authorization")
+                "content-type", "origin", "x-custom", "authorization", "sec-ch-ua", "if-none-match", "forwarded",
+                "x-real-ip", "accept", "x-forwarded-host", "true-client-ip", "via", "from", "cache-control", "range",
+                "x-requested-with", "x-originating-ip", "x-csrf-token", "if-modified-since", "x-correlation-id",
+                "x-device-id", "x-client-version", "x-auth-token", "x-amz-date", "x-debug", "dnt")
 PARAM_NAMES = ("id", "q", "search", "page", "name", "file", "url", "cmd", "item", "user", "lang", "redirect", "data")
 
 
@@ -104,7 +107,7 @@ def jndi_ssrf_ssti(rng: random.Random) -> str:
 
 
 def place(payload: str, rng: random.Random) -> fieldsmod.Field:
-    loc = rng.choice(("query", "query", "form", "json", "json", "header", "cookie", "path", "multipart", "xml"))
+    loc = rng.choice(("query", "query", "form", "json", "json", "header", "header", "cookie", "path", "multipart", "xml"))
     name = rng.choice(PARAM_NAMES)
     enc = rng.random()
     if loc in ("query", "form", "json", "multipart", "xml") and rng.random() < 0.3:
@@ -119,6 +122,9 @@ def place(payload: str, rng: random.Random) -> fieldsmod.Field:
     if loc == "header":
         return fieldsmod.Field("header", rng.choice(HEADER_NAMES), payload)
     return fieldsmod.Field(loc, name, payload)
+
+
+SPARSE_CATEGORIES = frozenset(("cmdi", "ldapi", "nosqli", "other", "sqli", "ssti", "ssrf", "crlf", "xxe"))
 
 
 def read_payloads(path: Path, split: str) -> list[tuple[str, str]]:
@@ -211,8 +217,10 @@ def train(args: argparse.Namespace) -> int:
     except (OSError, ValueError, KeyError) as e:
         print(f"train: cannot read the payloads {args.payloads}: {e}", file=sys.stderr)
         return 2
-    for p, _cat in payloads:
-        for _ in range(args.placements):
+    for p, cat in payloads:
+        # The categories of few and varied payloads (command and LDAP injection, SQL, templates, ...) are
+        # placed twice as often: each payload is learnt in more places.
+        for _ in range(args.placements * (2 if cat in SPARSE_CATEGORIES else 1)):
             table.add_fields([place(p, rng)], attack=True)
     for _ in range(args.generated):
         table.add_fields([place(synth.generated_attack(rng), rng)], attack=True)
