@@ -466,3 +466,46 @@ def test_the_embedded_store_without_lupa_is_a_clear_error(monkeypatch):
         with pytest.raises(exceptions.OptionsError, match="lupa"):
             tctx.configure(addon, openflare_redis_prefix="oftest:nolupa:")
         tctx.configure(addon, openflare_redis_url=REDIS_URL)  # a configured Redis needs no lupa
+
+
+async def test_behind_a_proxy_writing_forwarded_the_clients_own_x_forwarded_for_is_not_believed(prefix, attack_model, monkeypatch):
+    """The trusted proxy (127.0.0.1) appends the address it sees to Forwarded and passes the client's
+    X-Forwarded-For through: an attacker cannot escape its ban, get an innocent IP banned, or claim an
+    allowlisted IP with it (issue 15)."""
+    monkeypatch.delenv("OPENFLARE_REDIS_URL", raising=False)
+    features, addon, scorer = FeatureExtractor(), IpBans(), Scorer()
+    attacker, innocent, allowed = "203.0.113.60", "198.51.100.60", "192.0.2.60"
+    with taddons.context(features, addon, scorer) as tctx:
+        tctx.configure(features, openflare_trusted_proxies=["127.0.0.1"])
+        tctx.configure(addon, openflare_redis_url=REDIS_URL, openflare_redis_prefix=prefix, openflare_strikes=2,
+                       openflare_allowlist=[allowed])  # fmt: skip
+        tctx.configure(scorer, openflare_model=str(attack_model))
+        addon.running()
+        try:
+            assert await addon.store.wait_synced()
+
+            async def send(xff: str, path: bytes = SQLI):
+                headers = [(b"x-forwarded-for", xff.encode()), (b"forwarded", f"for={attacker};proto=https".encode())]
+                f = tflow.tflow(req=tutils.treq(path=path, headers=headers), resp=False)
+                f.client_conn.peername = ("127.0.0.1", 40000)
+                for e in eventsequence.iterate(f):
+                    await tctx.master.addons.handle_lifecycle(e)
+                return f
+
+            # Claiming an allowlisted IP, then an innocent one: the strikes land on the attacker.
+            f = await send(allowed)
+            assert f.metadata[common.CLIENT_IP] == attacker and f.response.status_code == 403
+            await send(innocent)
+            assert addon.store.check(attacker) is not None
+            assert addon.store.check(innocent) is None and addon.store.stats["strikes"] == 2
+            # Banned, it cannot escape with a fresh X-Forwarded-For: refused before scoring.
+            f = await send("192.0.2.99", b"/hello")
+            assert f.metadata[common.BANNED] and common.VERDICT not in f.metadata
+            # The innocent IP, reaching the proxy itself, is served.
+            f = tflow.tflow(req=tutils.treq(path=b"/hello", headers=[(b"forwarded", f"for={innocent}".encode())]), resp=False)
+            f.client_conn.peername = ("127.0.0.1", 40000)
+            for e in eventsequence.iterate(f):
+                await tctx.master.addons.handle_lifecycle(e)
+            assert f.response is None and f.metadata[common.VERDICT] == common.VERDICT_PASS
+        finally:
+            await _stop(addon)
