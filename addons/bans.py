@@ -52,7 +52,7 @@ class IpBans:
         self.store: banstore.BanStore | None = None
         self.limiter = banstore.RateLimiter(100)
         self.policy = banstore.Policy()
-        self.v6_prefix = 128
+        self.v6_prefix = banstore.DEFAULT_V6_PREFIX
         self.drop = False
         self.fail_closed = False
         self.url: str | None = None
@@ -106,8 +106,9 @@ class IpBans:
         loader.add_option(
             "openflare_ipv6_prefix",
             int,
-            128,
-            "IPv6 clients are struck and banned per network of this many bits: 128 per address, 64 per /64.",
+            banstore.DEFAULT_V6_PREFIX,
+            "IPv6 clients are struck, banned and rate-limited per network of this many bits: 64 per /64 (a "
+            "host usually owns a whole /64 and can use any address in it), 128 per address.",
         )
         loader.add_option(
             "openflare_rate_limit",

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 logger = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "openflare:"
+DEFAULT_V6_PREFIX = 64  # IPv6 clients are one client per /64: a host usually owns a whole /64 and picks addresses in it
 OP_TIMEOUT = 0.05  # seconds: the most a Redis call may hold a request
 PROBE_TIMEOUT = 1.0  # seconds: a PING after a timed-out call; no answer means reconnect
 SYNC_TIMEOUT = 5.0  # seconds: one batch of the resync
@@ -126,7 +127,7 @@ def sanitise(text: object, limit: int = 120) -> str:
 
 
 @functools.lru_cache(maxsize=65536)
-def ip_key(text: str, v6_prefix: int = 128) -> str | None:
+def ip_key(text: str, v6_prefix: int = DEFAULT_V6_PREFIX) -> str | None:
     """The key an address is struck and banned under: the normalised IP, or its IPv6 /v6_prefix network."""
     try:
         addr = ipaddress.ip_address(text.strip())
@@ -140,7 +141,7 @@ def ip_key(text: str, v6_prefix: int = 128) -> str | None:
     return str(addr)
 
 
-def parse_key(text: str, v6_prefix: int = 128) -> str:
+def parse_key(text: str, v6_prefix: int = DEFAULT_V6_PREFIX) -> str:
     """An IP (or an IPv6 network of exactly v6_prefix bits) typed by a person -> its key; ValueError if bad."""
     text = text.strip()
     if "/" in text:

@@ -38,7 +38,7 @@ MY_OPTIONS = {
     "openflare_ban_max_seconds": 604800,
     "openflare_ban_memory": 2592000,
     "openflare_allowlist": [],
-    "openflare_ipv6_prefix": 128,
+    "openflare_ipv6_prefix": 64,
     "openflare_rate_limit": 100,
 }
 
@@ -266,14 +266,30 @@ async def test_passed_errored_and_detect_only_flows_do_not_strike(bans):
     assert addon.store.stats.get("strikes", 0) == 0
 
 
-async def test_ipv6_clients_grouped_by_64(bans):
+async def test_ipv6_clients_grouped_by_64_by_default(bans, prefix):
+    """A fresh address in a banned /64 is the same client (issue 15: it was served 20/20 at 128)."""
     addon, tctx = bans
-    tctx.configure(addon, openflare_ipv6_prefix=64, openflare_strikes=2)
+    tctx.configure(addon, openflare_strikes=2)
     await attack(addon, "2001:db8:1:2::1")
     await attack(addon, "2001:db8:1:2:ffff::2")
-    assert not await served(addon, "2001:db8:1:2::3")
+    assert not any([await served(addon, f"2001:db8:1:2:{i:x}::{i:x}") for i in range(1, 21)])
     assert await served(addon, "2001:db8:1:3::1")
-    assert "2001:db8:1:2::/64" in addon.bans()[0]
+    assert addon.bans()[0].startswith("2001:db8:1:2::/64 ")
+    r = aioredis.from_url(REDIS_URL)
+    try:  # one key per range, not per address
+        assert [k async for k in r.scan_iter(match=prefix + "ban:*")] == [f"{prefix}ban:2001:db8:1:2::/64".encode()]
+    finally:
+        await r.aclose()
+    tctx.command(addon.ban, "2001:db8:7:7::1")  # a command's address bans its /64 too
+    assert not await served(addon, "2001:db8:7:7::2")
+
+
+async def test_ipv6_prefix_128_bans_one_address(bans):
+    addon, tctx = bans
+    tctx.configure(addon, openflare_ipv6_prefix=128, openflare_strikes=1)
+    await attack(addon, "2001:db8:1:2::1")
+    assert not await served(addon, "2001:db8:1:2::1")
+    assert await served(addon, "2001:db8:1:2::3")
 
 
 async def test_allowlist_option_never_strikes_bans_or_limits(bans):

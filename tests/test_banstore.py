@@ -72,7 +72,8 @@ async def until(pred, timeout: float = 3.0) -> bool:
 
 def test_ip_key_normalises_and_groups_ipv6():
     assert banstore.ip_key("203.0.113.7") == "203.0.113.7"
-    assert banstore.ip_key(" 2001:DB8:0:0::1 ") == "2001:db8::1"
+    assert banstore.ip_key(" 2001:DB8:0:0::1 ", 128) == "2001:db8::1"
+    assert banstore.ip_key("2001:db8:1:2:3:4:5:6") == "2001:db8:1:2::/64"  # the default: one client per /64
     assert banstore.ip_key("::ffff:198.51.100.1") == "198.51.100.1"
     assert banstore.ip_key("2001:db8:1:2:3:4:5:6", 64) == "2001:db8:1:2::/64"
     assert banstore.ip_key("2001:db8:1:2:ffff::9", 64) == "2001:db8:1:2::/64"
