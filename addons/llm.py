@@ -8,10 +8,15 @@ llama.cpp) for a second opinion. This module holds everything about that call:
   wrapped in delimiters carrying a fresh random nonce per call;
 - the answer: `Verdict` (pydantic, strict) and its JSON schema; anything invalid is a failure;
 - `Judge`: one `AsyncOpenAI` client behind a hard time budget, a cap on calls in flight, a global
-  calls-per-minute cap, a per-IP quota, a circuit breaker, a TTL cache and in-flight sharing, with
-  counters (calls, cache hits, failures by kind, latency, tokens, estimated cost);
+  calls-per-minute cap shed per IP (`ip_allowance`), a per-IP quota, a circuit breaker, a TTL cache and
+  in-flight sharing, with counters (calls, cache hits, failures by kind, latency, tokens, estimated cost);
 - `combine`: the ensemble rule (the LLM may raise a score freely, lower it only a bounded amount, and
   never turn a local block into a pass).
+
+A quota is never an opt-out: a band request the LLM is not asked about because of a quota or cap
+(`QUOTA`: its IP's quota or share, the global cap, the calls in flight) is decided by the stricter rule
+of `openflare_llm_quota_raise` (the Scorer raises its local score), so an attacker who spends its own
+quota on throwaway requests (or many IPs' on the global cap) gets its band attack refused, not waved through.
 """
 
 from __future__ import annotations
@@ -52,7 +57,9 @@ SLACK_S = 0.05  # see Judge.judge  # local servers (Ollama, vLLM, llama.cpp) ign
 SKIPPED, OFF, CACHED, OK, SHARED = "skipped", "off", "cached", "ok", "shared"
 TIMEOUT, ERROR, INVALID = "timeout", "error", "invalid"
 BREAKER_OPEN, BUSY, RATE_LIMITED, IP_QUOTA = "breaker-open", "busy", "rate-limited", "ip-quota"
-FAILED = (TIMEOUT, ERROR, INVALID, BREAKER_OPEN)  # openflare_llm_fail applies; the rest decide locally
+IP_SHARE = "ip-share"  # the IP is within its quota but over its share of a nearly spent global cap
+FAILED = (TIMEOUT, ERROR, INVALID, BREAKER_OPEN)  # openflare_llm_fail applies
+QUOTA = (BUSY, RATE_LIMITED, IP_QUOTA, IP_SHARE)  # openflare_llm_quota_raise applies
 
 SYSTEM_PROMPT = f"""\
 You are the second opinion of a web application firewall. You judge one HTTP request and nothing else.
@@ -187,6 +194,7 @@ class Config:
     band_high: int = 6
     max_lower: int = 2
     fail: str = "local"
+    quota_raise: int = 2
 
     def in_band(self, score: int) -> bool:
         return self.band_low <= score <= self.band_high
@@ -200,9 +208,10 @@ OPTIONS: tuple[tuple[str, type, Any, str], ...] = (
     ("openflare_llm_band_low", int, 5, "Lowest local score (1-10) that is sent to the LLM."),
     ("openflare_llm_band_high", int, 6, "Highest local score (1-10) that is sent to the LLM. Scores outside the band never wait for it."),
     ("openflare_llm_budget_ms", int, 1500, "Hard time budget of one LLM call in milliseconds (no retries); past it the local score decides."),
-    ("openflare_llm_max_inflight", int, 8, "Most LLM calls in flight at once; when full, requests are decided locally instead of queueing."),
-    ("openflare_llm_per_minute", int, 120, "Most LLM calls per minute in total (sliding window); beyond it requests are decided locally."),
-    ("openflare_llm_ip_per_minute", int, 10, "Most LLM calls per client IP per minute, so no client can aim traffic at the band to run up the bill."),
+    ("openflare_llm_max_inflight", int, 8, "Most LLM calls in flight at once; when full, requests are decided by openflare_llm_quota_raise instead of queueing."),
+    ("openflare_llm_per_minute", int, 120, "Most LLM calls per minute in total (sliding window). Once half of it is spent, each client IP may use a shrinking share (its quota times the part left of the other half, at least 1), so no client, or few, can spend it all; beyond it openflare_llm_quota_raise decides."),
+    ("openflare_llm_ip_per_minute", int, 10, "Most LLM calls per client IP per minute, so no client can aim traffic at the band to run up the bill; beyond it openflare_llm_quota_raise decides."),
+    ("openflare_llm_quota_raise", int, 2, "Points (0-9) added to the local score of a band request the LLM is not asked about because of a quota or cap (its IP's quota or share, openflare_llm_per_minute, openflare_llm_max_inflight), so spending a quota on throwaway requests never switches the LLM off for an attack. 2 with the default band (5-6) and threshold (6) refuses them all; 0: the local score decides alone."),
     ("openflare_llm_breaker_failures", int, 5, "Consecutive LLM failures that open the circuit breaker (0 disables it)."),
     ("openflare_llm_breaker_seconds", int, 30, "How long an open breaker skips the LLM before one trial call."),
     ("openflare_llm_cache_seconds", int, 600, "How long an LLM verdict is cached per (prompt version, model, request text); 0 disables the cache. Failures are never cached."),
@@ -223,6 +232,7 @@ _RANGES = {
     "openflare_llm_ip_per_minute": (1, 1000000), "openflare_llm_breaker_failures": (0, 1000),
     "openflare_llm_breaker_seconds": (1, 86400), "openflare_llm_cache_seconds": (0, 7 * 86400),
     "openflare_llm_cache_size": (1, 10000000), "openflare_llm_max_lower": (0, 9), "openflare_llm_max_chars": (64, 100000),
+    "openflare_llm_quota_raise": (0, 9),
     "openflare_llm_price_in": (0, 10**9), "openflare_llm_price_out": (0, 10**9),
 }  # fmt: skip
 
@@ -270,6 +280,7 @@ def config_from_options(values: Mapping[str, Any], env: Mapping[str, str]) -> Co
         band_high=values["openflare_llm_band_high"],
         max_lower=values["openflare_llm_max_lower"],
         fail=values["openflare_llm_fail"],
+        quota_raise=values["openflare_llm_quota_raise"],
     )
 
 
@@ -280,6 +291,19 @@ def make_client(config: Config):
     return openai.AsyncOpenAI(
         api_key=config.api_key, base_url=config.base_url, timeout=config.budget_ms / 1000, max_retries=0
     )
+
+
+def ip_allowance(used: int, cap: int, ip_quota: int) -> int:
+    """Calls one IP may have had in its window when `used` of the global `cap` are spent: its whole quota
+    while at most half the cap is spent, then a share shrinking with what is left (at least 1 while any is).
+
+    Heavy IPs are shed first and an IP not yet heard from can still be judged, so one IP (or a dozen)
+    cannot spend the global budget and switch the second opinion off for everyone else.
+    """
+    half = cap // 2
+    if used <= half:
+        return ip_quota
+    return max(1, min(ip_quota, -(-ip_quota * (cap - used) // (cap - half))))
 
 
 @dataclass
@@ -392,12 +416,15 @@ class Judge:
                 break
             del self._ips[first_ip]
         window = self._ips.get(ip)
-        if window is not None and window[1] >= cfg.ip_per_minute:
+        calls = window[1] if window is not None else 0
+        if calls >= cfg.ip_per_minute:
             return IP_QUOTA
         while self._minute and now - self._minute[0] >= 60:
             self._minute.popleft()
         if len(self._minute) >= cfg.per_minute:
             return RATE_LIMITED
+        if calls >= ip_allowance(len(self._minute), cfg.per_minute, cfg.ip_per_minute):
+            return IP_SHARE
         self._minute.append(now)
         if window is None:
             self._ips[ip] = [now, 1]

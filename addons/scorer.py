@@ -7,7 +7,8 @@ for mitmweb. The refusal is the one fixed 403 from `addons.common`: it never car
 
 The ensemble's LLM half (`addons.llm`): when an endpoint is configured, requests whose local score
 falls in the uncertain band get a second opinion within a hard budget; `llm.combine` merges the two.
-Requests outside the band never wait for it.
+Requests outside the band never wait for it. A band request the LLM is not asked about because of a
+quota or cap has its local score raised by `openflare_llm_quota_raise` (a spent quota is no opt-out).
 
 The threshold is `openflare_threshold` when set, else the model card's (calibrated by `make retrain`).
 A promoted or rolled-back model is picked up without a restart: the model file and card are polled
@@ -307,6 +308,13 @@ class Scorer:
             blocked = cfg.fail == "closed"
             verdict = common.VERDICT_BLOCK if blocked else common.VERDICT_PASS
             reason = f"llm {res.status}, openflare_llm_fail {cfg.fail} (local score {local})"
+        elif cfg and res.status in llm.QUOTA and cfg.quota_raise:
+            # Not asked because of a quota or cap: the stricter rule, so a spent quota is no opt-out.
+            score = min(10, local + cfg.quota_raise)
+            blocked = score > self.threshold
+            verdict = common.VERDICT_BLOCK if blocked else common.VERDICT_PASS
+            reason = (f"llm {res.status}: local score {local} raised by {cfg.quota_raise} to {score} "
+                      f"{'>' if blocked else '<='} threshold {self.threshold}")
         else:
             blocked = score > self.threshold
             verdict = common.VERDICT_BLOCK if blocked else common.VERDICT_PASS

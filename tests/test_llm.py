@@ -304,6 +304,26 @@ async def test_per_ip_quota(server, make_judge, clock):
     assert (await j.judge("get /q5", "203.0.113.66")).status == llm.OK
 
 
+def test_ip_allowance_shrinks_once_half_the_cap_is_spent():
+    assert [llm.ip_allowance(used, 120, 10) for used in (0, 60, 61, 90, 108, 114, 119)] == [10, 10, 10, 5, 2, 1, 1]
+    assert llm.ip_allowance(3, 4, 1000) == 1000 // 2  # never above the quota, never below 1
+    assert all(1 <= llm.ip_allowance(u, 7, 3) <= 3 for u in range(7))
+
+
+async def test_global_cap_is_shed_per_ip(server, make_judge):
+    """A dozen IPs at their full quota cannot spend the global cap: the heavy ones are cut (ip-share) and
+    an IP not heard from yet is still judged."""
+    j = make_judge(per_minute=120, ip_per_minute=10)
+    got = {}
+    for n in range(12):
+        got[n] = [(await j.judge(f"get /t{n}-{i}", f"203.0.113.{n}")).status for i in range(10)]
+    assert got[0] == [llm.OK] * 10  # while at most half the budget is spent, an IP has its whole quota
+    assert got[11].count(llm.OK) < 10 and set(got[11]) == {llm.OK, llm.IP_SHARE}
+    spent = sum(s.count(llm.OK) for s in got.values())
+    assert spent == server.calls < 120
+    assert (await j.judge("get /fresh", "198.51.100.200")).status == llm.OK
+
+
 async def test_breaker_opens_after_repeated_failures_and_probes_later(server, make_judge, clock):
     server.mode = "500"
     j = make_judge(breaker_failures=3, breaker_seconds=30)
@@ -488,6 +508,73 @@ async def test_llm_fail_policy(tscorer, server, policy, blocked, verdict):
     assert f.metadata[common.LLM_STATUS] == llm.ERROR and f.metadata[common.LLM_SCORE] is None
     assert f.metadata[common.VERDICT] == verdict and (f.response is not None) == blocked
     assert f.metadata[common.SCORE] == 6  # the local score stands
+
+
+def band_attack(word: str, ip: str):
+    """A command injection the marker model scores 6 (in the default band 5-6, at the threshold): only the
+    LLM (the test server's judge: cmdi, 8) refuses it."""
+    return flow_for(f"/lp45?host={word}+%7C+id", ip)
+
+
+async def sent(sc, f):
+    await sc.request(f)
+    return f.metadata[common.LLM_STATUS], f.response is not None
+
+
+async def test_a_spent_quota_does_not_switch_the_llm_off(tscorer, server):
+    """The issue's opt-out, at the default band, threshold and quotas: an attacker spends its own quota on
+    throwaway requests, then a dozen IPs spend theirs on the global cap; every band attack after it is
+    still refused."""
+    sc, tctx = tscorer
+    await on(sc, tctx, server)
+    attacker = "203.0.113.66"
+    assert await sent(sc, band_attack("cloud22", attacker)) == (llm.OK, True)  # the LLM raises it
+    throwaway = [await sent(sc, flow_for(f"/lp45?q=weather{i}", attacker)) for i in range(10)]
+    assert throwaway[:9] == [(llm.OK, False)] * 9  # the LLM calls them benign: they pass
+    f = band_attack("ocean92", attacker)
+    assert await sent(sc, f) == (llm.IP_QUOTA, True)
+    md = f.metadata
+    assert (md[common.LOCAL_SCORE], md[common.SCORE], md[common.LLM_SCORE]) == (6, 8, None)
+    assert md[common.REASON] == "llm ip-quota: local score 6 raised by 2 to 8 > threshold 6"
+    assert f.response.content == common.BLOCK_BODY and "[llm ip-quota;" in f.comment
+
+    # 120 throwaway requests from 12 IPs: they cannot spend the global budget, and band attacks still fail.
+    for n in range(12):
+        for i in range(10):
+            await sent(sc, flow_for(f"/lp45?q=rain{n}-{i}", f"198.51.100.{n}"))
+    assert await sent(sc, band_attack("ocean93", "198.51.100.0")) == (llm.IP_QUOTA, True)
+    assert await sent(sc, band_attack("ocean94", "198.51.100.11")) == (llm.IP_SHARE, True)
+    assert await sent(sc, band_attack("ocean95", "192.0.2.1")) == (llm.OK, True)  # judged, and refused
+    assert await sent(sc, flow_for("/lp45?q=sunny", "192.0.2.2")) == (llm.OK, False)  # a newcomer is served
+
+    # Enough fresh IPs spend it all: past the cap, a band attack from yet another IP is refused too.
+    n = 0
+    while (await sent(sc, flow_for(f"/lp45?q=snow{n}", f"192.0.2.{100 + n}")))[0] != llm.RATE_LIMITED:
+        n += 1
+    assert await sent(sc, band_attack("ocean96", "192.0.2.250")) == (llm.RATE_LIMITED, True)
+    assert server.calls == 120
+    sc.done()
+    await asyncio.sleep(0)
+
+
+async def test_quota_raise_zero_lets_the_local_score_decide(tscorer, server):
+    sc, tctx = tscorer
+    await on(sc, tctx, server, openflare_llm_ip_per_minute=1, openflare_llm_quota_raise=0)
+    assert await sent(sc, flow_for("/lp45?q=weather", "203.0.113.66")) == (llm.OK, False)
+    f = band_attack("ocean92", "203.0.113.66")
+    assert await sent(sc, f) == (llm.IP_QUOTA, False)  # what every band attack got before the rule
+    assert f.metadata[common.SCORE] == 6 and "local score 6 <= threshold 6" in f.metadata[common.REASON]
+
+
+async def test_quota_raise_grades_the_band(tscorer, server):
+    """With a raise of 1 and band 4-6, only the band's upper part is refused when the quota is spent."""
+    sc, tctx = tscorer
+    await on(sc, tctx, server, openflare_llm_band_low=4, openflare_llm_ip_per_minute=1, openflare_llm_quota_raise=1)
+    await sent(sc, flow_for("/lp45?q=weather", "203.0.113.66"))
+    assert await sent(sc, flow_for("/lp30?q=sunny", "203.0.113.66")) == (llm.IP_QUOTA, False)  # 4 -> 5
+    assert await sent(sc, flow_for("/lp45?q=sunny", "203.0.113.66")) == (llm.IP_QUOTA, True)  # 6 -> 7
+    with pytest.raises(exceptions.OptionsError, match="openflare_llm_quota_raise"):
+        tctx.configure(sc, openflare_llm_quota_raise=10)
 
 
 async def test_llm_reason_is_sanitised_in_metadata_and_comment(tscorer, server):
