@@ -3,7 +3,8 @@
 Runs after FeatureExtractor (which sets `openflare.client_ip` in `requestheaders`) and before the Scorer.
 A banned IP is refused in `requestheaders` by an in-memory lookup (no network); later addons see the
 response and return at once. Strikes are counted in `response`, after the Scorer's verdict, with at most
-50 ms spent on Redis. The Redis logic (Lua scripts, local view, allowlist, rate limit) is `addons.banstore`.
+50 ms spent on Redis; a strike weighs by the score (`banstore.strike_thirds`), and a request another site may
+have made a browser send (`third_party`) is refused but never struck, so no one can get a third party banned. The Redis logic (Lua scripts, local view, allowlist, rate limit) is `addons.banstore`.
 Without Redis the store is in memory (`addons.banserver`): this process owns it and serves it on
 `openflare_ban_socket` for the `openflare` command line and other local proxies, or it shares the one
 another process here serves. Running processes follow changes made by any of them, by `openflare bans` or
@@ -41,6 +42,15 @@ _POSITIVE = {
     "openflare_rate_limit": (0, 1_000_000),
     "openflare_ipv6_prefix": (16, 128),
 }
+
+
+def third_party(headers: http.Headers) -> bool:
+    """Whether a browser may have sent this request on another site's behalf: `Sec-Fetch-Site: cross-site`
+    without `Sec-Fetch-User: ?1` (the user's own click). Images, scripts, styles, fonts (`no-cors`), a
+    page's fetch(), iframes and script-driven navigations and form posts: a page anyone can make sends
+    them from its visitors' browsers, so they never strike (they are still refused). A client that sends
+    these headers itself escapes only the strike, never the refusal or the rate limit."""
+    return headers.get("sec-fetch-site", "").strip().lower() == "cross-site" and headers.get("sec-fetch-user", "").strip() != "?1"
 
 
 def _refuse(flow: http.HTTPFlow, status: int = common.BLOCK_STATUS, body: bytes = common.BLOCK_BODY) -> None:
@@ -91,7 +101,14 @@ class IpBans:
             "What a banned IP gets: 'refuse' (the fixed 403) or 'drop' (the connection is closed, no answer).",
             choices=ACTIONS,
         )
-        loader.add_option("openflare_strikes", int, 3, "Refused requests within the strike window that ban an IP.")
+        loader.add_option(
+            "openflare_strikes",
+            int,
+            3,
+            "Strikes within the strike window that ban an IP. A refusal scored 10 is one strike, 9 two thirds, "
+            "8 or less one third; a cross-site request without a user's click (an image, a script, a fetch from "
+            "another site) none; each second over the rate limit one.",
+        )
         loader.add_option("openflare_strike_window", int, 600, "Seconds in which strikes add up, from an IP's first strike.")
         loader.add_option("openflare_ban_seconds", int, 3600, "Seconds of a first ban; each repeat ban doubles it.")
         loader.add_option("openflare_ban_max_seconds", int, 7 * 86400, "Cap on a ban's seconds, however often it repeats.")
@@ -262,7 +279,7 @@ class IpBans:
             flow.metadata[common.REASON] = f"rate limit: over {limit} requests/s"
             self._mark(flow, "rate-limited", f"over {limit} requests/s")
             _refuse(flow, RATE_STATUS, RATE_BODY)
-            if self.limiter.counts[key] == limit + 1:  # one strike per second over the limit
+            if self.limiter.counts[key] == limit + 1 and not self._spared(flow):  # one strike per second over the limit
                 res = await store.strike(key, "rate limit", addr=ip)
                 self._note(flow, key, res)
 
@@ -276,11 +293,20 @@ class IpBans:
         if getattr(ctx.options, "openflare_detect_only", False):
             return
         ip, key = self._key(flow)
-        if key is None:
+        if key is None or self._spared(flow):
             return
         seen_ms = int((flow.request.timestamp_start or 0) * 1000) or None
-        res = await self.store.strike(key, str(flow.metadata.get(common.REASON) or "refused"), seen_ms, addr=ip)
+        thirds = banstore.strike_thirds(flow.metadata.get(common.SCORE))
+        res = await self.store.strike(key, str(flow.metadata.get(common.REASON) or "refused"), seen_ms, addr=ip, thirds=thirds)
         self._note(flow, key, res)
+
+    def _spared(self, flow: http.HTTPFlow) -> bool:
+        """A request another site may have made this client's browser send: refused, never struck."""
+        if not third_party(flow.request.headers):
+            return False
+        self.store.count("strikes_spared_cross_site")
+        flow.comment = (flow.comment + "; " if flow.comment else "") + "no strike (cross-site, no user action)"
+        return True
 
     def _mark(self, flow: http.HTTPFlow, kind: str, detail: str) -> None:
         # The verdict word first (mitmweb's comment column is narrow), as the Scorer's "block 9/10 openflare (...)".
@@ -289,9 +315,9 @@ class IpBans:
 
     def _note(self, flow: http.HTTPFlow, key: str, res: banstore.StrikeResult) -> None:
         if res.status == "banned":
-            flow.comment = (flow.comment + "; " if flow.comment else "") + f"strike {res.strikes}: {key} banned for {res.banned} s"
+            flow.comment = (flow.comment + "; " if flow.comment else "") + f"strike {banstore.show_strikes(res.strikes)}: {key} banned for {res.banned} s"
         elif res.status == "counted":
-            flow.comment = (flow.comment + "; " if flow.comment else "") + f"strike {res.strikes}/{self.policy.strikes}"
+            flow.comment = (flow.comment + "; " if flow.comment else "") + f"strike {banstore.show_strikes(res.strikes)}/{self.policy.strikes}"
 
     # --- commands: applied to this process at once, written to Redis in the background ---
     def _store(self) -> banstore.BanStore:

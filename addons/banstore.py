@@ -3,13 +3,15 @@
 Key layout under a prefix P (default "openflare:"); every expiry is a Redis TTL, so nothing sweeps:
 
     P ban:<ip>      hash reason/seconds/level/strikes   TTL = the ban's duration
-    P strikes:<ip>  int, strikes in the current window  TTL = the strike window, set by the first strike
+    P strikes:<ip>  int, thirds of a strike this window TTL = the strike window, set by the first strike
     P level:<ip>    int, how many bans so far           TTL = how long repeat bans are remembered
     P unban:<ip>    int ms, time of the last unban      TTL = the strike window
     P allow:<cidr>  str note                            TTL = optional
     P events        pub/sub channel: one line per ban, unban, allow, disallow
 
 Strikes and bans are Lua scripts, so counting is exact across any number of processes sharing one Redis.
+A strike weighs one to three thirds (`strike_thirds`: a score just over the threshold counts less than a 10),
+so the strikes key counts thirds; a ban's `strikes` field and its event give whole strikes (rounded down).
 Each process keeps a local view of the bans and the allowlist (`BanStore.check` is a dict lookup) that
 follows Redis through the events channel. Pub/sub was chosen over keyspace notifications (they need
 `CONFIG SET notify-keyspace-events`, often refused on managed Redis, and expired events come late) and over
@@ -69,24 +71,25 @@ if secs <= 0 then
 end
 redis.call('DEL', KEYS[1])
 redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[2], 'reason', ARGV[7], 'seconds', secs, 'level', level, 'strikes', n)
+local whole = math.floor(n / 3)
+redis.call('HSET', KEYS[2], 'reason', ARGV[7], 'seconds', secs, 'level', level, 'strikes', whole)
 redis.call('EXPIRE', KEYS[2], secs)
-redis.call('PUBLISH', ARGV[9], 'ban\\t' .. ARGV[8] .. '\\t' .. (secs * 1000) .. '\\t' .. level .. '\\t' .. n .. '\\t' .. ARGV[7])
+redis.call('PUBLISH', ARGV[9], 'ban\\t' .. ARGV[8] .. '\\t' .. (secs * 1000) .. '\\t' .. level .. '\\t' .. whole .. '\\t' .. ARGV[7])
 return {n, secs, level}
 """
 
 # KEYS: strikes, ban, level, unban.
-# ARGV: seen_ms, window, threshold, (unused), cap, memory, reason, ip, channel, base.
-# Returns {strikes, ban seconds (0 = no ban), level}; {-1, ttl ms, 0} if already banned;
+# ARGV: seen_ms, window, threshold (whole strikes), (unused), cap, memory, reason, ip, channel, base, thirds.
+# Returns {thirds counted, ban seconds (0 = no ban), level}; {-1, ttl ms, 0} if already banned;
 # {-2, 0, 0} if the strike was seen before the last unban.
 STRIKE_LUA = (
     """
 local unban = tonumber(redis.call('GET', KEYS[4]) or '0')
 if tonumber(ARGV[1]) <= unban then return {-2, 0, 0} end
 if redis.call('EXISTS', KEYS[2]) == 1 then return {-1, redis.call('PTTL', KEYS[2]), 0} end
-local n = redis.call('INCR', KEYS[1])
-if n == 1 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
-if n < tonumber(ARGV[3]) then return {n, 0, 0} end
+local n = redis.call('INCRBY', KEYS[1], ARGV[11])
+if n == tonumber(ARGV[11]) then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+if n < 3 * tonumber(ARGV[3]) then return {n, 0, 0} end
 """
     + _BAN_BODY
 )
@@ -157,6 +160,19 @@ def parse_key(text: str, v6_prefix: int = DEFAULT_V6_PREFIX) -> str:
     return key
 
 
+def strike_thirds(score: int | None) -> int:
+    """A refusal's strike, in thirds, by the score that refused it: 10 a whole strike, 9 two thirds, 8 or
+    less one third (a score just over the threshold is the likeliest false positive). No score: whole."""
+    if not isinstance(score, int) or isinstance(score, bool):
+        return 3
+    return max(1, min(3, score - 7))
+
+
+def show_strikes(strikes: float) -> str:
+    """Strikes as a person reads them: 2, 1.33, 0.67."""
+    return str(int(strikes)) if strikes == int(strikes) else f"{strikes:.2f}"
+
+
 @dataclass(frozen=True)
 class Policy:
     strikes: int = 3
@@ -179,7 +195,7 @@ class Ban:
 
 @dataclass
 class StrikeResult:
-    strikes: int  # strikes counted in the window; 0 if the strike was not counted
+    strikes: float  # strikes counted in the window (in thirds: 1/3, 2/3, 1, 4/3, ...); 0 if not counted
     banned: int = 0  # the ban's seconds when this strike banned the IP
     level: int = 0
     status: str = "counted"  # counted / banned / already-banned / after-unban / allowed / skipped / redis-down
@@ -384,11 +400,14 @@ class BanStore:
         except Exception as e:  # noqa: BLE001 - no answer in time: reconnect
             self._lost(e if str(e) else TimeoutError(f"no answer to PING in {PROBE_TIMEOUT} s"))
 
-    def _args(self, ip: str, reason: str, seen_ms: int = 0, seconds: int = 0) -> list:
-        return script_args(self.policy, self.channel, ip, reason, seen_ms, seconds)
+    def _args(self, ip: str, reason: str, seen_ms: int = 0, seconds: int = 0, thirds: int = 3) -> list:
+        return script_args(self.policy, self.channel, ip, reason, seen_ms, seconds, thirds)
 
-    async def strike(self, ip: str, reason: str, seen_ms: int | None = None, addr: str | None = None) -> StrikeResult:
-        """Count one strike against `ip` (a key from `ip_key`; `addr` the address, if grouped); ban at the threshold.
+    async def strike(
+        self, ip: str, reason: str, seen_ms: int | None = None, addr: str | None = None, thirds: int = 3
+    ) -> StrikeResult:  # fmt: skip
+        """Count a strike of `thirds` thirds (1-3, `strike_thirds`) against `ip` (a key from `ip_key`; `addr`
+        the address, if grouped); ban when the window's strikes reach the threshold.
 
         `seen_ms` is when the request arrived (wall clock): a strike seen before the IP's last unban is ignored.
         """
@@ -397,7 +416,7 @@ class BanStore:
         if self.check(ip):
             return StrikeResult(0, status="already-banned")
         seen_ms = int(time.time() * 1000) if seen_ms is None else seen_ms
-        res = await self._call(self._strike, script_keys(self.prefix, ip), self._args(ip, reason, seen_ms))
+        res = await self._call(self._strike, script_keys(self.prefix, ip), self._args(ip, reason, seen_ms, thirds=thirds))
         if res is None:
             self.count("strikes_lost")
             return StrikeResult(0, status="redis-down")
@@ -408,11 +427,13 @@ class BanStore:
             self.bans.setdefault(ip, Ban(time.monotonic() + secs / 1000, "already banned"))
             return StrikeResult(0, status="already-banned")
         self.count("strikes")
-        logger.info('openflare strike ip=%s strikes=%d/%d reason="%s"', ip, n, self.policy.strikes, sanitise(reason))
+        strikes = n / 3
+        logger.info('openflare strike ip=%s weight=%s strikes=%s/%d reason="%s"', ip, show_strikes(thirds / 3),
+                    show_strikes(strikes), self.policy.strikes, sanitise(reason))  # fmt: skip
         if secs:
-            self._banned(ip, secs, level, n, reason)
-            return StrikeResult(n, secs, level, "banned")
-        return StrikeResult(n)
+            self._banned(ip, secs, level, n // 3, reason)
+            return StrikeResult(strikes, secs, level, "banned")
+        return StrikeResult(strikes)
 
     def _banned(self, ip: str, secs: int, level: int, strikes: int, reason: str) -> None:
         self.bans[ip] = Ban(time.monotonic() + secs, sanitise(reason), level, strikes)
@@ -428,7 +449,7 @@ class BanStore:
             self._banned(ip, seconds or self.policy.ban_seconds, 0, 0, reason)
             raise ConnectionError("the ban store is unreachable: ban applied to this process only")
         n, secs, level = (int(x) for x in res)
-        self._banned(ip, secs, level, n, reason)
+        self._banned(ip, secs, level, n // 3, reason)
         return secs
 
     async def unban(self, ip: str) -> bool:
@@ -459,12 +480,13 @@ class BanStore:
         logger.info("openflare disallow cidr=%s", net)
         return removed
 
-    async def strikes_of(self, ips: list[str]) -> list[int]:
+    async def strikes_of(self, ips: list[str]) -> list[float]:
+        """The strikes each IP has in its window (in thirds: 0.33, 0.67, 1, ...)."""
         if not ips:
             return []
         async with asyncio.timeout(1):
             vals = await self.client.mget([self.key("strikes", ip) for ip in ips])
-        return [int(v) if v else 0 for v in vals]
+        return [int(v) / 3 if v else 0 for v in vals]
 
     # --- following Redis ---
     def start(self) -> None:
@@ -686,10 +708,10 @@ def script_keys(prefix: str, ip: str) -> list[str]:
     return [f"{prefix}strikes:{ip}", f"{prefix}ban:{ip}", f"{prefix}level:{ip}", f"{prefix}unban:{ip}"]
 
 
-def script_args(policy: Policy, channel: str, ip: str, reason: str, seen_ms: int = 0, seconds: int = 0) -> list:
+def script_args(policy: Policy, channel: str, ip: str, reason: str, seen_ms: int = 0, seconds: int = 0, thirds: int = 3) -> list:
     """ARGV of STRIKE_LUA and BAN_LUA."""
     p = policy
-    return [seen_ms, p.window, p.strikes, seconds, p.max_seconds, p.memory, sanitise(reason), ip, channel, p.ban_seconds]
+    return [seen_ms, p.window, p.strikes, seconds, p.max_seconds, p.memory, sanitise(reason), ip, channel, p.ban_seconds, thirds]
 
 
 def unban_args(policy: Policy, channel: str, ip: str) -> list:

@@ -84,19 +84,27 @@ async def bans(prefix, monkeypatch):
         await _stop(addon)
 
 
-def flow(ip: str = "203.0.113.7", path: bytes = b"/", verdict: str | None = None, method: bytes = b"GET"):
+def flow(ip: str = "203.0.113.7", path: bytes = b"/", verdict: str | None = None, method: bytes = b"GET", headers=(), score=None):
     f = tflow.tflow(req=tutils.treq(path=path, method=method))
+    for k, v in headers:
+        f.request.headers[k] = v
     f.client_conn.peername = (ip, 40000)
     f.metadata[common.CLIENT_IP] = ip
     if verdict:
         f.metadata[common.VERDICT] = verdict
         f.metadata[common.REASON] = "local score 10 > threshold 6"
+    if score is not None:
+        f.metadata[common.SCORE] = score
     return f
 
 
-async def attack(addon: IpBans, ip: str):
+# What a browser sends for <img src="https://us/?q=attack"> on another site (Chrome, Firefox, Safari 16.4+).
+CROSS_SITE_IMAGE = [("Sec-Fetch-Site", "cross-site"), ("Sec-Fetch-Mode", "no-cors"), ("Sec-Fetch-Dest", "image")]
+
+
+async def attack(addon: IpBans, ip: str, headers=(), score=None):
     """One request refused by the Scorer: the 403 it set reaches IpBans.response."""
-    f = flow(ip, SQLI, common.VERDICT_BLOCK)
+    f = flow(ip, SQLI, common.VERDICT_BLOCK, headers=headers, score=score)
     await addon.requestheaders(f)
     if f.response is None:
         f.response = tutils.tresp(status_code=403)
@@ -292,6 +300,62 @@ async def test_ipv6_prefix_128_bans_one_address(bans):
     assert await served(addon, "2001:db8:1:2::3")
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [
+        CROSS_SITE_IMAGE,
+        [("Sec-Fetch-Site", "cross-site"), ("Sec-Fetch-Mode", "no-cors"), ("Sec-Fetch-Dest", "script")],
+        [("Sec-Fetch-Site", "cross-site"), ("Sec-Fetch-Mode", "no-cors"), ("Sec-Fetch-Dest", "style")],
+        [("Sec-Fetch-Site", "cross-site"), ("Sec-Fetch-Mode", "cors"), ("Sec-Fetch-Dest", "font")],
+        [("Sec-Fetch-Site", "cross-site"), ("Sec-Fetch-Mode", "cors"), ("Sec-Fetch-Dest", "empty")],  # fetch()
+        [("Sec-Fetch-Site", "cross-site"), ("Sec-Fetch-Mode", "navigate"), ("Sec-Fetch-Dest", "iframe")],
+        [("Sec-Fetch-Site", "Cross-Site"), ("Sec-Fetch-Mode", "navigate"), ("Sec-Fetch-Dest", "document")],  # script-driven
+    ],
+)
+async def test_requests_another_site_makes_a_browser_send_are_refused_never_struck(bans, headers):
+    """Three <img> links carrying an attack on some page banned every visitor for an hour (issue 15)."""
+    addon, tctx = bans
+    tctx.configure(addon, openflare_strikes=1)
+    for _ in range(3):
+        f = await attack(addon, "198.51.100.40", headers)
+        assert "no strike (cross-site, no user action)" in f.comment
+    assert await served(addon, "198.51.100.40")
+    assert addon.store.stats.get("strikes", 0) == 0 and addon.store.stats["strikes_spared_cross_site"] == 3
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("Sec-Fetch-Site", "cross-site"), ("Sec-Fetch-Mode", "navigate"), ("Sec-Fetch-User", "?1")],  # a click
+        [("Sec-Fetch-Site", "same-origin"), ("Sec-Fetch-Mode", "no-cors"), ("Sec-Fetch-Dest", "image")],
+        [("Sec-Fetch-Site", "same-site"), ("Sec-Fetch-Mode", "cors")],
+        [("Sec-Fetch-Site", "none"), ("Sec-Fetch-Mode", "navigate")],  # typed in the address bar
+        [],  # curl, sqlmap, an old browser
+    ],
+)
+async def test_the_users_own_requests_strike(bans, headers):
+    addon, tctx = bans
+    tctx.configure(addon, openflare_strikes=1)
+    await attack(addon, "198.51.100.41", headers)
+    assert not await served(addon, "198.51.100.41")
+
+
+async def test_strike_weight_follows_the_score(bans):
+    """Score 7 is a third of a strike, 9 two thirds, 10 (or a refusal without a score) a whole one."""
+    addon, tctx = bans
+    tctx.configure(addon, openflare_strikes=1)
+    f = await attack(addon, "198.51.100.42", score=7)
+    assert f.comment.endswith("strike 0.33/1")
+    f = await attack(addon, "198.51.100.42", score=7)
+    assert f.comment.endswith("strike 0.67/1") and await served(addon, "198.51.100.42")
+    f = await attack(addon, "198.51.100.42", score=7)
+    assert "strike 1: 198.51.100.42 banned for 3600 s" in f.comment and not await served(addon, "198.51.100.42")
+    f = await attack(addon, "198.51.100.43", score=9)
+    assert f.comment.endswith("strike 0.67/1") and await served(addon, "198.51.100.43")
+    await attack(addon, "198.51.100.44", score=10)
+    assert not await served(addon, "198.51.100.44")
+
+
 async def test_allowlist_option_never_strikes_bans_or_limits(bans):
     addon, tctx = bans
     tctx.configure(addon, openflare_allowlist=["10.0.0.0/8", "2001:db8:9::/48"], openflare_strikes=1, openflare_rate_limit=2)
@@ -317,6 +381,19 @@ async def test_rate_limit_answers_429_and_strikes_once_per_second(bans):
     assert await served(addon, "198.51.100.15")  # per IP
     tctx.configure(addon, openflare_rate_limit=0)
     assert all([await served(addon, "198.51.100.14") for _ in range(10)])
+
+
+async def test_a_cross_site_flood_is_rate_limited_but_never_struck(bans):
+    """A page can make its visitors' browsers flood us (hundreds of <img>): 429, but no strike, no ban."""
+    addon, tctx = bans
+    tctx.configure(addon, openflare_rate_limit=2, openflare_strikes=1)
+    statuses = []
+    for _ in range(5):
+        f = flow("198.51.100.45", headers=CROSS_SITE_IMAGE)
+        await addon.requestheaders(f)
+        statuses.append(f.response.status_code if f.response else 200)
+    assert statuses == [200, 200, 429, 429, 429]
+    assert addon.store.stats.get("strikes", 0) == 0 and addon.store.check("198.51.100.45") is None
 
 
 
@@ -523,5 +600,35 @@ async def test_behind_a_proxy_writing_forwarded_the_clients_own_x_forwarded_for_
             for e in eventsequence.iterate(f):
                 await tctx.master.addons.handle_lifecycle(e)
             assert f.response is None and f.metadata[common.VERDICT] == common.VERDICT_PASS
+        finally:
+            await _stop(addon)
+
+
+async def test_chain_cross_site_image_attacks_are_refused_and_their_visitor_never_banned(prefix, attack_model, monkeypatch):
+    monkeypatch.delenv("OPENFLARE_REDIS_URL", raising=False)
+    features, addon, scorer = FeatureExtractor(), IpBans(), Scorer()
+    with taddons.context(features, addon, scorer) as tctx:
+        tctx.configure(addon, openflare_redis_url=REDIS_URL, openflare_redis_prefix=prefix)
+        tctx.configure(scorer, openflare_model=str(attack_model))
+        addon.running()
+        try:
+            assert await addon.store.wait_synced()
+
+            async def send(path: bytes, headers):
+                f = tflow.tflow(req=tutils.treq(path=path, headers=[(k.encode(), v.encode()) for k, v in headers]), resp=False)
+                f.client_conn.peername = ("198.51.100.70", 40000)
+                for e in eventsequence.iterate(f):
+                    await tctx.master.addons.handle_lifecycle(e)
+                return f
+
+            for _ in range(5):  # five <img> of a page the visitor opened: refused, never struck
+                f = await send(SQLI, CROSS_SITE_IMAGE)
+                assert f.response.status_code == 403 and f.metadata[common.SCORE] == 10
+            assert addon.store.check("198.51.100.70") is None and addon.store.stats.get("strikes", 0) == 0
+            f = await send(b"/hello", [("Sec-Fetch-Site", "none"), ("Sec-Fetch-Mode", "navigate"), ("Sec-Fetch-User", "?1")])
+            assert f.response is None
+            for _ in range(3):  # the same attack typed by the visitor: struck, banned at 3
+                await send(SQLI, [("Sec-Fetch-Site", "none"), ("Sec-Fetch-Mode", "navigate"), ("Sec-Fetch-User", "?1")])
+            assert addon.store.check("198.51.100.70") is not None
         finally:
             await _stop(addon)

@@ -153,6 +153,32 @@ async def test_three_strikes_ban_and_ttl_expiry(stores, prefix):
     assert await store.client.exists(prefix + "ban:198.51.100.1") == 0  # ...and so does Redis, by TTL
 
 
+@pytest.mark.parametrize("score, thirds", [(10, 3), (9, 2), (8, 1), (7, 1), (3, 1), (None, 3), ("10", 3), (True, 3), (11, 3)])
+def test_strike_weight_by_score(score, thirds):
+    assert banstore.strike_thirds(score) == thirds
+
+
+async def test_strikes_weigh_in_thirds_and_ban_at_the_threshold(stores, prefix):
+    """Score 7 (just over the default threshold 6) is a third of a strike: three false positives are one
+    strike, nine ban; one 10 and three 7s make two strikes."""
+    store = await stores(banstore.Policy(strikes=2, window=60, ban_seconds=60))
+    got = [await store.strike("198.51.100.6", "x", thirds=1) for _ in range(3)]
+    assert [r.strikes for r in got] == [1 / 3, 2 / 3, 1] and [banstore.show_strikes(r.strikes) for r in got] == ["0.33", "0.67", "1"]
+    assert int(await store.client.get(prefix + "strikes:198.51.100.6")) == 3
+    r = await store.strike("198.51.100.6", "x", thirds=2)
+    assert (r.status, banstore.show_strikes(r.strikes)) == ("counted", "1.67") and store.check("198.51.100.6") is None
+    r = await store.strike("198.51.100.6", "x", thirds=3)
+    assert (r.status, banstore.show_strikes(r.strikes)) == ("banned", "2.67")
+    assert store.check("198.51.100.6").strikes == 2  # whole strikes, rounded down
+    assert (await store.client.hgetall(prefix + "ban:198.51.100.6"))[b"strikes"] == b"2"
+    assert 59_000 < await store.client.pttl(prefix + "ban:198.51.100.6") <= 60_000
+    # The window's TTL was set by the first strike, whatever its weight.
+    await store.strike("198.51.100.7", "x", thirds=2)
+    await store.strike("198.51.100.7", "x", thirds=2)
+    assert 0 < await store.client.ttl(prefix + "strikes:198.51.100.7") <= 60
+    assert await store.strikes_of(["198.51.100.7", "198.51.100.8"]) == [4 / 3, 0]
+
+
 async def test_strike_window_expires(stores, prefix):
     store = await stores(banstore.Policy(strikes=3, window=1, ban_seconds=60))
     await store.strike("198.51.100.2", "x")
@@ -481,7 +507,7 @@ async def test_strikes_are_counted_exactly_across_processes(prefix):
     assert sorted(n for _, n in counted) == list(range(1, 201))  # every number handed out exactly once
     r = aioredis.from_url(REDIS_URL)
     try:
-        assert int(await r.get(prefix + "strikes:198.51.100.20")) == 200
+        assert int(await r.get(prefix + "strikes:198.51.100.20")) == 600  # in thirds of a strike
     finally:
         await r.aclose()
 
