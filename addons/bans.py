@@ -131,7 +131,8 @@ class IpBans:
             "openflare_rate_limit",
             int,
             100,
-            "Requests per second one IP may send (per proxy process); more get 429 and a strike. 0: off.",
+            "Requests one IP may send in any one second (a sliding window, per proxy process); more get 429, "
+            "and each second of them a strike. 0: off.",
         )
 
     def configure(self, updated) -> None:
@@ -273,13 +274,16 @@ class IpBans:
                 _refuse(flow)
             return
         limit = self.limiter.limit
-        if limit and self.limiter.hit(key) > limit and not store.allowlist.allowed(ip):
+        if not limit:
+            return
+        admitted, strike = self.limiter.hit(key)
+        if not admitted and not store.allowlist.allowed(ip):
             store.count("rate_limited")
             flow.metadata[common.RATE_LIMITED] = True
             flow.metadata[common.REASON] = f"rate limit: over {limit} requests/s"
             self._mark(flow, "rate-limited", f"over {limit} requests/s")
             _refuse(flow, RATE_STATUS, RATE_BODY)
-            if self.limiter.counts[key] == limit + 1 and not self._spared(flow):  # one strike per second over the limit
+            if strike and not self._spared(flow):  # one strike per second over the limit
                 res = await store.strike(key, "rate limit", addr=ip)
                 self._note(flow, key, res)
 

@@ -32,6 +32,7 @@ run by the same code.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import ipaddress
 import logging
@@ -291,23 +292,72 @@ class Allowlist:
         return out
 
 
+class _Log:
+    """One IP's admitted requests: times while fewer than the limit, then a ring of the last `limit` of them."""
+
+    __slots__ = ("times", "struck")
+
+    def __init__(self) -> None:
+        self.times: list[float] | collections.deque[float] = []
+        self.struck = float("-inf")  # when a refusal last struck
+
+
 class RateLimiter:
-    """Requests per IP in the current one-second window, in process: O(1), no network on the request path."""
+    """At most `limit` requests per IP admitted in any one-second span: a sliding log, in process, O(1).
 
-    def __init__(self, limit: int = 100) -> None:
-        self.limit = limit
-        self.second = 0
-        self.counts: dict[str, int] = {}
+    A request is admitted when the IP has had fewer than `limit` admitted requests, or when the oldest of
+    its last `limit` admitted ones is at least a second old: then no span of one second (half-open) ever
+    holds more than `limit` admitted requests, and an IP sending exactly `limit` a second, evenly, is never
+    refused. (A fixed one-second window let 2x the limit through across its boundary.) Refused requests are
+    not logged. A client below the limit costs a dict lookup and an append to a short list; only an IP at
+    the limit holds a ring of `limit` times. IPs with nothing admitted for a second are forgotten (two
+    generations of the table, swapped every second), so memory follows the IPs of the last two seconds.
+    """
 
-    def hit(self, key: str, now: float | None = None) -> int:
-        """Count one request; returns the count in this second (over the limit when > limit)."""
-        second = int(time.monotonic() if now is None else now)
-        if second != self.second:
-            self.second = second
-            self.counts = {}
-        n = self.counts.get(key, 0) + 1
-        self.counts[key] = n
-        return n
+    def __init__(self, limit: int = 100, clock: Callable[[], float] = time.monotonic) -> None:
+        self._limit = limit
+        self.clock = clock
+        self._cur: dict[str, _Log] = {}
+        self._old: dict[str, _Log] = {}
+        self._swap_at = float("-inf")
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    @limit.setter
+    def limit(self, limit: int) -> None:
+        if limit != self._limit:
+            self._limit = limit
+            self._cur, self._old = {}, {}
+
+    def __len__(self) -> int:
+        """IPs remembered (those with a request in the last two seconds, at least)."""
+        return len(self._cur) + len(self._old)
+
+    def hit(self, key: str, now: float | None = None) -> tuple[bool, bool]:
+        """One request from `key`: (admitted, strike): a refused one strikes at most once a second."""
+        now = self.clock() if now is None else now
+        if now >= self._swap_at:  # entries left in _old had nothing admitted since before the last swap
+            self._old = self._cur if now < self._swap_at + 1 else {}
+            self._cur = {}
+            self._swap_at = now + 1
+        log = self._cur.get(key)
+        if log is None:
+            log = self._cur[key] = self._old.pop(key, None) or _Log()
+        times, limit = log.times, self._limit
+        if len(times) < limit:
+            times.append(now)
+            return True, False
+        if now - times[0] >= 1.0:  # the limit-th last admitted request left the one-second span
+            if type(times) is list:
+                times = log.times = collections.deque(times, maxlen=limit)
+            times.append(now)  # the deque drops times[0]
+            return True, False
+        if now - log.struck >= 1.0:
+            log.struck = now
+            return False, True
+        return False, False
 
 
 # What a BanStore talks to (`kind`), for its messages: a Redis server, the embedded store this process keeps

@@ -367,32 +367,60 @@ async def test_allowlist_option_never_strikes_bans_or_limits(bans):
     assert addon.store.stats.get("strikes", 0) == 0
 
 
-async def test_rate_limit_answers_429_and_strikes_once_per_second(bans):
+async def statuses(addon: IpBans, ip: str, times, now: list[float], headers=()) -> list[int]:
+    """The status each request from `ip` gets, sent at these times of the limiter's clock."""
+    out = []
+    for t in times:
+        now[0] = t
+        f = flow(ip, headers=headers)
+        await addon.requestheaders(f)
+        out.append(f.response.status_code if f.response else 200)
+    return out
+
+
+@pytest.fixture
+def clock(bans):
+    """The rate limiter's clock, set by the test: now[0] (seconds)."""
+    now = [100.0]
+    bans[0].limiter.clock = lambda: now[0]
+    return now
+
+
+async def test_rate_limit_answers_429_and_strikes_once_per_second(bans, clock):
     addon, tctx = bans
     tctx.configure(addon, openflare_rate_limit=3, openflare_strikes=5)
-    statuses = []
-    for _ in range(6):
-        f = flow("198.51.100.14")
-        await addon.requestheaders(f)
-        statuses.append(f.response.status_code if f.response else 200)
-    assert statuses == [200, 200, 200, 429, 429, 429]
+    got = await statuses(addon, "198.51.100.14", [100.0, 100.125, 100.25, 100.375, 100.5, 100.625], clock)
+    assert got == [200, 200, 200, 429, 429, 429]
+    f = flow("198.51.100.14")
+    await addon.requestheaders(f)
     assert f.response.content == b"Too Many Requests\n" and f.metadata[common.RATE_LIMITED] is True
-    assert addon.store.stats["strikes"] == 1 and addon.store.stats["rate_limited"] == 3
+    assert addon.store.stats["strikes"] == 1 and addon.store.stats["rate_limited"] == 4
     assert await served(addon, "198.51.100.15")  # per IP
+    # One admitted as each admitted one leaves the span (100.0 at 101.0, ...); refusals strike again from 101.375.
+    got = await statuses(addon, "198.51.100.14", [101.0, 101.0625, 101.125, 101.25, 101.3125], clock)
+    assert got == [200, 429, 200, 200, 429] and addon.store.stats["strikes"] == 1
+    assert await statuses(addon, "198.51.100.14", [101.375], clock) == [429] and addon.store.stats["strikes"] == 2
     tctx.configure(addon, openflare_rate_limit=0)
     assert all([await served(addon, "198.51.100.14") for _ in range(10)])
 
 
-async def test_a_cross_site_flood_is_rate_limited_but_never_struck(bans):
+async def test_rate_limit_admits_the_limit_in_any_one_second_not_twice_it_across_a_boundary(bans, clock):
+    """At a limit of 100 a fixed window let 200 requests through in one sliding second (issue 15)."""
+    addon, tctx = bans
+    tctx.configure(addon, openflare_rate_limit=100, openflare_strikes=50)
+    ms = 1 / 1024
+    end_of_one = [100.875 + i * ms for i in range(100)]
+    start_of_next = [101.0 + i * ms for i in range(100)]
+    assert await statuses(addon, "198.51.100.46", end_of_one + start_of_next, clock) == [200] * 100 + [429] * 100
+    assert await statuses(addon, "198.51.100.46", [101.875 - ms, 101.875, 101.875 + ms / 2], clock) == [429, 200, 429]
+
+
+async def test_a_cross_site_flood_is_rate_limited_but_never_struck(bans, clock):
     """A page can make its visitors' browsers flood us (hundreds of <img>): 429, but no strike, no ban."""
     addon, tctx = bans
     tctx.configure(addon, openflare_rate_limit=2, openflare_strikes=1)
-    statuses = []
-    for _ in range(5):
-        f = flow("198.51.100.45", headers=CROSS_SITE_IMAGE)
-        await addon.requestheaders(f)
-        statuses.append(f.response.status_code if f.response else 200)
-    assert statuses == [200, 200, 429, 429, 429]
+    got = await statuses(addon, "198.51.100.45", [100.0, 100.25, 100.5, 100.75, 101.5, 101.75, 102.0], clock, CROSS_SITE_IMAGE)
+    assert got == [200, 200, 429, 429, 200, 200, 429]
     assert addon.store.stats.get("strikes", 0) == 0 and addon.store.check("198.51.100.45") is None
 
 

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
 from addons import banstore
 from conftest import REPO, free_port, wait_listening
@@ -121,12 +124,70 @@ def test_allowlist_cidr_ipv4_ipv6_and_expiry():
         allow.set_static(["10.0.0.0/33"])
 
 
-def test_rate_limiter_counts_per_ip_per_second():
-    rl = banstore.RateLimiter(3)
-    assert [rl.hit("a", 100.1) for _ in range(4)] == [1, 2, 3, 4]
-    assert rl.hit("b", 100.9) == 1
-    assert rl.hit("a", 101.0) == 1  # a new second starts afresh and forgets the old one
-    assert "b" not in rl.counts
+def admitted(rl: banstore.RateLimiter, key: str, times) -> list[float]:
+    return [t for t in times if rl.hit(key, t)[0]]
+
+
+def test_rate_limiter_never_admits_more_than_the_limit_in_any_one_second_span():
+    """100 at the end of one second and 100 at the start of the next: a fixed window admitted all 200."""
+    rl = banstore.RateLimiter(100)
+    ms = 1 / 1024  # times in binary fractions of a second: exact arithmetic at the span's edges
+    burst = [0.875 + i * ms for i in range(100)] + [1.0 + i * ms for i in range(100)]
+    assert admitted(rl, "a", burst) == burst[:100]
+    assert admitted(rl, "a", [1.5, 1.875 - ms]) == []  # 0.875 is less than a second ago
+    # One at a time as the oldest leave the span: 0.875 at 1.875, 0.875 + ms at 1.875 + ms.
+    assert admitted(rl, "a", [1.875, 1.875 + ms / 2, 1.875 + ms]) == [1.875, 1.875 + ms]
+    assert admitted(rl, "b", [1.5]) == [1.5]  # per IP
+
+
+def test_rate_limiter_admits_a_steady_client_at_the_limit_and_the_limit_of_a_faster_one():
+    rl = banstore.RateLimiter(64)
+    steady = [i / 64 for i in range(640)]  # 64 a second, evenly, for 10 s
+    assert admitted(rl, "steady", steady) == steady
+    fast = [i / 256 for i in range(2560)]  # 256 a second for 10 s
+    got = admitted(rl, "fast", fast)
+    assert len(got) == 640 and got[:64] == fast[:64]
+
+
+def test_rate_limiter_strikes_once_a_second_of_refusals():
+    rl = banstore.RateLimiter(2)
+    got = [rl.hit("a", t) for t in (0.0, 0.125, 0.25, 0.375, 0.875, 1.125, 1.25, 1.375, 2.0, 2.25)]
+    assert got == [(True, False), (True, False), (False, True), (False, False), (False, False),  # struck at 0.25
+                   (True, False), (True, False), (False, True), (False, False), (True, False)]  # struck at 1.375
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 8), st.lists(st.integers(0, 4096), max_size=200))
+def test_rate_limiter_property_no_one_second_span_over_the_limit(limit, ticks):
+    """Any arrivals (in 1/1024 s): every half-open one-second span holds at most `limit` admitted requests,
+    and a request is refused only when `limit` were admitted in the second before it."""
+    rl = banstore.RateLimiter(limit)
+    got: list[int] = []
+    for t in sorted(ticks):
+        ok, _ = rl.hit("a", t / 1024)
+        assert ok == (sum(1 for a in got if t - 1024 < a <= t) < limit)
+        if ok:
+            got.append(t)
+    for a in got:
+        assert sum(1 for b in got if a <= b < a + 1024) <= limit
+
+
+def test_rate_limiter_forgets_idle_ips_and_a_new_limit_starts_afresh():
+    now = [0.0]
+    rl = banstore.RateLimiter(3, clock=lambda: now[0])
+    for ip in ("a", "b", "c"):
+        rl.hit(ip)
+    now[0] = 0.5
+    rl.hit("a")
+    now[0] = 1.2
+    rl.hit("a")
+    assert len(rl) == 3  # b and c may still matter until a second after their last request
+    now[0] = 2.3
+    rl.hit("d")
+    assert len(rl) == 2  # a (last at 1.2) and d
+    assert [rl.hit("a")[0] for _ in range(4)] == [True, True, True, False]  # a: 0.0, 0.5, 1.2 all old
+    rl.limit = 5
+    assert len(rl) == 0 and rl.hit("a") == (True, False)
 
 
 # --- strikes, bans, escalation, TTL expiry ---
