@@ -4,6 +4,12 @@ A model is two files in `models/`: `<name>.npz` (an `addons.fieldmodel.FieldMode
 with `allow_pickle=False`, so loading a model file never runs code) and `<name>.card.json` (its model
 card: version, operating point, threshold, and the sha256 of the model file, checked on the very bytes
 that are then loaded).
+
+A model that loads is not yet trusted: `probe_check` scores the fixed probe set (`addons.probes`:
+everyday requests and short classic attacks) with it, at its card's threshold, and says why it must not
+serve: its scoring raises, it refuses too few attack probes or passes too few everyday ones, or (given
+the serving model's check) it passes more attack probes the serving model refuses than a small slack.
+The Scorer runs it at startup and before every hot swap.
 """
 
 from __future__ import annotations
@@ -12,16 +18,25 @@ import hashlib
 import io
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from addons import fieldmodel
 from addons import fields as fieldsmod
+from addons import probes as probesmod
 
 CARD_SUFFIX = ".card.json"
 MODEL_SUFFIX = ".npz"
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 DEFAULT_MODEL = "openflare-local"
+DEFAULT_THRESHOLD = 6
+# probe_check's bounds: the shipped model refuses 100 % of the attack probes and passes 100 % of the
+# everyday ones (at every threshold 6-9); tests/models.py's tiny attack model 97 % and 90 %; a model that
+# calls everything benign refuses none. Slack: attack probes a hot-swapped model may newly pass.
+PROBE_MIN_REFUSED = 70
+PROBE_MIN_PASSED = 70
+PROBE_SLACK = 10
 
 
 class ModelError(Exception):
@@ -96,6 +111,84 @@ class LocalModel:
     def proba(self, requests) -> list[float]:
         """The attack probability of each of these `fields.Request`s."""
         return [self.fields.score(r).p for r in requests]
+
+
+def card_threshold(card: dict) -> int:
+    """The threshold the card calibrated (1-9), else the default 6."""
+    th = card.get("threshold")
+    return th if isinstance(th, int) and not isinstance(th, bool) and 1 <= th <= 9 else DEFAULT_THRESHOLD
+
+
+_PROBES: tuple[probesmod.Probe, ...] | None = None
+
+
+def probe_set() -> tuple[probesmod.Probe, ...]:
+    """`addons.probes.probes()`, built once (at worst twice, by two threads at once: the same tuple)."""
+    global _PROBES
+    if _PROBES is None:
+        _PROBES = tuple(probesmod.probes())
+    return _PROBES
+
+
+@dataclass
+class ProbeCheck:
+    """What a model did on the probe set (`probe_set()` order) at its card's threshold, and why it may not serve."""
+
+    threshold: int
+    scores: list[int] | None  # None: scoring raised
+    reasons: list[str]
+    ms: float
+    attacks: int = 0
+    attacks_refused: int = 0
+    benign: int = 0
+    benign_passed: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.reasons
+
+    def summary(self) -> str:
+        if self.scores is None:
+            return f"scoring raised ({self.ms:.0f} ms)"
+        return (f"{self.attacks_refused}/{self.attacks} attack probes refused, {self.benign_passed}/{self.benign} "
+                f"everyday probes passed at threshold {self.threshold}, {self.ms:.0f} ms")
+
+
+def probe_check(lm: LocalModel, min_refused: int = PROBE_MIN_REFUSED, min_passed: int = PROBE_MIN_PASSED,
+                serving: ProbeCheck | None = None, slack: int = PROBE_SLACK) -> ProbeCheck:
+    """Score every probe with `lm`; `reasons` is empty when it may serve.
+
+    Absolute (always): no probe's scoring raises, at least `min_refused` % of the attack probes are
+    refused and at least `min_passed` % of the everyday probes pass. Relative (given `serving`, the
+    check of the model serving now): it passes at most `slack` attack probes the serving model refuses.
+    Each model is judged at its own card's threshold: an operator's pinned threshold is theirs to choose.
+    """
+    start = time.perf_counter()
+    threshold = card_threshold(lm.card)
+    ps = probe_set()
+    scores = []
+    for p in ps:
+        try:
+            scores.append(int(probesmod.score(lm, p)))
+        except Exception as e:  # noqa: BLE001 - any failure: the model cannot serve
+            ms = (time.perf_counter() - start) * 1000
+            return ProbeCheck(threshold, None, [f"scoring raised {type(e).__name__}: {str(e)[:160]} on probe {p.name[:120]}"], ms)
+    ms = (time.perf_counter() - start) * 1000
+    attacks = [i for i, p in enumerate(ps) if p.kind == probesmod.ATTACK]
+    refused = sum(scores[i] > threshold for i in attacks)
+    benign = len(ps) - len(attacks)
+    passed = sum(s <= threshold for p, s in zip(ps, scores) if p.kind == probesmod.BENIGN)
+    reasons = []
+    if refused * 100 < min_refused * len(attacks):
+        reasons.append(f"refuses {refused} of {len(attacks)} attack probes (at least {min_refused} % needed)")
+    if passed * 100 < min_passed * benign:
+        reasons.append(f"passes {passed} of {benign} everyday probes (at least {min_passed} % needed)")
+    if serving is not None and serving.scores is not None:
+        lost = [ps[i].name for i in attacks if serving.scores[i] > serving.threshold and scores[i] <= threshold]
+        if len(lost) > slack:
+            reasons.append(f"passes {len(lost)} attack probes the serving model refuses (at most {slack}), "
+                           f"e.g. {lost[0][:120]}")
+    return ProbeCheck(threshold, scores, reasons, ms, len(attacks), refused, benign, passed)
 
 
 def check_card(card: dict, where: Path) -> None:

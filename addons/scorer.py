@@ -13,7 +13,11 @@ quota or cap has its local score raised by `openflare_llm_quota_raise` (a spent 
 The threshold is `openflare_threshold` when set, else the model card's (calibrated by `make retrain`).
 A promoted or rolled-back model is picked up without a restart: the model file and card are polled
 every `openflare_model_watch` seconds (or `openflare.reload` now), loaded in a worker thread, and
-swapped in (one attribute) only if the file's sha256 matches the card.
+swapped in (one attribute) only if the file's sha256 matches the card and it passes the probe check
+(`model.probe_check`: the fixed probe set scored without raising, enough attack probes refused and
+everyday ones passed, and no more than a slack of attack probes passed that the serving model refuses);
+otherwise the serving model keeps serving and a warning says why. At startup the same check without a
+serving model to compare with: a model that fails it stops startup.
 """
 
 import asyncio
@@ -72,6 +76,8 @@ class Scorer:
         self.watch_seconds: int = 1
         self.watch_task: asyncio.Task | None = None
         self.model_sig: tuple = ()
+        self.probe: model.ProbeCheck | None = None  # the serving model's probe check
+        self.probe_bounds: tuple[int, int, int] = (model.PROBE_MIN_REFUSED, model.PROBE_MIN_PASSED, model.PROBE_SLACK)
         self.fail_closed: bool = False
         self.detect_only: bool = False
         self.llm_config: llm.Config | None = None
@@ -101,6 +107,27 @@ class Scorer:
             1,
             "Seconds between checks of the model file and card for a new (promoted or rolled back) model, "
             "loaded without a restart once its sha256 matches the card. 0: only the openflare.reload command.",
+        )
+        loader.add_option(
+            "openflare_model_probe_attacks",
+            int,
+            model.PROBE_MIN_REFUSED,
+            "Least share (percent) of the fixed attack probes (addons/probes.py) a model must refuse, at its "
+            "card's threshold, before it serves: at startup and before a hot swap. 0: not checked.",
+        )
+        loader.add_option(
+            "openflare_model_probe_benign",
+            int,
+            model.PROBE_MIN_PASSED,
+            "Least share (percent) of the fixed everyday probes a model must pass, at its card's threshold, "
+            "before it serves. 0: not checked.",
+        )
+        loader.add_option(
+            "openflare_model_probe_slack",
+            int,
+            model.PROBE_SLACK,
+            "How many attack probes the serving model refuses a hot-swapped model may pass (a rollback to an "
+            "older model may need more: raise it, or restart, which checks only the two shares).",
         )
         loader.add_option(
             "openflare_fail",
@@ -142,14 +169,29 @@ class Scorer:
             self.fail_closed = ctx.options.openflare_fail == "closed"
         if "openflare_detect_only" in updated:
             self.detect_only = ctx.options.openflare_detect_only
+        probe_opts = ("openflare_model_probe_attacks", "openflare_model_probe_benign", "openflare_model_probe_slack")
+        if any(k in updated for k in probe_opts):
+            bounds = tuple(getattr(ctx.options, k) for k in probe_opts)
+            if not (0 <= bounds[0] <= 100 and 0 <= bounds[1] <= 100 and 0 <= bounds[2] <= 100000):
+                raise exceptions.OptionsError("openflare_model_probe_attacks and _benign must be 0-100 (percent), "
+                                              "openflare_model_probe_slack 0-100000")  # fmt: skip
+            self.probe_bounds = bounds
         if "openflare_model" in updated:
             try:
-                self.model = model.load(ctx.options.openflare_model)
+                new = model.load(ctx.options.openflare_model)
             except model.ModelError as e:
                 raise exceptions.OptionsError(f"openflare_model: {e}") from e
+            check = model.probe_check(new, *self.probe_bounds[:2])
+            if not check.ok:
+                raise exceptions.OptionsError(
+                    f"openflare_model: model {llm.sanitise(new.version, 80)} from {new.path} refused by the probe check: "
+                    f"{'; '.join(check.reasons)} ({check.summary()})"
+                )
+            self.model, self.probe = new, check
             self._set_threshold()
             self.model_sig = model_signature(self.model.path)
-            logger.info("OpenFlare local model %s loaded from %s", self.model.version, self.model.path)
+            logger.info("OpenFlare local model %s loaded from %s (probe check: %s)", new.version, new.path,
+                        check.summary())  # fmt: skip
         if any(k.startswith("openflare_llm_") for k in updated):
             values = {name: getattr(ctx.options, name) for name, *_ in llm.OPTIONS}
             try:
@@ -180,23 +222,36 @@ class Scorer:
     # ---- model reload (a promoted or rolled-back model, without a restart) ----
 
     def _set_threshold(self) -> None:
-        card = self.model.card.get("threshold") if self.model else None
-        self.threshold = self.pinned_threshold or (card if isinstance(card, int) and 1 <= card <= 10 else 6)
+        self.threshold = self.pinned_threshold or (model.card_threshold(self.model.card) if self.model else 6)
         self._local_table = {}  # made for the old model and threshold
 
+    def _load_checked(self, path: str, serving: model.LocalModel, check: model.ProbeCheck | None):
+        """(new model, its probe check, the serving model's check) in a worker thread; raises ModelError."""
+        if check is None:  # a model set without configure (tests): check it now, to compare with
+            check = model.probe_check(serving, 0, 0)
+        new = model.load(path)
+        return new, model.probe_check(new, *self.probe_bounds[:2], serving=check, slack=self.probe_bounds[2]), check
+
     async def reload(self) -> bool:
-        """Load the model file again in a worker thread; swap only if its sha256 matches its card."""
+        """Load the model file again in a worker thread; swap only if its sha256 matches its card and it
+        passes the probe check against the serving model."""
         if self.model is None:
             return False
-        path = self.model.path
+        old, path = self.model, self.model.path
         try:
-            new = await asyncio.to_thread(model.load, str(path))
+            new, check, old_check = await asyncio.to_thread(self._load_checked, str(path), old, self.probe)
         except model.ModelError as e:
-            logger.warning("OpenFlare kept model %s: the new one was not loaded: %s", self.model.version, e)
+            logger.warning("OpenFlare kept model %s: the new one was not loaded: %s", old.version, e)
             return False
-        old, self.model = self.model, new  # one attribute: requests in flight finish on the model they took
+        if not check.ok:
+            logger.warning("OpenFlare kept model %s: the new model %s failed the probe check: %s (%s)",
+                           old.version, llm.sanitise(new.version, 80), "; ".join(check.reasons), check.summary())  # fmt: skip
+            self.probe = old_check
+            return False
+        self.model, self.probe = new, check  # one attribute: requests in flight finish on the model they took
         self._set_threshold()
-        logger.info("OpenFlare local model %s -> %s (threshold %d) from %s", old.version, new.version, self.threshold, path)
+        logger.info("OpenFlare local model %s -> %s (threshold %d) from %s (probe check: %s)", old.version,
+                    new.version, self.threshold, path, check.summary())  # fmt: skip
         return True
 
     async def _watch(self) -> None:

@@ -97,3 +97,16 @@ def test_wrong_model_sha256_stops_startup(mitmdump, model_path, tmp_path):
     stdout, stderr = proc.output()
     assert "Error logged during startup" in stderr
     assert "does not match its card" in stdout
+
+
+@pytest.mark.parametrize("kind", ["always benign", "scoring raises"])
+def test_a_model_failing_the_probe_check_stops_startup(mitmdump, tmp_path, kind):
+    from test_scorer import TAMPERS, tampered_model
+
+    path = tampered_model(kind, tmp_path)
+    proc = mitmdump(ADDONS, mode="reverse:http://127.0.0.1:9", conf={"openflare_model": str(path)}, wait=False)
+    assert proc.wait(timeout=60) != 0
+    stdout, stderr = proc.output()
+    assert "Error logged during startup" in stderr
+    assert "refused by the probe check: " + TAMPERS[kind] in stdout
+

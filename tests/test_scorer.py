@@ -3,7 +3,9 @@
 import gzip
 import json
 import logging
+import re
 import shutil
+from pathlib import Path
 
 import models
 import pytest
@@ -30,6 +32,10 @@ def flow(path=BENIGN, content=b"", headers=(), method=b"GET"):
     f = tflow.tflow(req=tutils.treq(method=method, path=path, content=content, headers=http.Headers(list(headers))))
     f.client_conn.peername = ("203.0.113.7", 40000)
     return f
+
+
+# Constant models refuse all or nothing: tests of other things switch the probe check off for them.
+NO_PROBES = {"openflare_model_probe_attacks": 0, "openflare_model_probe_benign": 0}
 
 
 def constant_model(tmp_path, p_attack: float, name="const", **card) -> str:
@@ -72,7 +78,7 @@ def real_model(model_path):
 async def test_attack_refused_benign_passes(real_model, tmp_path):
     sc = Scorer()
     with taddons.context(FeatureExtractor(), sc) as tctx:
-        tctx.configure(sc, openflare_model=constant_model(tmp_path, 0.5))
+        tctx.configure(sc, openflare_model=constant_model(tmp_path, 0.5), **NO_PROBES)
         sc.model = real_model
         f = flow(SQLI, headers=[(b"User-Agent", b"Mozilla/5.0 (X11; Linux x86_64)")])
         await run_chain(tctx, f)
@@ -99,7 +105,7 @@ async def test_chain_in_real_order_through_response(real_model, tmp_path):
     """features then scorer, every hook in order: the 403 set in `request` still reaches `response`."""
     sc = Scorer()
     with taddons.context(FeatureExtractor(), sc) as tctx:
-        tctx.configure(sc, openflare_model=constant_model(tmp_path, 0.5))
+        tctx.configure(sc, openflare_model=constant_model(tmp_path, 0.5), **NO_PROBES)
         sc.model = real_model
         f = flow(b"/search?q=%3Cscript%3Ealert(document.cookie)%3C/script%3E", headers=[(b"User-Agent", b"Mozilla/5.0")])
         await run_chain(tctx, f)
@@ -114,7 +120,7 @@ async def test_refusal_to_head_has_no_body(real_model, tmp_path, method):
     """RFC 9110 9.3.2: a HEAD response has no content; its content-length is the GET refusal's."""
     sc = Scorer()
     with taddons.context(FeatureExtractor(), sc) as tctx:
-        tctx.configure(sc, openflare_model=constant_model(tmp_path, 0.5))
+        tctx.configure(sc, openflare_model=constant_model(tmp_path, 0.5), **NO_PROBES)
         sc.model = real_model
         f = flow(SQLI, headers=[(b"User-Agent", b"Mozilla/5.0")], method=method)
         await run_chain(tctx, f)
@@ -134,7 +140,7 @@ async def test_threshold_honoured(tmp_path, caplog):
     sc = Scorer()
     path = constant_model(tmp_path, 0.7)  # operating point 0.5: p 0.7 scores 8
     with taddons.context(FeatureExtractor(), sc) as tctx:
-        tctx.configure(sc, openflare_model=path)
+        tctx.configure(sc, openflare_model=path, **NO_PROBES)
         caplog.set_level("INFO")
         sc.running()
         assert "OpenFlare refuses scores above 6 (the model card's threshold)" in caplog.text
@@ -159,7 +165,7 @@ async def test_threshold_honoured(tmp_path, caplog):
 async def test_detect_only_marks_but_forwards(tmp_path):
     sc = Scorer()
     with taddons.context(FeatureExtractor(), sc) as tctx:
-        tctx.configure(sc, openflare_model=constant_model(tmp_path, 0.99), openflare_detect_only=True)
+        tctx.configure(sc, openflare_model=constant_model(tmp_path, 0.99), openflare_detect_only=True, **NO_PROBES)
         f = flow(SQLI)
         await run_chain(tctx, f)
         assert f.response is None
@@ -175,7 +181,7 @@ async def test_local_verdicts_from_the_table_are_what_decide_gives(tmp_path, det
     statuses, first and later uses; a new model or threshold makes a new table."""
     sc = Scorer()
     with taddons.context(sc) as tctx:
-        tctx.configure(sc, openflare_model=constant_model(tmp_path, 0.5), openflare_detect_only=detect_only)
+        tctx.configure(sc, openflare_model=constant_model(tmp_path, 0.5), openflare_detect_only=detect_only, **NO_PROBES)
         for status in (llm.OFF, llm.SKIPPED):
             for score in [*range(1, 11)] * 2:
                 fast, slow = flow(), flow()
@@ -185,7 +191,7 @@ async def test_local_verdicts_from_the_table_are_what_decide_gives(tmp_path, det
                 assert list(fast.metadata.items()) == list(slow.metadata.items())
                 assert (fast.comment, fast.marked) == (slow.comment, slow.marked)
                 assert (fast.response is None) == (slow.response is None) == (detect_only or score <= 6)
-        tctx.configure(sc, openflare_model=constant_model(tmp_path, 0.5, name="other"), openflare_threshold=9)
+        tctx.configure(sc, openflare_model=constant_model(tmp_path, 0.5, name="other"), openflare_threshold=9, **NO_PROBES)
         f = flow()
         sc._decide_local(f, 8, 0.001, llm.OFF, 'query "q": learnt n-grams, window 1, score 8')
         assert f.metadata[common.MODEL_VERSION] == "other-1" and f.response is None
@@ -197,7 +203,7 @@ async def test_local_verdicts_from_the_table_are_what_decide_gives(tmp_path, det
 async def test_fail_policy_when_scoring_raises(tmp_path, caplog, policy, refused):
     sc = Scorer()
     with taddons.context(FeatureExtractor(), sc) as tctx:
-        tctx.configure(sc, openflare_model=constant_model(tmp_path, 0.1), openflare_fail=policy)
+        tctx.configure(sc, openflare_model=constant_model(tmp_path, 0.1), openflare_fail=policy, **NO_PROBES)
         sc.model = model.LocalModel(Raises(), {"version": "broken"}, tmp_path / "broken.npz")
         f = flow(SQLI)
         with caplog.at_level(logging.WARNING):
@@ -217,7 +223,7 @@ async def test_fail_policy_when_scoring_raises(tmp_path, caplog, policy, refused
 async def test_without_features_addon_fail_policy_applies(tmp_path):
     sc = Scorer()
     with taddons.context(sc) as tctx:
-        tctx.configure(sc, openflare_model=constant_model(tmp_path, 0.1), openflare_fail="closed")
+        tctx.configure(sc, openflare_model=constant_model(tmp_path, 0.1), openflare_fail="closed", **NO_PROBES)
         f = flow()
         await run_chain(tctx, f)
         assert f.metadata[common.VERDICT] == common.VERDICT_ERROR
@@ -237,7 +243,7 @@ async def test_bad_options(tmp_path, opts, message):
     sc = Scorer()
     with taddons.context(sc) as tctx:
         # A good value first: a failed configure rolls back to it (and reloads it).
-        tctx.configure(sc, openflare_model=constant_model(tmp_path, 0.1))
+        tctx.configure(sc, openflare_model=constant_model(tmp_path, 0.1), **NO_PROBES)
         with pytest.raises(OptionsError, match=message):
             tctx.configure(sc, **opts)
 
@@ -250,7 +256,7 @@ async def test_wrong_sha256_refused_before_loading(tmp_path):
     card.write_text(json.dumps(data))
     sc = Scorer()
     with taddons.context(sc) as tctx:
-        tctx.configure(sc, openflare_model=constant_model(tmp_path, 0.1, name="good"))
+        tctx.configure(sc, openflare_model=constant_model(tmp_path, 0.1, name="good"), **NO_PROBES)
         with pytest.raises(OptionsError, match="does not match its card"):
             tctx.configure(sc, openflare_model=path)
         assert sc.model.version == "good-1"  # rolled back
@@ -261,7 +267,7 @@ async def test_missing_or_broken_card(tmp_path):
     card = model.card_path(model.resolve(path))
     sc = Scorer()
     with taddons.context(sc) as tctx:
-        tctx.configure(sc, openflare_model=constant_model(tmp_path, 0.1, name="good"))
+        tctx.configure(sc, openflare_model=constant_model(tmp_path, 0.1, name="good"), **NO_PROBES)
         card.write_text("{not json")
         with pytest.raises(OptionsError, match="model card unreadable"):
             tctx.configure(sc, openflare_model=path)
@@ -354,7 +360,7 @@ def test_score_request_refuses_what_it_cannot_inspect():
 async def test_leaves_finished_flows_alone(tmp_path):
     sc = Scorer()
     with taddons.context(sc) as tctx:
-        tctx.configure(sc, openflare_model=constant_model(tmp_path, 0.99))
+        tctx.configure(sc, openflare_model=constant_model(tmp_path, 0.99), **NO_PROBES)
         for f in (tflow.tflow(resp=True), tflow.tflow(err=True), tflow.tflow(live=False)):
             f.metadata[common.FIELDS] = [["method", "method", "GET", ""]]
             before = f.response
@@ -430,3 +436,163 @@ def test_refusal_is_what_response_make_gives_and_each_is_its_own():
         assert common.is_refusal(second, status, body) and common.is_refusal(head, status, body)
         assert not common.is_refusal(http.Response.make(status, b"", common.BLOCK_HEADERS), status, body)
         assert not common.is_refusal(http.Response.make(200, body), status, body) and not common.is_refusal(None)
+
+
+# --- the probe check: a model must score the fixed probe set sanely before it serves ---
+
+
+class Booby:
+    """Unpickling this creates `path`: proof that loading ran code."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def raising_model() -> fieldmodel.FieldModel:
+    """The attack model with an application profile whose `paths` is a list: every request's scoring raises."""
+    am = models.attack_model()
+    profile = fieldmodel.AppProfile()
+    profile.roots, profile.paths = ("",), []
+    return fieldmodel.FieldModel(am.weights, am.extra, am.intercept, am.bits, profile)
+
+
+TAMPERS = {  # kind -> (what the refusal says)
+    "always benign": "refuses 0 of 498 attack probes (at least 70 % needed)",
+    "scoring raises": "scoring raised AttributeError",
+    "threshold 10": "threshold must be an integer from 1 to 9, not 10",
+    "operating point NaN": "operating_point must be a number strictly between 0 and 1, not nan",
+    "pickle": "could not be loaded",
+}
+
+
+def tampered_model(kind: str, directory, name: str = "openflare-local") -> Path:
+    """Write model `name` (file and card, the card's sha256 matching) tampered as `kind` in TAMPERS."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if kind == "always benign":
+        return models.save(models.constant_model(0.01), directory, name, "benign")
+    if kind == "scoring raises":
+        return models.save(raising_model(), directory, name, "raises")
+    if kind == "threshold 10":
+        return models.save(models.attack_model(), directory, name, "th10", threshold=10)
+    if kind == "operating point NaN":
+        return models.save(models.attack_model(), directory, name, "nan", operating_point=float("nan"))
+    assert kind == "pickle"
+    import pickle
+
+    path = directory / (name + model.MODEL_SUFFIX)
+    path.write_bytes(pickle.dumps(Booby(directory / "pwned")))
+    model.write_card(path, {"version": "evil", "operating_point": 0.5})
+    return path
+
+
+def test_the_shipped_model_passes_the_probe_check(real_model):
+    check = model.probe_check(real_model)
+    assert check.ok, check.reasons
+    assert check.attacks == 498 and check.benign == 1520 and len(check.scores) == 498 + 1520
+    assert check.summary().startswith(f"{check.attacks_refused}/498 attack probes refused, ")
+
+
+def test_probe_check_bounds():
+    lm = model.LocalModel(models.attack_model(), {"version": "a", "operating_point": 0.5}, None)
+    check = model.probe_check(lm)
+    assert check.ok and 0.7 * 498 <= check.attacks_refused < 498 and 0.7 * 1520 <= check.benign_passed < 1520
+    strict = model.probe_check(lm, min_refused=100, min_passed=100)
+    assert strict.reasons == [f"refuses {check.attacks_refused} of 498 attack probes (at least 100 % needed)",
+                              f"passes {check.benign_passed} of 1520 everyday probes (at least 100 % needed)"]
+    # Judged at the card's threshold: at 9 the tiny model refuses fewer attack probes.
+    lenient = model.probe_check(model.LocalModel(lm.fields, {**lm.card, "threshold": 9}, None))
+    assert lenient.threshold == 9 and lenient.attacks_refused < check.attacks_refused
+
+
+@pytest.mark.parametrize("kind", TAMPERS)
+async def test_a_tampered_model_is_refused_at_startup(tmp_path, kind):
+    path = tampered_model(kind, tmp_path / "models")
+    sc = Scorer()
+    with taddons.context(sc) as tctx:
+        with pytest.raises(OptionsError, match=re.escape(TAMPERS[kind])):
+            tctx.configure(sc, openflare_model=str(path))
+        assert sc.model.path != path  # rolled back to the default
+    assert not (tmp_path / "models" / "pwned").exists()  # the pickle never ran
+
+
+async def test_startup_probe_check_logs_its_figures(tmp_path, caplog):
+    path = models.save(models.attack_model(), tmp_path, "attack", "attack-1")
+    sc = Scorer()
+    with taddons.context(sc) as tctx, caplog.at_level(logging.INFO):
+        tctx.configure(sc, openflare_model=str(path))
+        assert sc.probe.ok and sc.probe.scores is not None
+        assert f"OpenFlare local model attack-1 loaded from {path} (probe check: {sc.probe.attacks_refused}/498" in caplog.text
+        with pytest.raises(OptionsError, match="openflare_model_probe_attacks"):
+            tctx.configure(sc, openflare_model_probe_attacks=101)
+
+
+@pytest.fixture
+async def serving(tmp_path):
+    """A Scorer serving the attack model v1 from tmp_path/models/openflare-local.npz."""
+    d = tmp_path / "models"
+    path = models.save(models.attack_model(), d, version="v1")
+    sc = Scorer()
+    with taddons.context(FeatureExtractor(), sc) as tctx:
+        tctx.configure(sc, openflare_model=str(path), openflare_llm_enabled=False, openflare_model_watch=0)
+        yield sc, tctx, d
+
+
+async def test_a_tampered_model_is_never_hot_swapped_in(serving, caplog):
+    sc, tctx, d = serving
+    for kind, says in TAMPERS.items():
+        tampered_model(kind, d)
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            assert await sc.reload() is False, kind
+        assert sc.model.version == "v1" and sc.threshold == 6
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and warnings[0].startswith("OpenFlare kept model v1: the new ") and says in warnings[0]
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        f = flow(SQLI)  # the old model keeps serving
+        await run_chain(tctx, f)
+        assert_refused(f)
+        assert f.metadata[common.MODEL_VERSION] == "v1"
+    assert not (d / "pwned").exists()
+    models.save(models.attack_model(), d, version="v2")  # a sound model is swapped in
+    assert await sc.reload() is True and sc.model.version == "v2"
+
+
+async def test_hot_swap_refuses_a_model_that_passes_what_the_serving_one_refuses(serving, caplog):
+    """Trained without the command injections: sound on its own (it passes the shares), but it passes 59
+    attack probes the serving model refuses. Raising the slack lets it in."""
+    sc, tctx, d = serving
+    cmdi = ("| id", "; cat /etc/passwd", "`id`", "$(curl x.example)")
+    fm = models.tiny(attack=[a for a in models.ATTACKS if a not in cmdi])
+    models.save(fm, d, version="no-cmdi")
+    assert model.probe_check(models.load(d / "openflare-local.npz")).ok  # fine at startup
+    with caplog.at_level(logging.WARNING):
+        assert await sc.reload() is False
+    assert sc.model.version == "v1"
+    assert "the new model no-cmdi failed the probe check: passes 59 attack probes the serving model refuses " \
+           "(at most 10), e.g. GET /search?q=%3Bcat+%2Fetc%2Fpasswd" in caplog.text
+    tctx.configure(sc, openflare_model_probe_slack=59)
+    assert await sc.reload() is True and sc.model.version == "no-cmdi"
+
+
+async def test_watch_keeps_the_serving_model_on_a_failed_probe_check(serving, caplog):
+    """The file watch (what a promotion or a tamper triggers), not the command: the same refusal."""
+    import asyncio
+
+    sc, tctx, d = serving
+    tctx.configure(sc, openflare_model_watch=1)
+    sc.running()
+    try:
+        with caplog.at_level(logging.WARNING):
+            tampered_model("always benign", d)
+            for _ in range(100):
+                if "failed the probe check" in caplog.text:
+                    break
+                await asyncio.sleep(0.1)
+        assert "OpenFlare kept model v1: the new model benign failed the probe check: refuses 0 of 498" in caplog.text
+        assert sc.model.version == "v1"
+    finally:
+        sc.done()
