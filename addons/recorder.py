@@ -1,10 +1,18 @@
-"""Recorder: record every live flow once its verdict is known, off the request path.
+"""Recorder: record every live flow once its verdict is known; a record is journaled before its response goes.
 
 A refused or malicious flow is recorded in full (request, scores, verdict); a passed one as time,
 client IP, verdict and score only (privacy). `openflare_record_benign_one_in` records one in N passed
-flows in full for retraining. The hooks only take a capture and put it on a bounded queue; a
-background task builds, masks, hash-chains and inserts the records in batches in a worker thread
-(pymongo blocks). The record shape, masking, hash chain, store, spill and replay are `addons.records`.
+flows in full for retraining. The hooks take a capture and wait (without blocking the event loop) until a
+background task has built, masked, hash-chained and appended it to the journal in a worker thread, many
+flows per write (group commit): a response is released only once its record is in the journal, so a
+killed proxy (kill -9) loses no record whose response a client received. Another task inserts the
+journaled records into the store in batches (pymongo blocks: worker thread) and empties the journal of
+what the store took. The record shape, masking, hash chain, journal, store and replay are `addons.records`.
+
+Acknowledged: a record is acknowledged when its response was released after its journal write
+succeeded. A journal that cannot be written (a full disk) does not hold traffic up: after the write
+fails, or ACK_WAIT_S, the response goes and the record is counted `unacknowledged` (held in memory and
+journaled when it can be; what does not fit is lost, counted, and noted in the chain as a gap).
 
 One recording process per embedded store and spill file: `running` takes their locks
 (`records.acquire_locks`); held by another process, it logs an error naming that process's pid and
@@ -12,6 +20,7 @@ records nothing, and mitmproxy, seeing an error at startup, exits. It logs the s
 """
 
 import asyncio
+import collections
 import logging
 import os
 import time
@@ -34,8 +43,11 @@ MAINTAIN_EVERY_S = 1.0
 # After the first record of a batch, wait this long for more: one thread hand-off and one transaction
 # per batch instead of per request (measured: batches of one cost mitmdump ~1 ms of CPU per request).
 LINGER_S = 0.25
+# A response waits at most this long for its record's journal write (a stalled disk must not stall traffic).
+ACK_WAIT_S = 2.0
 # Options read once, when the writer starts (in `running`).
-STARTUP_OPTIONS = ("openflare_mongo_uri", "openflare_record_dir", "openflare_record_spill", "openflare_record_queue", "openflare_instance")
+STARTUP_OPTIONS = ("openflare_mongo_uri", "openflare_record_dir", "openflare_record_spill", "openflare_record_queue", "openflare_instance",
+                   "openflare_record_fsync")
 
 
 def _is_refusal(resp: http.Response | None) -> bool:
@@ -55,10 +67,13 @@ class Recorder:
         self.queue_size: int = 10000
         self.batch: int = 500
         self.instance: str | None = None
-        self.queue: asyncio.Queue | None = None
+        self.fsync: bool = False
+        self.queue: collections.deque | None = None  # (capture, future) waiting for the journal
+        self.wake: asyncio.Event | None = None  # set when the queue gets a capture
+        self.stored_wake: asyncio.Event | None = None  # set when the journal took records
         self.writer: records.Writer | None = None
-        self.task: asyncio.Task | None = None
-        self.inflight: list[dict] = []
+        self.tasks: list[asyncio.Task] = []
+        self.inflight: list[dict] = []  # the captures being journaled
         self.benign_seen: int = 0
         self.started_at: float = 0.0
         self.locks: list = []  # records.acquire_locks: the store's and the spill file's, held while running
@@ -97,6 +112,13 @@ class Recorder:
             "data/records-spill.jsonl",
             "Append-only file for records while the store is unreachable; replayed in order when it is back. "
             "Also names <file>.overflow (full queue) and <file>.rejected (refused by the store).",
+        )
+        loader.add_option(
+            "openflare_record_fsync",
+            bool,
+            False,
+            "fsync the record journal before releasing the responses of each batch: records then survive a power "
+            "cut, not only a killed proxy (kill -9), at the cost of one fsync per batch.",
         )
         loader.add_option(
             "openflare_instance",
@@ -138,6 +160,8 @@ class Recorder:
             self.spill = opts.openflare_record_spill
         if "openflare_record_mask" in updated:
             self.mask = tuple(m.strip() for m in opts.openflare_record_mask if m.strip())
+        if "openflare_record_fsync" in updated:
+            self.fsync = opts.openflare_record_fsync
         if "openflare_instance" in updated:
             self.instance = (opts.openflare_instance or "").strip() or None
         if self.writer is not None:
@@ -171,52 +195,89 @@ class Recorder:
             self.locks = []
             logger.error("OpenFlare recorder cannot open its store (%s): %s: %s", where, type(e).__name__, e)
             return
+        key = records.env_key()
+        if key and len(key) < records.KEY_MIN_BYTES:
+            logger.warning("OpenFlare recorder: %s is shorter than %d bytes: a short key can be guessed", records.ENV_KEY, records.KEY_MIN_BYTES)
         self.started_at = time.time()
-        self.writer = records.Writer(
-            store, self.spill, self.instance or os.environ.get(ENV_INSTANCE) or records.default_instance(), records.Masker(self.mask), self.batch, self.days
-        )
-        self.queue = asyncio.Queue(self.queue_size)
-        self.task = asyncio_utils.create_task(self._run(), name="openflare recorder", keep_ref=True)
-        logger.info("OpenFlare recorder writing to %s (%s); spill file %s; chain %s",
-                    store.description, where, self.writer.spill.path.resolve(), self.writer.chain.id)
+        try:
+            self.writer = records.Writer(
+                store, self.spill, self.instance or os.environ.get(ENV_INSTANCE) or records.default_instance(), records.Masker(self.mask),
+                self.batch, self.days, key=key, fsync=self.fsync, hold=self.queue_size,
+            )
+        except OSError as e:
+            store.close()
+            records.release_locks(self.locks)
+            self.locks = []
+            logger.error("OpenFlare recorder cannot open its journal %s: %s", self.spill, e)
+            return
+        self.queue = collections.deque()
+        self.wake, self.stored_wake = asyncio.Event(), asyncio.Event()
+        self.tasks = [
+            asyncio_utils.create_task(self._journal_run(), name="openflare recorder journal", keep_ref=True),
+            asyncio_utils.create_task(self._store_run(), name="openflare recorder store", keep_ref=True),
+        ]
+        logger.info("OpenFlare recorder writing to %s (%s); spill file %s (the journal%s); chain %s%s",
+                    store.description, where, self.writer.spill.path.resolve(), ", fsync per batch" if self.fsync else "", self.writer.chain.id,
+                    f", keyed ({records.ENV_KEY}, key id {self.writer.chain.key_id})" if key else "")
+        if self.writer.leftovers:
+            logger.info("OpenFlare recorder: %d journal segment(s) left by an earlier run are replayed into the store",
+                        len(self.writer.leftovers))
 
-    async def _run(self) -> None:
-        assert self.queue is not None and self.writer is not None
+    async def _journal_run(self) -> None:
+        """Group commit: every capture waiting is journaled in one thread hand-off, then their responses go."""
+        assert self.queue is not None and self.writer is not None and self.wake is not None and self.stored_wake is not None
         queue, writer = self.queue, self.writer
-        next_maintain = time.monotonic() + MAINTAIN_EVERY_S
         while True:
-            # `inflight` is the batch from the moment it holds a record: `done` writes what is left in it.
-            batch: list[dict] = []
-            self.inflight = batch
+            await self.wake.wait()
+            self.wake.clear()
+            while queue:
+                batch = [queue.popleft() for _ in range(min(len(queue), self.batch))]
+                self.inflight = [c for c, _ in batch]
+                try:
+                    ok = await asyncio.to_thread(writer.journal, self.inflight)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - the journal must outlive any one batch
+                    ok = False
+                    writer.stats["lost"] += len(batch)
+                    logger.error("OpenFlare recorder lost %d records: %s: %s", len(batch), type(e).__name__, e)
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_result(ok)
+                self.stored_wake.set()
+
+    async def _store_run(self) -> None:
+        assert self.writer is not None and self.stored_wake is not None
+        writer = self.writer
+        next_maintain = time.monotonic()
+        while True:
             try:
                 try:
-                    batch.append(await asyncio.wait_for(queue.get(), MAINTAIN_EVERY_S))
+                    await asyncio.wait_for(self.stored_wake.wait(), MAINTAIN_EVERY_S)
+                    self.stored_wake.clear()
+                    if len(writer.ready) < self.batch:
+                        await asyncio.sleep(LINGER_S)  # one transaction for many records
                 except TimeoutError:
                     pass
-                if batch and queue.qsize() < self.batch:
-                    await asyncio.sleep(LINGER_S)
-                while batch and len(batch) < self.batch and not queue.empty():
-                    batch.append(queue.get_nowait())
-                if batch:
-                    await asyncio.to_thread(writer.write, batch)
                 if time.monotonic() >= next_maintain:
                     next_maintain = time.monotonic() + MAINTAIN_EVERY_S
                     await asyncio.to_thread(writer.maintain)
+                else:
+                    await asyncio.to_thread(writer.deliver)
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # noqa: BLE001 - the writer must outlive any one batch
-                writer.stats["lost"] += len(batch)
-                logger.error("OpenFlare recorder lost %d records: %s: %s", len(batch), type(e).__name__, e)
-                batch.clear()
+            except Exception as e:  # noqa: BLE001 - the records stay in the journal and are tried again
+                logger.error("OpenFlare recorder: storing failed (records stay in the journal): %s: %s", type(e).__name__, e)
+                await asyncio.sleep(MAINTAIN_EVERY_S)
 
-    def response(self, flow: http.HTTPFlow) -> None:
-        self._record(flow)
+    async def response(self, flow: http.HTTPFlow) -> None:
+        await self._record(flow)
 
-    def error(self, flow: http.HTTPFlow) -> None:
-        self._record(flow)
+    async def error(self, flow: http.HTTPFlow) -> None:
+        await self._record(flow)
 
-    def _record(self, flow: http.HTTPFlow) -> None:
-        if not self.enabled or self.queue is None or self.writer is None:
+    async def _record(self, flow: http.HTTPFlow) -> None:
+        if not self.enabled or self.queue is None or self.writer is None or self.wake is None:
             return
         killed = flow.error is not None and flow.error.msg == mflow.Error.KILLED_MESSAGE
         # Flows read from a file are not live; a flow killed now is not live either, but is new.
@@ -231,10 +292,20 @@ class Recorder:
             self.writer.stats["lost"] += 1
             logger.error("OpenFlare recorder lost a record: %s: %s", type(e).__name__, e)
             return
+        writer = self.writer
+        if len(self.queue) >= self.queue_size:
+            writer.overflow(capture)  # flushed at once: it survives a killed proxy too
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self.queue.append((capture, fut))
+        self.wake.set()
         try:
-            self.queue.put_nowait(capture)
-        except asyncio.QueueFull:
-            self.writer.overflow(capture)
+            async with asyncio.timeout(ACK_WAIT_S):
+                ok = await fut
+        except TimeoutError:
+            ok = False
+        if not ok:
+            writer.stats["unacknowledged"] += 1
 
     def _capture(self, flow: http.HTTPFlow, killed: bool) -> dict:
         meta = flow.metadata
@@ -288,32 +359,34 @@ class Recorder:
         return capture
 
     def done(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            self.task = None
+        for task in self.tasks:
+            task.cancel()
+        self.tasks = []
         writer, queue = self.writer, self.queue
         if writer is None or queue is None:
             records.release_locks(self.locks)
             self.locks = []
             return
         self.writer = self.queue = None
-        # Whatever the task took but did not hand to the thread, then what is still queued: written
-        # here, synchronously (bounded: a store that does not answer sends it all to the spill file).
-        with writer.lock:
-            left = list(self.inflight)
-            self.inflight.clear()
-        while not queue.empty():
-            left.append(queue.get_nowait())
+        # What the journal task took but the thread did not write yet (`journal` empties the list it wrote),
+        # then what is still queued: journaled and stored here, synchronously (bounded: a store that does
+        # not answer leaves them in the journal, replayed at the next start).
+        writer.journal(self.inflight)
+        left = [c for c, _ in queue]
+        queue.clear()
         for i in range(0, len(left), self.batch):
-            writer.write(left[i : i + self.batch])
+            writer.journal(left[i : i + self.batch])
         writer.close()
         records.release_locks(self.locks)
         self.locks = []
         s = writer.stats
         logger.info(
-            "OpenFlare recorder: %d records this run: %d stored, %d spilled, %d replayed, %d overflowed, %d rejected, %d lost",
-            s["records"], s["stored"], s["spilled"], s["replayed"], s["overflowed"], s["rejected"], s["lost"],
+            "OpenFlare recorder: %d records this run: %d stored, %d spilled, %d replayed, %d overflowed, %d rejected, "
+            "%d unacknowledged, %d torn lines set aside, %d lost",
+            s["records"], s["stored"], s["spilled"], s["replayed"], s["overflowed"], s["rejected"], s["unacknowledged"], s["torn"], s["lost"],
         )
+        if s["disk_full"]:
+            logger.error("OpenFlare recorder: the disk was full %d times this run (the journal could not be written)", s["disk_full"])
         if s["lost"]:
             logger.error("OpenFlare recorder lost %d records this run", s["lost"])
 

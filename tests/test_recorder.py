@@ -100,10 +100,10 @@ async def test_tiers_masking_and_once_only(tmp_path):
         configure(tctx, r, tmp_path)
         r.running()
         ok, bad = passed_flow(), refused_flow()
-        r.response(ok)
-        r.response(bad)
-        r.error(bad)  # a flow is recorded once, whatever fires after its response
-        r.response(ok)
+        await r.response(ok)
+        await r.response(bad)
+        await r.error(bad)  # a flow is recorded once, whatever fires after its response
+        await r.response(ok)
         r.done()
     recs = stored(tmp_path)
     assert len(recs) == 2
@@ -132,8 +132,8 @@ async def test_bans_rate_limits_and_kills_are_refusals(tmp_path):
         killed.kill()
         assert not killed.live
         for f in (banned, limited):
-            r.response(f)
-        r.error(killed)
+            await r.response(f)
+        await r.error(killed)
         r.done()
     recs = {x["client_ip"]: x for x in stored(tmp_path)}
     assert [(recs[ip]["tier"], recs[ip]["verdict"], recs[ip]["refused_by"]) for ip in ("192.0.2.1", "192.0.2.2", "192.0.2.3")] == [
@@ -152,7 +152,7 @@ async def test_a_refusal_to_head_is_a_refusal_by_score(tmp_path):
         f = refused_flow()
         f.request.method = "HEAD"
         f.response = common.refusal(method="HEAD")
-        r.response(f)
+        await r.response(f)
         r.done()
     (rec,) = stored(tmp_path)
     assert (rec["tier"], rec["method"], rec["refused_by"], rec["status"]) == ("full", "HEAD", "score", 403)
@@ -165,11 +165,11 @@ async def test_flows_read_from_a_file_are_not_recorded(tmp_path):
         r.running()
         old = refused_flow()
         old.live = False
-        r.response(old)
+        await r.response(old)
         old_killed = passed_flow()
         old_killed.request.timestamp_start = 1_000_000.0
         old_killed.kill()
-        r.error(old_killed)
+        await r.error(old_killed)
         r.done()
     assert stored(tmp_path) == []
 
@@ -180,7 +180,7 @@ async def test_benign_one_in_n_recorded_in_full(tmp_path):
         configure(tctx, r, tmp_path, openflare_record_benign_one_in=3)
         r.running()
         for i in range(9):
-            r.response(passed_flow(path=f"/p{i}?password=x".encode()))
+            await r.response(passed_flow(path=f"/p{i}?password=x".encode()))
         r.done()
     recs = stored(tmp_path)
     fulls = [x for x in recs if x["tier"] == "full"]
@@ -196,7 +196,7 @@ async def test_body_cap(tmp_path):
         f = refused_flow()
         f.request.headers["content-type"] = "text/plain"
         f.request.content = b"A" * 5000
-        r.response(f)
+        await r.response(f)
         r.done()
     (rec,) = stored(tmp_path)
     assert rec["body"] == "A" * 100 and rec["body_size"] == 5000 and rec["body_truncated"] is True
@@ -208,14 +208,28 @@ async def test_background_writer_stores_while_running(tmp_path):
         configure(tctx, r, tmp_path)
         r.running()
         for i in range(50):
-            r.response(passed_flow(ip=f"10.0.0.{i}"))
+            await r.response(passed_flow(ip=f"10.0.0.{i}"))
         for _ in range(200):  # the writer task drains the queue on its own
             await asyncio.sleep(0.05)
             if r.writer.stats["stored"] == 50:
                 break
-        assert r.writer.stats["stored"] == 50 and r.queue.empty()
+        assert r.writer.stats["stored"] == 50 and not r.queue
         r.done()
     assert len(stored(tmp_path)) == 50
+
+
+async def test_a_response_waits_for_its_journal_write(tmp_path):
+    """The hook returns (the response goes) only once the record is in the journal file."""
+    r = recorder.Recorder()
+    with taddons.context(r) as tctx:
+        configure(tctx, r, tmp_path)
+        r.running()
+        await r.response(refused_flow())
+        journal = [x for batch in records.SpillFile(tmp_path / "spill.jsonl").read(10) for x in batch]
+        assert [(x["seq"], x["tier"], x["client_ip"]) for x in journal] == [(0, "full", "198.51.100.9")]
+        assert r.writer.stats["unacknowledged"] == 0
+        r.done()
+    assert len(stored(tmp_path)) == 1 and not (tmp_path / "spill.jsonl").exists()
 
 
 async def test_full_queue_overflows_instead_of_blocking(tmp_path):
@@ -223,9 +237,9 @@ async def test_full_queue_overflows_instead_of_blocking(tmp_path):
     with taddons.context(r) as tctx:
         configure(tctx, r, tmp_path, openflare_record_queue=5)
         r.running()
-        for i in range(40):  # no await: the writer cannot run, so the queue fills
-            r.response(passed_flow(ip=f"10.1.0.{i}"))
-        assert r.queue.qsize() == 5 and r.writer.stats["overflowed"] == 35
+        # 40 flows at once: the journal task cannot run before all of them have queued or overflowed
+        await asyncio.gather(*(r.response(passed_flow(ip=f"10.1.0.{i}")) for i in range(40)))
+        assert r.writer.stats["overflowed"] == 35 and r.writer.stats["journaled"] == 5
         r.done()
         stats = r.writer.stats if r.writer else None
     assert stats is None
@@ -244,8 +258,8 @@ async def test_done_flushes_to_spill_when_the_store_is_down(tmp_path, caplog):
         configure(tctx, r, tmp_path, openflare_mongo_uri=uri)
         r.running()
         for i in range(20):
-            r.response(passed_flow(ip=f"10.2.0.{i}"))
-        r.response(refused_flow())
+            await r.response(passed_flow(ip=f"10.2.0.{i}"))
+        await r.response(refused_flow())
         r.done()
     spilled = [x for batch in records.SpillFile(tmp_path / "spill.jsonl").read(100) for x in batch]
     assert len(spilled) == 21 and [x["seq"] for x in spilled] == list(range(21))
@@ -266,21 +280,22 @@ async def test_disabled_records_nothing(tmp_path):
     with taddons.context(r) as tctx:
         configure(tctx, r, tmp_path, openflare_record=False)
         r.running()
-        r.response(refused_flow())
+        await r.response(refused_flow())
         r.done()
     assert not (tmp_path / "store").exists()
 
 
-async def test_done_writes_the_batch_the_writer_was_still_gathering(tmp_path):
+async def test_done_writes_what_the_journal_task_was_still_writing(tmp_path):
     r = recorder.Recorder()
     with taddons.context(r) as tctx:
         configure(tctx, r, tmp_path)
         r.running()
-        for i in range(3):
-            r.response(passed_flow(ip=f"10.3.0.{i}"))
-        await asyncio.sleep(0.05)  # the task has taken the records and waits for more (LINGER_S)
-        assert len(r.inflight) == 1 and r.queue.qsize() == 2
+        waiting = [asyncio.ensure_future(r.response(passed_flow(ip=f"10.3.0.{i}"))) for i in range(3)]
+        await asyncio.sleep(0)  # the hooks queue their captures
+        r.inflight = [r.queue.popleft()[0]]  # as if the journal task had taken one and not written it yet
         r.done()
+        for w in waiting:
+            w.cancel()
     assert len(stored(tmp_path)) == 3
 
 
@@ -325,7 +340,7 @@ async def test_a_second_process_on_the_same_store_does_not_start(tmp_path, other
         assert f"pid {other_process.pid}" in errors[0] and str((tmp_path / "store").resolve()) in errors[0]
         assert "own openflare_record_dir and openflare_record_spill" in errors[0] and "Not starting" in errors[0]
         assert r.writer is None and r.locks == []
-        r.response(refused_flow())  # a flow this process sees: not recorded, not spilled
+        await r.response(refused_flow())  # a flow this process sees: not recorded, not spilled
         r.done()
     assert spill.read_text() == records.dumps_line({"_id": "theirs", "chain": "other", "seq": 0})
     assert not (tmp_path / "store" / "openflare").exists()  # nothing written to the store either
@@ -430,7 +445,7 @@ async def test_the_record_and_comment_name_the_deciding_field(tmp_path, loc, nam
         assert f.response.status_code == common.BLOCK_STATUS
         assert f.metadata[common.FIELD] == [loc, name]
         assert f'{loc} "{name}": ' in f.comment
-        r.response(f)
+        await r.response(f)
         r.done()
     (rec,) = stored(tmp_path)
     assert rec["refused_by"] == "score" and rec["field"] == [loc, name]
@@ -453,7 +468,7 @@ async def test_an_oversize_refusal_is_recorded_as_such_with_its_body_as_sent(tmp
         f.request.timestamp_start = time.time()
         fx.request(f)
         assert f.response.status_code == 413
-        r.response(f)
+        await r.response(f)
         r.done()
     (rec,) = stored(tmp_path)
     assert rec["refused_by"] == "oversize" and rec["verdict"] == "block" and rec["status"] == 413

@@ -177,8 +177,16 @@ def test_headers_capped():
 # --- hash chain -------------------------------------------------------------------------------------
 
 
-def chained(n=5, instance="i1"):
-    ch = records.Chain(instance)
+INTACT = {"truncated": [], "broken": None, "gaps": [], "labelled": [], "unauthenticated": 0}
+
+
+@pytest.fixture(autouse=True)
+def no_record_key(monkeypatch):
+    monkeypatch.delenv(records.ENV_KEY, raising=False)
+
+
+def chained(n=5, instance="i1", key=None):
+    ch = records.Chain(instance, key)
     m = records.Masker()
     return [ch.link(records.build(full(i) if i % 2 else brief(i), m)) for i in range(n)]
 
@@ -189,7 +197,7 @@ def test_chain_links_and_verifies():
     assert recs[0]["prev"] == records.GENESIS and recs[0]["prev_time"] is None
     assert all(b["prev"] == a["hash"] and b["prev_time"] == a["time"] for a, b in zip(recs, recs[1:]))
     assert all(r["_id"] == r["hash"] == records.record_hash(r) for r in recs)
-    assert records.verify(recs) == {"chains": 1, "records": 5, "truncated": [], "broken": None}
+    assert records.verify(recs) == dict(INTACT, chains=1, records=5)
 
 
 @pytest.mark.parametrize(
@@ -217,10 +225,18 @@ def test_rehashed_forgery_is_caught_by_the_next_link():
     assert b["seq"] == 3 and "prev does not match" in b["reason"]
 
 
-def test_labels_are_outside_the_chain():
+def test_a_label_written_into_a_record_is_reported():
+    """Labels live in the labels collection: one written into a record (which the hash leaves out, so
+    the chain still links) is an edit, and export must not take it for an operator's label."""
     recs = chained()
     recs[1]["label"] = "benign"
     recs[1]["label_by"] = "ops"
+    v = records.verify(recs)
+    assert v["records"] == 5 and v["labelled"] == [{"chain": recs[1]["chain"], "seq": 1, "id": recs[1]["_id"],
+                                                    "fields": ["label", "label_by"], "label": "benign"}]
+    assert v["broken"]["seq"] == 1 and "label, label_by written into the record (label 'benign')" in v["broken"]["reason"]
+    assert records.to_dataset(recs[1])["label_source"] == "verdict" and records.to_dataset(recs[1])["label"] == "attack"
+    recs[1]["label"] = recs[1]["label_by"] = None  # what build writes: no label
     assert records.verify(recs)["broken"] is None
 
 
@@ -235,7 +251,7 @@ def test_retention_may_cut_a_chain_start_only_when_expired():
 def test_several_chains():
     a, b = chained(3, "proxy-a"), chained(3, "proxy-b")
     recs = sorted(a + b, key=lambda r: (r["chain"], r["seq"]))
-    assert records.verify(recs) == {"chains": 2, "records": 6, "truncated": [], "broken": None}
+    assert records.verify(recs) == dict(INTACT, chains=2, records=6)
 
 
 # --- stores --------------------------------------------------------------------------------------------
@@ -302,8 +318,8 @@ def test_outage_spills_then_replays_in_order_without_duplicates(tmp_path):
     w.write([brief(i) if i % 3 else full(i) for i in range(120)])
     assert w.stats["spilled"] == 120 and w.stats["stored"] == 0 and w.stats["lost"] == 0
     assert w.spill.pending()
-    lines = (tmp_path / "spill.jsonl").read_text().splitlines()
-    assert [json.loads(x)["seq"] for x in lines] == list(range(120))
+    lines = (tmp_path / "spill.jsonl").read_bytes().splitlines()  # bytes: str.splitlines splits at RS too
+    assert all(x.startswith(records.RS) for x in lines) and [json.loads(x[1:])["seq"] for x in lines] == list(range(120))
     # while down, new records go on appending (one failed attempt per retry interval, not per batch)
     w.write([brief(i) for i in range(120, 130)])
     assert w.stats["spilled"] == 130
@@ -315,14 +331,15 @@ def test_outage_spills_then_replays_in_order_without_duplicates(tmp_path):
     assert not w.spill.pending()
     assert w.stats["replayed"] == 130 and up.coll.count_documents({}) == 130
     assert records.verify(up.find())["broken"] is None
-    # a crash after inserting but before clearing the spill file: the replay is idempotent
-    (tmp_path / "spill.jsonl").write_text("\n".join(lines) + "\n")
-    w.maintain(force_replay=True)
-    assert up.coll.count_documents({}) == 130 and w.stats["duplicates"] == 120
     # later records are stored directly again, on the same chain
     w.write([brief(200)])
     assert w.stats["stored"] == 1 and up.coll.count_documents({}) == 131
     assert records.verify(up.find())["records"] == 131
+    # a crash after inserting but before emptying the journal: the next run's replay is idempotent
+    (tmp_path / "spill.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    w2 = writer(up, tmp_path)
+    w2.maintain(force_replay=True)
+    assert up.coll.count_documents({}) == 131 and w2.stats["duplicates"] == 120 and not w2.spill.pending()
 
 
 def test_spill_replays_into_the_embedded_store(tmp_path):
@@ -333,7 +350,7 @@ def test_spill_replays_into_the_embedded_store(tmp_path):
     w.store = records.open_store(directory=tmp_path / "store")
     w.maintain(force_replay=True)
     assert w.store.coll.count_documents({}) == 250 and not w.spill.pending()
-    assert records.verify(w.store.find()) == {"chains": 1, "records": 250, "truncated": [], "broken": None}
+    assert records.verify(w.store.find()) == dict(INTACT, chains=1, records=250)
 
 
 def test_torn_last_spill_line_is_skipped(tmp_path):
@@ -373,7 +390,7 @@ def test_rejected_documents_are_kept_aside(tmp_path):
     store.coll.insert_many = refuse_second
     w.write([brief(0), brief(1)])
     assert w.stats["stored"] == 1 and w.stats["rejected"] == 1 and w.stats["lost"] == 0
-    assert len((tmp_path / "spill.jsonl.rejected").read_text().splitlines()) == 1
+    assert len((tmp_path / "spill.jsonl.rejected").read_bytes().splitlines()) == 1
 
 
 def test_unbuildable_capture_is_counted_lost(tmp_path, caplog):
@@ -401,8 +418,10 @@ def test_to_dataset_format():
     assert line["id"].startswith("openflare-") and line["meta"]["record_id"] == attack["_id"]
     sampled = ch.link(records.build(full(1, verdict="pass", score=2, sampled=True, refused_by=None, category=None), m))
     assert records.to_dataset(sampled)["label"] == "benign" and records.to_dataset(sampled)["category"] == "benign"
-    sampled["label"] = "attack"
-    assert records.to_dataset(sampled)["label"] == "attack" and records.to_dataset(sampled)["label_source"] == "operator"
+    label = records.operator_label(sampled, "attack", time.time())  # a labels document: outside the chains
+    assert records.to_dataset(label)["label"] == "attack" and records.to_dataset(label)["label_source"] == "operator"
+    sampled["label"] = "attack"  # written into the record itself: not an operator's label
+    assert records.to_dataset(sampled)["label"] == "benign" and records.to_dataset(sampled)["label_source"] == "verdict"
     assert records.to_dataset(ch.link(records.build(brief(2), m))) is None
 
 
@@ -457,3 +476,170 @@ def test_export_puts_operator_labels_first_and_they_win(tmp_path, capsys):
     assert export_records.main(["--dir", str(d), "--out", str(out), "--no-labels"]) == 0
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [(x["label"], x["body"]) for x in lines] == [("attack", ""), ("attack", "x=1")]
+
+
+# --- keyed chains (OPENFLARE_RECORD_KEY) --------------------------------------------------------------
+
+KEY = b"k" * 32
+
+
+def test_a_keyed_chain_rehashed_after_an_edit_is_caught_with_the_key():
+    recs = chained(key=KEY)
+    assert all(r["keyed"] == records.key_id(KEY) for r in recs)
+    assert records.verify(recs, key=KEY) == dict(INTACT, chains=1, records=5)
+    # an edit re-hashed down the whole chain, as someone without the key can do (plain sha256 or a guessed key)
+    for forge_key in (None, b"guess" * 8):
+        forged = [dict(r) for r in recs]
+        forged[2]["score"] = 1
+        prev = forged[1]["hash"]
+        for r in forged[2:]:
+            r["prev"] = prev
+            r["hash"] = r["_id"] = prev = records.record_hash(r, forge_key)
+        b = records.verify(forged, key=KEY)["broken"]
+        assert b["seq"] == 2 and "content changed" in b["reason"]
+        # without the key the walk can only check the links, and says so
+        v = records.verify(forged, key=None)
+        assert v["broken"] is None and v["unauthenticated"] == 5
+
+
+def test_with_a_key_an_unkeyed_chain_is_broken_unless_allowed_and_another_key_is_named():
+    plain = chained()
+    b = records.verify(plain, key=KEY)["broken"]
+    assert b["seq"] == 0 and "not keyed" in b["reason"]
+    assert records.verify(plain, key=KEY, allow_unkeyed=True)["broken"] is None
+    b = records.verify(chained(key=b"other" * 8), key=KEY)["broken"]
+    assert "keyed with another key" in b["reason"]
+
+
+def test_the_key_comes_from_the_environment(monkeypatch):
+    recs = chained(key=KEY)
+    recs[1]["score"] = 0
+    recs[1]["hash"] = recs[1]["_id"] = records.record_hash(recs[1])  # re-hashed without the key
+    monkeypatch.setenv(records.ENV_KEY, KEY.decode())
+    assert records.env_key() == KEY and "content changed" in records.verify(recs)["broken"]["reason"]
+    monkeypatch.delenv(records.ENV_KEY)
+    b = records.verify(recs)["broken"]  # without the key only the next link shows the edit
+    assert records.env_key() is None and b["seq"] == 2 and "prev does not match" in b["reason"]
+
+
+# --- framing, torn lines ---------------------------------------------------------------------------------
+
+
+def test_framed_files_survive_a_torn_record_in_the_middle_and_at_the_end(tmp_path):
+    recs = chained(4)
+    path = tmp_path / "s.jsonl"
+    torn = records.frame(recs[1])[:40]  # a write cut short: no end of line, the next record appended after it
+    legacy = records.dumps_line(recs[3]).encode()  # a line written before the framing
+    path.write_bytes(records.frame(recs[0]) + torn + records.frame(recs[2]) + legacy + b"not json\n" + records.frame(recs[3])[:-9])
+    got = list(records.read_frames(path))
+    assert [(n, d["seq"] if d else None, why) for n, d, why in got] == [
+        (1, 0, None),
+        (2, None, "torn record (cut short, the next record follows it)"),
+        (2, 2, None),
+        (3, 3, None),
+        (4, None, "not a JSON object"),
+        (5, None, "torn last line"),
+    ]
+    spill = records.SpillFile(path)
+    assert [d["seq"] for batch in spill.read(10) for d in batch] == [0, 2, 3]
+    assert [(n, why) for _, n, why in spill.bad] == [(2, got[1][2]), (4, "not a JSON object"), (5, "torn last line")]
+
+
+def test_a_torn_leftover_is_replayed_set_aside_and_recording_goes_on(tmp_path, caplog):
+    recs = chained(3, "earlier-run")
+    spill = tmp_path / "spill.jsonl"
+    spill.write_bytes(b"".join(records.frame(r) for r in recs) + records.frame(chained(4, "earlier-run")[3])[:25])
+    store = mem_store()
+    w = writer(store, tmp_path)
+    assert [p.name for p in w.leftovers] == ["spill.jsonl.1"]  # sealed: never appended to
+    w.write([brief(10), brief(11)])
+    assert store.coll.count_documents({}) == 5 and w.stats["torn"] == 1 and w.stats["replayed"] == 3
+    assert w.stats["stored"] == 2 and not w.leftovers
+    assert (tmp_path / "spill.jsonl.1.torn").exists() and not (tmp_path / "spill.jsonl.1").exists()
+    assert "1 bad line(s) (line 4: torn last line); the other 3 records are stored; the file is set aside" in caplog.text
+    w.write([brief(12)])  # nothing is stuck: later records go straight to the store
+    assert w.stats["stored"] == 3 and not w.spill.pending()
+
+
+def test_a_short_write_is_cut_back_off_the_journal(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    j = records.Journal(tmp_path / "j.jsonl")
+    j.start()
+    j.append(records.frame({"seq": 0}), 0)
+    real = os.write
+
+    def half_then_full(fd, data):  # the disk fills in the middle of the write
+        n = real(fd, bytes(data[: len(data) // 2]))
+        monkeypatch.setattr(os, "write", lambda fd, data: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+        return n
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(OSError):
+        j.append(records.frame({"seq": 1}) * 3, 1)
+    monkeypatch.setattr(os, "write", real)
+    assert (tmp_path / "j.jsonl").read_bytes() == records.frame({"seq": 0}) and not j.torn
+    j.append(records.frame({"seq": 1}), 1)
+    assert [d["seq"] for _, d, _ in records.read_frames(tmp_path / "j.jsonl")] == [0, 1]
+
+
+# --- a full disk ---------------------------------------------------------------------------------------
+
+
+def full_disk(monkeypatch):
+    """os.write fails with ENOSPC until the returned function is called (space freed)."""
+    import errno
+    import os
+
+    real = os.write
+
+    def enospc(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", enospc)
+    return lambda: monkeypatch.setattr(os, "write", real)
+
+
+def test_a_full_disk_holds_records_then_notes_what_it_lost_as_a_gap(tmp_path, monkeypatch, caplog):
+    store = mem_store()
+    w = writer(store, tmp_path, hold=5)
+    w.write([brief(i) for i in range(3)])
+    freed = full_disk(monkeypatch)
+    assert w.journal([brief(i) for i in range(3, 6)]) is False  # held: 3
+    assert w.journal([brief(i) for i in range(6, 14)]) is False  # 2 more held, 6 lost
+    assert w.stats["disk_full"] == 2 and w.stats["lost"] == 6 and len(w.held) == 5
+    assert "DISK FULL writing the journal" in caplog.text and "5 records held in memory, 6 lost so far" in caplog.text
+    w.deliver()
+    assert store.coll.count_documents({}) == 3  # what was journaled before the disk filled is stored
+    freed()
+    w.write([brief(20)])
+    recs = list(store.find())
+    assert [(r["tier"], r["seq"]) for r in recs] == [("brief", i) for i in range(8)] + [("gap", 8), ("brief", 9)]
+    gap = recs[8]
+    assert gap["lost"] == 6 and "disk full" in gap["reason"] and gap["first_time"] == records.to_time(T0 + 8)
+    assert gap["last_time"] == records.to_time(T0 + 13)
+    v = records.verify(recs)
+    assert v["broken"] is None and [(g["seq"], g["lost"]) for g in v["gaps"]] == [(8, 6)]
+    code, lines = records.log_report(v, "test")
+    assert code == 0 and "GAP: chain" in lines[0] and "6 records lost" in lines[0] and "every link intact" in lines[-1]
+
+
+def test_verify_log_reports_bad_spill_lines_gaps_and_labels_without_crashing(tmp_path, capsys):
+    verify_log = load_script("verify_log")
+    store = records.open_store(directory=tmp_path / "store")
+    recs = chained(4)
+    store.insert(recs[:2])
+    store.close()
+    spill = tmp_path / "spill.jsonl"
+    spill.write_bytes(records.frame(recs[2]) + b'{"_id": "torn\n' + records.frame(recs[3]) + b"\x1e{half")
+    assert verify_log.main(["--dir", str(tmp_path / "store"), "--spill", str(spill)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("BAD LINE") == 2 and "line 2: not a JSON object" in out and "line 4: torn last line" in out
+    assert "4 records in 1 chains, every link intact; 2 bad journal line(s) skipped" in out
+    store = records.open_store(directory=tmp_path / "store")
+    store.coll.update_one({"seq": 1}, {"$set": {"label": "benign"}})
+    store.close()
+    assert verify_log.main(["--dir", str(tmp_path / "store"), "--spill", str(spill)]) == 1
+    out = capsys.readouterr().out
+    assert "LABEL IN RECORD: chain" in out and "seq 1" in out and "BROKEN" in out and "label 'benign'" in out
