@@ -187,7 +187,8 @@ async def test_scorer_reload_verifies_and_swaps_and_uses_the_card_threshold(tmp_
     cur_path = models.save(models.constant_model(0.1), d, version="v1", threshold=6)
     sc = scorer.Scorer()
     with taddons.context(sc) as tctx:
-        tctx.configure(sc, openflare_model=str(cur_path), openflare_llm_enabled=False)
+        tctx.configure(sc, openflare_model=str(cur_path), openflare_llm_enabled=False,
+                       openflare_model_probe_attacks=0, openflare_model_probe_benign=0)  # constant models: no probe check
         assert sc.model.version == "v1" and sc.threshold == 6
         cand = models.save(models.constant_model(0.2), d, "candidate", version="v2", parent_version="v1", threshold=8)
         retraining.install(cand, cur_path)
@@ -218,7 +219,8 @@ async def test_scorer_file_watch_picks_up_a_promotion(tmp_path):
     cur_path = models.save(models.constant_model(0.1), d, version="v1")
     sc = scorer.Scorer()
     with taddons.context(sc) as tctx:
-        tctx.configure(sc, openflare_model=str(cur_path), openflare_llm_enabled=False, openflare_model_watch=1)
+        tctx.configure(sc, openflare_model=str(cur_path), openflare_llm_enabled=False, openflare_model_watch=1,
+                       openflare_model_probe_attacks=0, openflare_model_probe_benign=0)  # constant models: no probe check
         sc.running()
         try:
             cand = models.save(models.constant_model(0.2), d, "candidate", version="v2", parent_version="v1")
