@@ -749,6 +749,10 @@ class Store:
                 self._sqlite = sqlite3.connect(sub._col_path, check_same_thread=False, timeout=5.0)
                 self._sqlite.execute("PRAGMA journal_mode=WAL")
                 self._sqlite.execute("PRAGMA synchronous=NORMAL")
+                # montydb takes an existing file for a collection: one created on a full disk (empty, no table)
+                # would refuse every insert, across restarts. Its own table, made here if missing.
+                self._sqlite.execute(monty_sqlite.CREATE_TABLE.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS", 1)
+                                     .format(monty_sqlite.SQLITE_RECORD_TABLE))
             rows = [(monty_bson.id_encode(d["_id"]), sub._encode_doc(d, check_keys=True)) for d in docs]
             sql = f"INSERT OR IGNORE INTO [{monty_sqlite.SQLITE_RECORD_TABLE}](k, v) VALUES (?, ?)"
             with self._sqlite:

@@ -289,6 +289,15 @@ def test_embedded_store_persists_ignores_duplicates_and_expires(tmp_path):
     assert records.verify(again.find(), days=30, now=now)["truncated"][0]["first_seq"] == 3
 
 
+def test_an_embedded_collection_file_left_empty_by_a_full_disk_still_takes_records(tmp_path):
+    store = records.open_store(directory=tmp_path / "store")
+    (tmp_path / "store" / "openflare").mkdir()
+    (tmp_path / "store" / "openflare" / "records.collection").write_bytes(b"")  # created, its table never made
+    assert store.insert(chained(2)) == (2, 0, [])
+    assert len(list(store.find())) == 2
+    store.close()
+
+
 def test_retention_on_a_new_embedded_store_expires_nothing(tmp_path):
     # make run's first start: the store directory is new, montydb has no database file yet.
     store = records.open_store(directory=tmp_path / "new")
