@@ -4,11 +4,11 @@
 2. In process: every family x every attack through the real addons (FeatureExtractor + Scorer in one
    module-scoped taddons context, the shipped model): refused with 403, or 413/431 where the request is
    beyond the inspection limits (never forwarded uninspected, so not a bypass either).
-3. End to end: one attack per family through a real mitmdump in front of the demo app, refused without
-   reaching the app.
+3. End to end: every pair again through a real mitmdump in front of the demo app, refused without reaching
+   the app.
 
-Today's model lets some pairs through. They are listed in KNOWN_BYPASSES, which is asserted exactly: a new
-bypass fails, and so does a listed pair that is now refused (remove it: the list can only shrink). The
+The shipped model lets no pair through. KNOWN_BYPASSES (empty) is asserted exactly: a new bypass fails, and
+so would a listed pair that is now refused (the list can only shrink). The
 families are never weakened to make a model pass. `scripts/evasion_report.py --pairs` shows each bypass
 with its score and the field that scored highest.
 """
@@ -32,132 +32,9 @@ from addons.scorer import Scorer
 
 REFUSED = (common.BLOCK_STATUS, 413, 431)
 
-# Why pairs pass today (model m1, "local-m1", at the card's threshold 6). The file and function named are
-# where the fault is; none of them is this suite's to fix.
-PADDED = ("fieldmodel.injection skips libinjection on a normalised text over 128 characters, though the n-grams read "
-          "only '\\x01h <payload>' (the A-padding is one hex shape token): short payloads lose the signal, score 6")
-PADDED_Z = ("fieldmodel.ngram_keys counts every occurrence of an n-gram (term frequency, not presence): the ~120 "
-            "z's sharing the payload's 128-character window add up one benign n-gram's weight and outweigh it")
-WORDS = ("model: the payload shares its 128-character window with 4 KB of words (n-grams diluted), and "
-         "fieldmodel.injection skips libinjection on texts over 128 characters: 5-6; the json class more than query")
-LDAP = "model: the LDAP filter is marginal plainly (8/10: p 0.958, operating point 0.928); as a header value it scores 6"
-WRAPPED = "model: a short SQLi in the header's syntax (for=\"..\", Bearer .., an ETag's quotes) scores 5-6"
-STRUCTURED = ("fields._headers keeps a structured header (Sec-CH-UA, Content-Type) whole: its items are no fields of "
-              "their own; the wrapped payload scores 5-6")
-
-
-def invisible(ch: str) -> str:
-    return (f"normaliser: fieldmodel.normalise (featurize.normalise) keeps {ch} (NFKC and _CTRL leave it), so the "
-            "payload's n-grams stay split; only attacks whose n-grams survive are caught")
-
-
-IBM037 = ("fields._body: a form's percent-escapes are never decoded in its declared charset (IBM037): the body reads as "
-          "IBM037 noise, then as UTF-8 pairs whose %XX normalise to Latin-1 noise")
-B64_PATH = ("model: the decoded path segment (path base64) of a URL payload scores 6; admin'-- in base64 is 11 "
-            "characters, under fields.decode_layer's 12")
-GRAPHQL = ("fields: a GraphQL string argument is no field of its own (the whole query is one value); the query around "
-           "it scores 5-6")
-PATH = "model: the path class scores URL-shaped payloads (SSRF, php://filter), percent-encoded in a segment, 4-6"
-NAME = "model: the name class scores a payload used as a parameter name or JSON key 5-6"
-NESTED_JSON = ("fields._Out.value decodes base64/hex layers only: a JSON document inside a value is not parsed, so the "
-               "payload is scored inside its JSON syntax (4-6)")
-
-# family: (why, the attacks that pass through it)
-_KNOWN: dict[str, tuple[str, str]] = {
-    "pad16k_query_same": (PADDED, "sqli_login ldap_injection"),
-    "pad70k_query_same": (PADDED, "sqli_login ldap_injection"),
-    "pad16k_json_same": (PADDED, "sqli_stacked sqli_login ldap_injection"),
-    "pad70k_json_same": (PADDED, "sqli_stacked sqli_login ldap_injection"),
-    "pad16k_form_same": (PADDED, "sqli_login ldap_injection"),
-    "pad70k_form_same": (PADDED, "sqli_login ldap_injection"),
-    "pad16k_query_same_z": (PADDED_Z,
-        "sqli_tautology sqli_union sqli_time sqli_stacked sqli_error sqli_login xss_script xss_img xss_svg "
-        "xss_js_uri traversal_windows lfi_php_filter cmdi_semicolon cmdi_subshell cmdi_pipe log4shell "
-        "ssti_spel ssrf_aws ssrf_gcp ssrf_file php_code ldap_injection"),
-    "pad16k_json_same_z": (PADDED_Z,
-        "sqli_tautology sqli_union sqli_time sqli_stacked sqli_error sqli_login xss_script xss_img xss_svg "
-        "xss_js_uri traversal_windows lfi_php_filter cmdi_semicolon cmdi_subshell cmdi_pipe shellshock "
-        "log4shell log4shell_nested ssti_spel ssrf_aws ssrf_gcp ssrf_file php_code ldap_injection"),
-    "pad16k_form_same_z": (PADDED_Z,
-        "sqli_tautology sqli_union sqli_time sqli_stacked sqli_error sqli_login xss_script xss_img xss_svg "
-        "xss_js_uri traversal_windows lfi_php_filter cmdi_semicolon cmdi_subshell cmdi_pipe log4shell "
-        "ssti_spel ssrf_aws ssrf_gcp ssrf_file php_code ldap_injection"),
-    "pad70k_query_same_z": (PADDED_Z,
-        "sqli_tautology sqli_union sqli_time sqli_stacked sqli_error sqli_login xss_script xss_img xss_svg "
-        "xss_js_uri traversal_windows lfi_php_filter cmdi_semicolon cmdi_subshell cmdi_pipe log4shell "
-        "ssti_spel ssrf_aws ssrf_gcp ssrf_file php_code ldap_injection"),
-    "pad70k_json_same_z": (PADDED_Z,
-        "sqli_tautology sqli_union sqli_time sqli_stacked sqli_error sqli_login xss_script xss_img xss_svg "
-        "xss_js_uri traversal_windows lfi_php_filter cmdi_semicolon cmdi_subshell cmdi_pipe shellshock "
-        "log4shell log4shell_nested ssti_spel ssrf_aws ssrf_gcp ssrf_file php_code ldap_injection"),
-    "pad70k_form_same_z": (PADDED_Z,
-        "sqli_tautology sqli_union sqli_time sqli_stacked sqli_error sqli_login xss_script xss_img xss_svg "
-        "xss_js_uri traversal_windows lfi_php_filter cmdi_semicolon cmdi_subshell cmdi_pipe log4shell "
-        "ssti_spel ssrf_aws ssrf_gcp ssrf_file php_code ldap_injection"),
-    "words4k_query": (WORDS, "sqli_stacked sqli_login ldap_injection"),
-    "words4k_json": (WORDS,
-        "sqli_tautology sqli_union sqli_time sqli_stacked sqli_login xss_img xss_svg xss_js_uri cmdi_pipe "
-        "ssrf_aws ldap_injection"),
-    "words4k_form": (WORDS, "sqli_stacked sqli_login ldap_injection"),
-    "header_x_api_version": (LDAP, "ldap_injection"),
-    "header_accept_language": (LDAP, "ldap_injection"),
-    "header_x_foo": (LDAP, "ldap_injection"),
-    "header_origin": (LDAP, "ldap_injection"),
-    "header_x_forwarded_host": (LDAP, "ldap_injection"),
-    "header_x_forwarded_for": (WRAPPED, "sqli_stacked ldap_injection"),
-    "header_x_real_ip": (LDAP, "ldap_injection"),
-    "header_forwarded": (WRAPPED, "sqli_stacked sqli_login ldap_injection"),
-    "header_authorization": (WRAPPED, "sqli_stacked ldap_injection"),
-    "header_accept": (LDAP, "ldap_injection"),
-    "header_x_requested_with": (LDAP, "ldap_injection"),
-    "header_if_none_match": (WRAPPED, "sqli_stacked"),
-    "header_cache_control": (LDAP, "ldap_injection"),
-    "header_x_http_method_override": (LDAP, "ldap_injection"),
-    "header_sec_ch_ua": (STRUCTURED, "sqli_union sqli_stacked sqli_login ssrf_aws ssrf_gcp ldap_injection"),
-    "header_true_client_ip": (LDAP, "ldap_injection"),
-    "header_x_client_data": (LDAP, "ldap_injection"),
-    "content_type_param": (STRUCTURED, "sqli_union sqli_stacked sqli_login xss_js_uri ssrf_aws ldap_injection"),
-    "content_type_whole": (LDAP, "ldap_injection"),
-    "zwsp_json": (invisible("U+200B"), "sqli_time sqli_stacked sqli_login xss_js_uri"),
-    "zwsp_json_escaped": (invisible("U+200B"), "sqli_time sqli_stacked sqli_login xss_js_uri"),
-    "zwsp_query": (invisible("U+200B"), "sqli_time sqli_stacked sqli_login xss_js_uri ssrf_file"),
-    "soft_hyphen_json": (invisible("U+00AD"),
-        "sqli_tautology sqli_union sqli_time sqli_stacked sqli_error sqli_login xss_script xss_img xss_svg "
-        "xss_js_uri xss_attr_break traversal_unix traversal_windows lfi_php_filter cmdi_semicolon "
-        "cmdi_subshell cmdi_pipe shellshock log4shell log4shell_nested ssti_jinja ssti_spel ssrf_aws ssrf_gcp "
-        "ssrf_file xxe php_code ldap_injection"),
-    "bidi_rlo_json": (invisible("U+202E"), "sqli_stacked sqli_login"),
-    "bidi_isolate_json": (invisible("U+2066"),
-        "sqli_union sqli_time sqli_stacked sqli_error sqli_login xss_script xss_img xss_svg xss_js_uri "
-        "xss_attr_break traversal_windows lfi_php_filter cmdi_semicolon cmdi_subshell cmdi_pipe log4shell "
-        "log4shell_nested ssti_jinja ssti_spel ssrf_aws ssrf_gcp ssrf_file php_code ldap_injection"),
-    "zwj_json": (invisible("U+200D"), "sqli_time sqli_stacked sqli_login xss_js_uri"),
-    "bom_inside_json": (invisible("U+FEFF"),
-        "sqli_union sqli_time sqli_stacked sqli_error sqli_login xss_script xss_img xss_svg xss_js_uri "
-        "xss_attr_break traversal_windows lfi_php_filter cmdi_semicolon cmdi_subshell cmdi_pipe log4shell "
-        "log4shell_nested ssti_jinja ssti_spel ssrf_aws ssrf_gcp ssrf_file php_code ldap_injection"),
-    "invalid_utf8_inside": ("model: the marginal LDAP filter with a byte 0xff (kept as U+00FF) inside scores 6",
-        "ldap_injection"),
-    "ibm037_form_pct": (IBM037,
-        "sqli_stacked sqli_login xss_script xss_img xss_svg xss_js_uri lfi_php_filter cmdi_subshell cmdi_pipe "
-        "log4shell log4shell_nested ssrf_gcp ssrf_file"),
-    "base64_path": (B64_PATH, "sqli_login lfi_php_filter ssrf_aws ssrf_gcp"),
-    "null_byte": ("model: a short payload after shoes<NUL> in one value scores 6", "sqli_login ldap_injection"),
-    "graphql": (GRAPHQL, "sqli_union sqli_stacked sqli_login ldap_injection"),
-    "graphql_raw": (GRAPHQL, "sqli_stacked sqli_login"),
-    "path_segment": (PATH, "ssrf_gcp"),
-    "path_last": (PATH, "lfi_php_filter ssrf_aws ssrf_gcp"),
-    "param_name": (NAME, "sqli_stacked xss_js_uri ssrf_aws ssrf_gcp ldap_injection"),
-    "json_key": (NAME, "sqli_stacked xss_js_uri ssrf_aws ssrf_gcp ldap_injection"),
-    "json_in_json": (NESTED_JSON,
-        "sqli_union sqli_time sqli_stacked sqli_login xss_js_uri lfi_php_filter cmdi_pipe log4shell ssti_spel "
-        "ssrf_aws ssrf_gcp ssrf_file php_code ldap_injection"),
-    "json_in_query": (NESTED_JSON, "sqli_union sqli_stacked sqli_login ldap_injection"),
-}
-
-KNOWN_BYPASSES: dict[tuple[str, str], str] = {
-    (family, attack): why for family, (why, attacks) in _KNOWN.items() for attack in attacks.split()
-}
+# Pairs the shipped model lets through, with why: none. A pair that starts passing fails the test; if one
+# must be accepted for a while, list it here as (family, attack): "why", and the test holds the list exactly.
+KNOWN_BYPASSES: dict[tuple[str, str], str] = {}
 
 
 def _tflow(method: str, target: str, headers: list[tuple[str, str]], body: bytes):
@@ -233,15 +110,8 @@ def test_every_family_refused_in_process(verdicts):
 
 
 def e2e_pairs() -> list[tuple[str, str]]:
-    """One attack per family, the attacks taken in turn (so every attack is sent), skipping known bypasses."""
-    names = list(evasion.CLASSIC)
-    pairs = []
-    for i, family in enumerate(evasion.FAMILIES):
-        turn = [names[(i + k) % len(names)] for k in range(len(names))]
-        attack = next((a for a in turn if (family, a) not in KNOWN_BYPASSES), None)
-        if attack is not None:
-            pairs.append((family, attack))
-    return pairs
+    """Every family x every attack but the known bypasses (about 35 s through mitmdump on a loaded machine)."""
+    return [(f, a) for f in evasion.FAMILIES for a in evasion.CLASSIC if (f, a) not in KNOWN_BYPASSES]
 
 
 def send(conn: httpclient.HTTPConnection, method: str, target: str, headers, body: bytes):
@@ -265,7 +135,7 @@ def proxy(upstream, mitmdump, model_conf):
 @pytest.mark.e2e
 def test_every_family_refused_through_mitmdump(proxy):
     pairs = e2e_pairs()
-    assert len(pairs) >= len(evasion.FAMILIES) - 3  # a family is left out only if every attack bypasses it
+    assert len(pairs) == len(evasion.FAMILIES) * len(evasion.CLASSIC) - len(KNOWN_BYPASSES)
     passed = []
     conn = httpclient.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
     try:
