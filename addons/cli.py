@@ -209,7 +209,7 @@ def _on_store(s: Settings, work: Callable):
 
 def _ban_key(s: Settings, text: str) -> str:
     try:
-        return banstore.parse_key(text, s.opt("openflare_ipv6_prefix", 128, int))
+        return banstore.parse_key(text, s.opt("openflare_ipv6_prefix", banstore.DEFAULT_V6_PREFIX, int))
     except ValueError as e:
         raise BadInput(str(e)) from e
 

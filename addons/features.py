@@ -22,6 +22,7 @@ from addons import fields
 logger = logging.getLogger(__name__)
 
 _DEFAULT = fields.Limits()
+CLIENT_IP_HEADERS = ("auto", "forwarded", "x-forwarded-for", "x-real-ip")
 # (option, Limits field, default, lowest, help)
 LIMIT_OPTIONS = (
     ("openflare_inspect_body_bytes", "body_bytes", _DEFAULT.body_bytes, 1024,
@@ -40,6 +41,7 @@ class FeatureExtractor:
     def __init__(self) -> None:
         self.limits = fields.Limits()
         self.trusted: tuple = ()
+        self.ip_header = "auto"
 
     def load(self, loader) -> None:
         for name, _attr, default, _low, help_ in LIMIT_OPTIONS:
@@ -49,7 +51,15 @@ class FeatureExtractor:
             Sequence[str],
             [],
             "IPs or CIDR ranges of proxies in front of OpenFlare. Only from these peers are "
-            "X-Forwarded-For and Forwarded believed when finding the client IP.",
+            "Forwarded, X-Forwarded-For and X-Real-IP believed when finding the client IP.",
+        )
+        loader.add_option(
+            "openflare_client_ip_header",
+            str,
+            "auto",
+            "Which header a trusted proxy writes: auto (Forwarded if present, else X-Forwarded-For, else "
+            "X-Real-IP), or that one alone. Name yours if it passes a client's own Forwarded through.",
+            choices=CLIENT_IP_HEADERS,
         )
 
     def configure(self, updated) -> None:
@@ -68,13 +78,17 @@ class FeatureExtractor:
                 self.trusted = clientip.parse_networks(ctx.options.openflare_trusted_proxies)
             except ValueError as e:
                 raise exceptions.OptionsError(f"openflare_trusted_proxies: {e}") from e
+        if "openflare_client_ip_header" in updated:
+            if ctx.options.openflare_client_ip_header not in CLIENT_IP_HEADERS:
+                raise exceptions.OptionsError(f"openflare_client_ip_header must be one of {', '.join(CLIENT_IP_HEADERS)}")
+            self.ip_header = ctx.options.openflare_client_ip_header
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
         peer = flow.client_conn.peername[0] if flow.client_conn.peername else ""
         headers = flow.request.headers.items(multi=True) if self.trusted else ()  # read only behind a trusted proxy
-        flow.metadata[common.CLIENT_IP] = clientip.client_ip(peer, headers, self.trusted)
+        flow.metadata[common.CLIENT_IP] = clientip.client_ip(peer, headers, self.trusted, self.ip_header)
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:

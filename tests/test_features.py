@@ -218,3 +218,20 @@ async def test_loads_as_a_script():
         ns = tctx.script("addons/features.py")
         assert [type(a).__name__ for a in ns.addons] == ["FeatureExtractor"]
         assert "openflare_inspect_body_bytes" in tctx.options
+
+
+async def test_the_client_ip_header_can_be_named():
+    """Behind a proxy that writes X-Forwarded-For but passes a client's own Forwarded through, name the header."""
+    fx = FeatureExtractor()
+    with taddons.context(fx) as tctx:
+        tctx.configure(fx, openflare_trusted_proxies=["10.0.0.0/8"])
+        headers = [(b"Forwarded", b"for=192.0.2.99"), (b"X-Forwarded-For", b"198.51.100.7")]
+        f = flow(headers=headers, peer="10.0.0.2")
+        fx.requestheaders(f)
+        assert f.metadata[common.CLIENT_IP] == "192.0.2.99"  # auto: Forwarded wins
+        tctx.configure(fx, openflare_client_ip_header="x-forwarded-for")
+        f = flow(headers=headers, peer="10.0.0.2")
+        fx.requestheaders(f)
+        assert f.metadata[common.CLIENT_IP] == "198.51.100.7"
+        with pytest.raises(OptionsError):
+            tctx.configure(fx, openflare_client_ip_header="via")
