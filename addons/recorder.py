@@ -45,6 +45,10 @@ MAINTAIN_EVERY_S = 1.0
 LINGER_S = 0.25
 # A response waits at most this long for its record's journal write (a stalled disk must not stall traffic).
 ACK_WAIT_S = 2.0
+# Without fsync, a batch of up to this many captures is journaled on the event loop itself (build, chain, one
+# write(2) to the page cache), not in a worker thread: the thread hand-off per batch cost more CPU than the
+# write (scripts/bench_recorder.py). Larger batches, fsync, and a journal lock held by the store side go to a thread.
+ON_LOOP_MAX = 32
 # Options read once, when the writer starts (in `running`).
 STARTUP_OPTIONS = ("openflare_mongo_uri", "openflare_record_dir", "openflare_record_spill", "openflare_record_queue", "openflare_instance",
                    "openflare_record_fsync")
@@ -224,7 +228,7 @@ class Recorder:
                         len(self.writer.leftovers))
 
     async def _journal_run(self) -> None:
-        """Group commit: every capture waiting is journaled in one thread hand-off, then their responses go."""
+        """Group commit: every capture waiting is journaled in one write, then their responses go."""
         assert self.queue is not None and self.writer is not None and self.wake is not None and self.stored_wake is not None
         queue, writer = self.queue, self.writer
         while True:
@@ -234,7 +238,11 @@ class Recorder:
                 batch = [queue.popleft() for _ in range(min(len(queue), self.batch))]
                 self.inflight = [c for c, _ in batch]
                 try:
-                    ok = await asyncio.to_thread(writer.journal, self.inflight)
+                    ok = None
+                    if not self.fsync and len(batch) <= ON_LOOP_MAX:  # see ON_LOOP_MAX
+                        ok = writer.journal(self.inflight, wait=False)
+                    if ok is None:
+                        ok = await asyncio.to_thread(writer.journal, self.inflight)
                 except asyncio.CancelledError:
                     raise
                 except Exception as e:  # noqa: BLE001 - the journal must outlive any one batch

@@ -1222,9 +1222,12 @@ class Writer:
                       "rejected": 0, "lost": 0, "disk_full": 0, "torn": 0, "unacknowledged": 0}
 
     # the journal side ---------------------------------------------------------------------------------
-    def journal(self, captures: list[dict]) -> bool:
-        """Build, chain and journal `captures`; empties the list. True when they are in the journal."""
-        with self.jlock:
+    def journal(self, captures: list[dict], wait: bool = True) -> bool | None:
+        """Build, chain and journal `captures`; empties the list. True when they are in the journal; None
+        (and nothing done) when `wait` is false and the other side holds the journal lock."""
+        if not self.jlock.acquire(blocking=wait):
+            return None
+        try:
             docs = []
             for cap in captures:
                 try:
@@ -1235,6 +1238,8 @@ class Writer:
             captures.clear()
             self.stats["records"] += len(docs)
             return self._journal(docs)
+        finally:
+            self.jlock.release()
 
     def _journal(self, docs: list[dict], hold: bool = True) -> bool:
         """Chain and append held records, the gap note, then `docs`. On failure the chain is rolled back
@@ -1314,9 +1319,11 @@ class Writer:
             if self._down:
                 self._drop_ready()
                 return
-        while self.ready:
+        budget = len(self.ready)  # what is there now: a steady flow of new records must not keep this call going
+        while self.ready and budget > 0:
             docs = []
-            while self.ready and len(docs) < self.batch:
+            while self.ready and budget > 0 and len(docs) < self.batch:
+                budget -= 1
                 d = self.ready.popleft()
                 if d["seq"] > self.stored_seq:
                     docs.append(d)

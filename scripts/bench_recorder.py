@@ -5,7 +5,10 @@
 Starts the demo app (scripts/upstream.py) and real mitmdumps in reverse-proxy mode (features + scorer,
 then features + scorer + recorder on the embedded store in a temporary directory), drives them with
 keep-alive HTTP/1.1 clients (9 benign requests in 10, 1 SQL injection), and prints requests per second
-for each, alternating the two cases round by round so both see the same machine. Then it sends a burst
+and mitmdump's CPU per request for each, alternating the cases round by round so all see the same machine.
+A third case fsyncs the record journal per batch (openflare_record_fsync: true; --no-fsync skips it): every
+response waits for its record's journal write either way (group commit), and with fsync for the disk too.
+Then it sends a burst
 through the recorder, stops mitmdump (its `done` flushes) and checks that the store holds exactly one
 record per request and that `verify` finds every hash chain intact. Exit status 1 if the burst check fails.
 `scripts/bench.py` runs the same functions as its recorder cases.
@@ -129,16 +132,24 @@ def recorder_conf(workdir: Path, name: str, model: str | None) -> dict:
     return conf
 
 
-def throughput(upstream: str, workdir: Path, requests: int, rounds: int, concurrency: int, model: str | None) -> dict:
-    """Requests per second without and with the recorder, alternating; medians and the cost in percent."""
+FSYNC_CASE = "with recorder + fsync per batch"
+
+
+def throughput(upstream: str, workdir: Path, requests: int, rounds: int, concurrency: int, model: str | None, fsync: bool = True) -> dict:
+    """Requests per second without and with the recorder (and with fsync), alternating; medians and the cost in percent."""
     base = {"openflare_model": model} if model else {}
     figures: dict[str, list[float]] = {"without recorder": [], "with recorder (embedded store)": []}
+    if fsync:
+        figures[FSYNC_CASE] = []
     cpu_ms: dict[str, list[float]] = {k: [] for k in figures}
     for r in range(rounds):
-        for case, scripts, conf in (
+        cases = [
             ("without recorder", BASE_ADDONS, base),
             ("with recorder (embedded store)", BASE_ADDONS + [RECORDER], recorder_conf(workdir, f"bench-{r}", model)),
-        ):
+        ]
+        if fsync:
+            cases.append((FSYNC_CASE, BASE_ADDONS + [RECORDER], dict(recorder_conf(workdir, f"fsync-{r}", model), openflare_record_fsync=True)))
+        for case, scripts, conf in cases:
             proxy = Proxy(upstream, scripts, conf, workdir)
             try:
                 load(proxy.port, min(200, requests), concurrency)  # warm up
@@ -153,7 +164,10 @@ def throughput(upstream: str, workdir: Path, requests: int, rounds: int, concurr
     med = {k: statistics.median(v) for k, v in figures.items()}
     a, b = med["without recorder"], med["with recorder (embedded store)"]
     cpu = {k: round(statistics.median(v), 3) for k, v in cpu_ms.items()}
-    return {"req_per_s": med, "runs": figures, "cost_percent": round(100 * (a - b) / a, 2), "cpu_ms_per_request": cpu}
+    out = {"req_per_s": med, "runs": figures, "cost_percent": round(100 * (a - b) / a, 2), "cpu_ms_per_request": cpu}
+    if fsync:
+        out["fsync_cost_percent"] = round(100 * (a - med[FSYNC_CASE]) / a, 2)
+    return out
 
 
 def burst(upstream: str, workdir: Path, n: int, concurrency: int, model: str | None) -> dict:
@@ -191,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--burst", type=int, default=10000, help="requests in the burst (0 skips it)")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--model", help="openflare_model for the proxies (default: mitm.conf's)")
+    ap.add_argument("--no-fsync", action="store_true", help="skip the case with openflare_record_fsync: true")
     ap.add_argument("--json", help="write the results here as JSON")
     args = ap.parse_args(argv)
     if min(args.requests, args.rounds, args.burst) < 0 or args.concurrency < 1:
@@ -201,9 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.requests > 0 and args.rounds > 0:
             print(f"throughput: {args.requests} requests x {args.rounds} rounds, {args.concurrency} connections", flush=True)
-            out["throughput"] = throughput(up.url, workdir, args.requests, args.rounds, args.concurrency, args.model)
+            out["throughput"] = throughput(up.url, workdir, args.requests, args.rounds, args.concurrency, args.model, not args.no_fsync)
             t = out["throughput"]
             print(f"recorder cost: {t['cost_percent']} % ({', '.join(f'{k}: {v:.0f} req/s' for k, v in t['req_per_s'].items())})")
+            if "fsync_cost_percent" in t:
+                print(f"recorder + fsync cost: {t['fsync_cost_percent']} %")
+            print(f"mitmdump CPU per request (medians): {', '.join(f'{k}: {v:.2f} ms' for k, v in t['cpu_ms_per_request'].items())}")
         if args.burst > 0:
             print(f"burst: {args.burst} requests through the recorder", flush=True)
             out["burst"] = b = burst(up.url, workdir, args.burst, args.concurrency, args.model)

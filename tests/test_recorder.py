@@ -90,7 +90,7 @@ def test_recorder_defaults():
     """The defaults live in the addon (mitm.conf only documents them: tests/test_config.py checks that)."""
     r = recorder.Recorder()
     with taddons.context(r):
-        assert (r.directory, r.one_in, r.days, r.body_cap, r.queue_size, r.batch) == ("data/records", 0, 30, 65536, 10000, 500)
+        assert (r.directory, r.one_in, r.days, r.body_cap, r.queue_size, r.batch, r.fsync) == ("data/records", 0, 30, 65536, 10000, 500, False)
         assert r.uri is None and r.instance is None
 
 
@@ -230,6 +230,48 @@ async def test_a_response_waits_for_its_journal_write(tmp_path):
         assert r.writer.stats["unacknowledged"] == 0
         r.done()
     assert len(stored(tmp_path)) == 1 and not (tmp_path / "spill.jsonl").exists()
+
+
+async def test_a_key_in_the_environment_keys_the_chain(tmp_path, monkeypatch, caplog):
+    key = "correct horse battery staple"
+    monkeypatch.setenv(records.ENV_KEY, key)
+    caplog.set_level(logging.INFO)
+    r = recorder.Recorder()
+    with taddons.context(r) as tctx:
+        configure(tctx, r, tmp_path)
+        r.running()
+        await r.response(refused_flow())
+        await r.response(passed_flow())
+        r.done()
+    kid = records.key_id(key.encode())
+    assert f"keyed ({records.ENV_KEY}, key id {kid})" in caplog.text and key not in caplog.text
+    recs = stored(tmp_path)
+    assert [x["keyed"] for x in recs] == [kid, kid]
+    assert records.verify(recs)["broken"] is None  # the key from the environment
+    assert records.verify(recs, key=b"another key, guessed")["broken"]["reason"].startswith("keyed with another key")
+    assert records.verify(recs, key=None)["unauthenticated"] == 2
+
+
+async def test_fsync_syncs_the_journal_before_the_response_goes(tmp_path, monkeypatch):
+    import os
+
+    synced = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(os.fstat(fd).st_size), real(fd))[1])
+    r = recorder.Recorder()
+    with taddons.context(r) as tctx:
+        configure(tctx, r, tmp_path, openflare_record_fsync=True)
+        r.running()
+        await r.response(passed_flow())
+        assert len(synced) == 1 and synced[0] == (tmp_path / "spill.jsonl").stat().st_size > 0
+        r.done()
+    r = recorder.Recorder()
+    with taddons.context(r) as tctx:
+        configure(tctx, r, tmp_path)  # the default: no fsync (a killed proxy loses nothing; a power cut may)
+        r.running()
+        await r.response(passed_flow())
+        r.done()
+    assert len(synced) == 1
 
 
 async def test_full_queue_overflows_instead_of_blocking(tmp_path):
