@@ -1,6 +1,7 @@
 """Benchmark the recorder: proxy throughput with and without it, and a 10,000-request burst.
 
-    .venv/bin/python scripts/bench_recorder.py [--requests 3000] [--rounds 3] [--burst 10000] [--concurrency 8]
+    .venv/bin/python scripts/bench_recorder.py [--requests 3000] [--rounds 3] [--burst 10000] [--kill 10000] [--concurrency 8]
+                                               [--no-fsync] [--scripts addons/features.py,addons/scorer.py]
 
 Starts the demo app (scripts/upstream.py) and real mitmdumps in reverse-proxy mode (features + scorer,
 then features + scorer + recorder on the embedded store in a temporary directory), drives them with
@@ -10,7 +11,9 @@ A third case fsyncs the record journal per batch (openflare_record_fsync: true; 
 response waits for its record's journal write either way (group commit), and with fsync for the disk too.
 Then it sends a burst
 through the recorder, stops mitmdump (its `done` flushes) and checks that the store holds exactly one
-record per request and that `verify` finds every hash chain intact. Exit status 1 if the burst check fails.
+record per request and that `verify` finds every hash chain intact; and a kill -9 burst (--kill): mitmdump
+killed half way through, restarted, and no acknowledged request (its response read in full) without its
+record. Exit status 1 if a burst check fails.
 `scripts/bench.py` runs the same functions as its recorder cases.
 """
 
@@ -82,11 +85,11 @@ class Proxy:
         return self.proc.returncode
 
 
-async def _client(port: int, n: int, offset: int, statuses: dict) -> None:
+async def _client(port: int, n: int, offset: int, statuses: dict, acked: set | None = None) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         for i in range(offset, offset + n):
-            target = ATTACK if i % 10 == 9 else f"/search?q=item{i}"
+            target = ATTACK + f"&n={i}" if i % 10 == 9 else f"/search?q=item{i}"
             writer.write(f"GET {target} HTTP/1.1\r\nHost: bench\r\n{BROWSER}\r\n".encode())
             head = await reader.readuntil(b"\r\n\r\n")
             status = int(head.split(b" ", 2)[1])
@@ -97,22 +100,28 @@ async def _client(port: int, n: int, offset: int, statuses: dict) -> None:
                     length = int(value)
             await reader.readexactly(length)
             statuses[status] = statuses.get(status, 0) + 1
+            if acked is not None:
+                acked.add(target)
+    except (OSError, asyncio.IncompleteReadError):
+        if acked is None:
+            raise  # the proxy died: only the kill -9 burst expects that
     finally:
         writer.close()
 
 
-async def _load(port: int, total: int, concurrency: int) -> tuple[float, dict]:
+async def _load(port: int, total: int, concurrency: int, acked: set | None = None) -> tuple[float, dict]:
     statuses: dict = {}
     per = [total // concurrency + (1 if i < total % concurrency else 0) for i in range(concurrency)]
     offsets = [sum(per[:i]) for i in range(concurrency)]
     start = time.perf_counter()
-    await asyncio.gather(*(_client(port, n, o, statuses) for n, o in zip(per, offsets)))
+    await asyncio.gather(*(_client(port, n, o, statuses, acked) for n, o in zip(per, offsets)))
     return time.perf_counter() - start, statuses
 
 
-def load(port: int, total: int, concurrency: int) -> tuple[float, dict]:
-    """Send `total` requests over `concurrency` keep-alive connections: (seconds, {status: count})."""
-    return asyncio.run(_load(port, total, concurrency))
+def load(port: int, total: int, concurrency: int, acked: set | None = None) -> tuple[float, dict]:
+    """Send `total` requests over `concurrency` keep-alive connections: (seconds, {status: count}); the
+    targets whose responses were read in full are added to `acked` (then a proxy dying ends the load quietly)."""
+    return asyncio.run(_load(port, total, concurrency, acked))
 
 
 def start_upstream(workdir: Path) -> subprocess.Popen:
@@ -198,6 +207,41 @@ def burst(upstream: str, workdir: Path, n: int, concurrency: int, model: str | N
     }
 
 
+def kill_burst(upstream: str, workdir: Path, n: int, concurrency: int, model: str | None) -> dict:
+    """`n` requests, every one recorded in full (its target names it); kill -9 mitmdump half way, restart it
+    (it replays the journal), stop it, and count the acknowledged requests (response read in full) whose
+    record is missing: the recorder's promise is 0."""
+    import threading
+
+    sys.path.insert(0, str(REPO))
+    from addons import records
+
+    conf = dict(recorder_conf(workdir, "kill", model), openflare_record_benign_one_in=1)
+    proxy = Proxy(upstream, BASE_ADDONS + [RECORDER], conf, workdir)
+    acked: set[str] = set()
+
+    def killer() -> None:
+        while len(acked) < n // 2 and proxy.proc.poll() is None:
+            time.sleep(0.005)
+        os.killpg(proxy.proc.pid, signal.SIGKILL)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    load(proxy.port, n, concurrency, acked)
+    t.join()
+    proxy.stop()
+    Proxy(upstream, BASE_ADDONS + [RECORDER], conf, workdir).stop()  # the restart replays what the killed one journaled
+    store = records.open_store(directory=conf["openflare_record_dir"])
+    try:
+        targets = [r.get("target") for r in store.find()]
+        result = records.verify(store.find())
+    finally:
+        store.close()
+    missing = acked - set(targets)
+    return {"requests": n, "acknowledged": len(acked), "records": len(targets), "acknowledged_missing": len(missing),
+            "duplicates": len(targets) - len(set(targets)), "broken": result["broken"], "ok": not missing and result["broken"] is None}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=3000, help="requests per throughput run")
@@ -206,10 +250,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--model", help="openflare_model for the proxies (default: mitm.conf's)")
     ap.add_argument("--no-fsync", action="store_true", help="skip the case with openflare_record_fsync: true")
+    ap.add_argument("--scripts", help="comma-separated addons in front of the recorder (default: features and scorer)")
+    ap.add_argument("--kill", type=int, default=10000, help="requests in the kill -9 burst (0 skips it)")
     ap.add_argument("--json", help="write the results here as JSON")
     args = ap.parse_args(argv)
     if min(args.requests, args.rounds, args.burst) < 0 or args.concurrency < 1:
         ap.error("--requests, --rounds and --burst must be >= 0, --concurrency >= 1")
+    if args.scripts:
+        BASE_ADDONS[:] = [x.strip() for x in args.scripts.split(",") if x.strip()]
     workdir = Path(tempfile.mkdtemp(prefix="openflare-bench-recorder-"))
     up = start_upstream(workdir)
     out: dict = {}
@@ -228,6 +276,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"burst: {b['records']} records for {b['requests']} requests ({b['full_records']} full), "
                   f"{b['chains']} chain(s), {'intact' if b['broken'] is None else 'BROKEN: ' + str(b['broken'])}: "
                   f"{'OK' if b['ok'] else 'FAILED'}")
+        if args.kill > 0:
+            print(f"kill -9 burst: {args.kill} requests, mitmdump killed half way and restarted", flush=True)
+            out["kill"] = k = kill_burst(up.url, workdir, args.kill, args.concurrency, args.model)
+            print(f"kill -9 burst: {k['acknowledged']} acknowledged, {k['records']} records, {k['acknowledged_missing']} acknowledged "
+                  f"missing, {k['duplicates']} duplicates, chain {'intact' if k['broken'] is None else 'BROKEN: ' + str(k['broken'])}: "
+                  f"{'OK' if k['ok'] else 'FAILED'}")
     finally:
         os.killpg(up.pid, signal.SIGTERM)
         up.wait(10)
@@ -238,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             except OSError as e:
                 print(f"bench-recorder: cannot write --json {args.json}: {e.strerror or e}", file=sys.stderr)
                 return 2
-    return 0 if out.get("burst", {}).get("ok", True) else 1
+    return 0 if out.get("burst", {}).get("ok", True) and out.get("kill", {}).get("ok", True) else 1
 
 
 if __name__ == "__main__":
