@@ -12,14 +12,19 @@ in every record.
 Tamper evidence: each proxy run writes one hash chain. Every record carries `chain` (instance name plus a
 run id), `seq` (0, 1, 2, ... within the chain), `prev` (the previous record's hash; 64 zeros for seq 0),
 `prev_time` (the previous record's time) and `hash`, the sha256 of the record's canonical BSON without
-`_id`, `hash` and the operator's `label*` fields (labels are annotations added later, outside the chain).
+`_id`, `hash` and the operator's `label*` fields (labels live in their own collection; one found in a
+record is reported by `verify`). With OPENFLARE_RECORD_KEY set the hash is an HMAC-SHA256 under that key
+and records carry `keyed` (the key's id): a chain edited and re-hashed without the key is caught.
 `_id` is the hash, so a replayed record can never be stored twice. Retention removes the oldest records
 of a chain: a chain may start after seq 0 only where `prev_time` is older than the retention window.
 
-Delivery: `Writer` builds, chains and inserts records in batches (in a worker thread). When the store is
-unreachable the chained records are appended to a local spill file (JSON Lines) and replayed, in order,
-when it is back; records that reach the proxy while the queue is full go to an overflow file (unchained)
-and are chained and written by the writer later. Losses are counted and logged.
+Delivery: `Writer.journal` builds and chains records and appends them to the journal (the spill file,
+framed RS + JSON + LF) before the Recorder releases their responses; `Writer.deliver` inserts them into
+the store in batches and the journal is emptied of what the store took. While the store is unreachable
+the journal keeps them (replayed, in order, when it is back, or by the next run). On a full disk records
+are held in memory (bounded); what does not fit is lost, counted, and noted in the chain as a `gap`
+record. Records that reach the proxy while the queue is full go to an overflow file (unchained) and are
+chained by the writer later. Losses are counted and logged.
 """
 
 from __future__ import annotations
