@@ -239,7 +239,7 @@ class Recorder:
                 self.inflight = [c for c, _ in batch]
                 try:
                     ok = None
-                    if not self.fsync and len(batch) <= ON_LOOP_MAX:  # see ON_LOOP_MAX
+                    if not writer.file.fsync and len(batch) <= ON_LOOP_MAX:  # see ON_LOOP_MAX
                         ok = writer.journal(self.inflight, wait=False)
                     if ok is None:
                         ok = await asyncio.to_thread(writer.journal, self.inflight)
