@@ -204,7 +204,7 @@ RULES = (  # (name, category, pattern)
     ("ssrf-metadata", "ssrf", r"169\.254\.169\.254|metadata\.google\.internal|100\.100\.100\.200|fd00:ec2::254|a9fe:a9fe"),
     ("ldap-filter", "ldapi", r"\*\s*\)\s*\(\s*[|&!]?\s*\(?\s*[a-z][a-z0-9-]*\s*[=~<>]|\)\s*\(\s*[|&]\s*\(\s*[a-z][a-z0-9-]*\s*="),
     ("sql-stacked", "sqli", r";\s*(drop|truncate|alter)\s+(table|database|schema)\b|;\s*(shutdown|exec(ute)?\s+(master\.)?xp_)"),
-    ("sql-union", "sqli", r"\bunion(\s+all|\s+distinct)?\s+select\s+[\w*@('\"-]"),
+    ("sql-union", "sqli", r"\bunion(\s+all|\s+distinct)?\s+select\s+(null\b|\d|[@'\"(*]|[a-z_][\w.]*\s*,)"),
     ("sql-quote-comment", "sqli", r"[a-z0-9]'\s*(--|#|/\*)"),
 )
 _RULE_ANY = re.compile("|".join(f"(?P<r{i}>{rx})" for i, (_n, _c, rx) in enumerate(RULES)))
@@ -356,7 +356,7 @@ class FieldModel:
     def load(cls, path) -> FieldModel:
         with np.load(path, allow_pickle=False) as z:
             if str(z["format"]) != FORMAT:
-                raise ValueError(f"{path}: not an OpenFlare field model ({str(z['format'])!r})")
+                raise ValueError(f"format {str(z['format'])!r}, but this OpenFlare reads {FORMAT!r}: retrain it (make train)")
             profile = json.loads(str(z["profile"]))
             return cls(z["weights"], z["extra"], float(z["intercept"]), int(z["bits"]),
                        AppProfile.from_json(profile) if profile else None, float(z["violation_p"]))

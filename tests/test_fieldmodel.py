@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import models
 
 from addons import fieldmodel
 from addons import learn
@@ -139,7 +140,7 @@ def test_save_and_load_round_trip(tiny, tmp_path):
 def test_load_refuses_other_files(tmp_path):
     path = tmp_path / "x.npz"
     np.savez(path, format=np.array("something else"))
-    with pytest.raises(ValueError, match="not an OpenFlare field model"):
+    with pytest.raises(ValueError, match="format .something else., but this OpenFlare reads"):
         fieldmodel.FieldModel.load(path)
     bad = tmp_path / "obj.npz"
     np.savez(bad, format=np.array([{"a": 1}], dtype=object))
@@ -156,3 +157,27 @@ def test_the_whole_path_is_a_field_too():
     flds = extract("GET", "/static/../../etc/passwd?x=1", [], b"").fields
     assert Field("path", "path", "/static/../../etc/passwd") in flds
     assert Field("path", "0", "static") in flds
+
+
+@pytest.mark.parametrize("text, rule", [
+    ("http://169.254.169.254/latest/meta-data/", "ssrf-metadata"),
+    ("*)(uid=*))(|(uid=*", "ldap-filter"),
+    ("1; drop table users--", "sql-stacked"),
+    ("1 union select null,password from users", "sql-union"),
+    ("admin'--", "sql-quote-comment"),
+])
+def test_a_rule_decides_a_field_the_model_is_unsure_of(text, rule):
+    assert fieldmodel.rule_of(text) == rule
+    benign = models.constant_model(0.01)
+    req = Request([Field("query", "q", "shoes"), Field("header", "x-forwarded-for", "203.0.113.9, " + text)], [])
+    hit = benign.score(req)
+    assert hit.p == fieldmodel.RULE_P and hit.signal == "rule: " + rule and hit.field.name == "x-forwarded-for"
+    assert fieldmodel.category_of(hit) == fieldmodel.RULE_CATEGORY[rule]
+    assert fieldmodel.explain(hit, 10) == f'header "x-forwarded-for": rule: {rule}, window 1, score 10'
+
+
+@pytest.mark.parametrize("text", ["select a size", "european union selection", "rock'n'roll", "o'brien - the best",
+                                  "lunch; then drop by the table", "169.254.1.1", "(uid)", "the union select committee",
+                                  "5 union select flour from pantry"])
+def test_rules_leave_everyday_text_alone(text):
+    assert fieldmodel.rule_of(text) == ""
