@@ -43,7 +43,8 @@ MAINTAIN_EVERY_S = 1.0
 # After the first record of a batch, wait this long for more: one thread hand-off and one transaction
 # per batch instead of per request (measured: batches of one cost mitmdump ~1 ms of CPU per request).
 LINGER_S = 0.25
-# A response waits at most this long for its record's journal write (a stalled disk must not stall traffic).
+# A response waits at most this long for a journal write in a worker thread (a stalled disk must not stall
+# traffic); until that write returns, later responses do not wait either.
 ACK_WAIT_S = 2.0
 # Without fsync, a batch of up to this many captures is journaled on the event loop itself (build, chain, one
 # write(2) to the page cache), not in a worker thread: the thread hand-off per batch cost more CPU than the
@@ -72,9 +73,12 @@ class Recorder:
         self.batch: int = 500
         self.instance: str | None = None
         self.fsync: bool = False
-        self.queue: collections.deque | None = None  # (capture, future) waiting for the journal
-        self.wake: asyncio.Event | None = None  # set when the queue gets a capture
+        self.queue: collections.deque | None = None  # (capture, future or None) waiting for the journal
         self.stored_wake: asyncio.Event | None = None  # set when the journal took records
+        self.kicked = False  # a `_journal_soon` callback is scheduled
+        self.busy = False  # a batch is being journaled in a worker thread
+        self.stalled = False  # that thread has not answered for ACK_WAIT_S: responses do not wait
+        self.inflight_batch: list = []  # its (capture, future) pairs
         self.writer: records.Writer | None = None
         self.tasks: list[asyncio.Task] = []
         self.inflight: list[dict] = []  # the captures being journaled
@@ -215,11 +219,9 @@ class Recorder:
             logger.error("OpenFlare recorder cannot open its journal %s: %s", self.spill, e)
             return
         self.queue = collections.deque()
-        self.wake, self.stored_wake = asyncio.Event(), asyncio.Event()
-        self.tasks = [
-            asyncio_utils.create_task(self._journal_run(), name="openflare recorder journal", keep_ref=True),
-            asyncio_utils.create_task(self._store_run(), name="openflare recorder store", keep_ref=True),
-        ]
+        self.stored_wake = asyncio.Event()
+        self.kicked = self.busy = self.stalled = False
+        self.tasks = [asyncio_utils.create_task(self._store_run(), name="openflare recorder store", keep_ref=True)]
         logger.info("OpenFlare recorder writing to %s (%s); spill file %s (the journal%s); chain %s%s",
                     store.description, where, self.writer.spill.path.resolve(), ", fsync per batch" if self.fsync else "", self.writer.chain.id,
                     f", keyed ({records.ENV_KEY}, key id {self.writer.chain.key_id})" if key else "")
@@ -227,32 +229,71 @@ class Recorder:
             logger.info("OpenFlare recorder: %d journal segment(s) left by an earlier run are replayed into the store",
                         len(self.writer.leftovers))
 
-    async def _journal_run(self) -> None:
-        """Group commit: every capture waiting is journaled in one write, then their responses go."""
-        assert self.queue is not None and self.writer is not None and self.wake is not None and self.stored_wake is not None
-        queue, writer = self.queue, self.writer
-        while True:
-            await self.wake.wait()
-            self.wake.clear()
-            while queue:
-                batch = [queue.popleft() for _ in range(min(len(queue), self.batch))]
-                self.inflight = [c for c, _ in batch]
-                try:
-                    ok = None
-                    if not writer.file.fsync and len(batch) <= ON_LOOP_MAX:  # see ON_LOOP_MAX
-                        ok = writer.journal(self.inflight, wait=False)
-                    if ok is None:
-                        ok = await asyncio.to_thread(writer.journal, self.inflight)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as e:  # noqa: BLE001 - the journal must outlive any one batch
-                    ok = False
-                    writer.stats["lost"] += len(batch)
-                    logger.error("OpenFlare recorder lost %d records: %s: %s", len(batch), type(e).__name__, e)
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_result(ok)
-                self.stored_wake.set()
+    def _kick(self) -> None:
+        """Journal what is queued in a callback of this loop iteration (one per iteration: group commit)."""
+        if not self.kicked and not self.busy:
+            self.kicked = True
+            asyncio.get_running_loop().call_soon(self._journal_soon)
+
+    def _journal_soon(self) -> None:
+        self.kicked = False
+        writer, queue = self.writer, self.queue
+        if writer is None or queue is None or self.busy or not queue:
+            return
+        batch = [queue.popleft() for _ in range(min(len(queue), self.batch))]
+        self.inflight = [c for c, _ in batch]
+        if not writer.file.fsync and len(batch) <= ON_LOOP_MAX:  # see ON_LOOP_MAX
+            try:
+                ok = writer.journal(self.inflight, wait=False)
+            except Exception as e:  # noqa: BLE001 - the journal must outlive any one batch
+                ok = self._failed(batch, e)
+            if ok is not None:
+                self._resolve(batch, ok)
+                return
+        self.busy = True
+        self.tasks.append(asyncio_utils.create_task(self._journal_in_thread(batch), name="openflare recorder journal", keep_ref=True))
+
+    async def _journal_in_thread(self, batch: list) -> None:
+        assert self.writer is not None
+        self.inflight_batch = batch
+        timer = asyncio.get_running_loop().call_later(ACK_WAIT_S, self._stall)
+        try:
+            ok = await asyncio.to_thread(self.writer.journal, self.inflight)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            ok = self._failed(batch, e)
+        finally:
+            timer.cancel()
+        self.inflight_batch = []
+        self.stalled = self.busy = False
+        self.tasks = [t for t in self.tasks if not t.done() and t is not asyncio.current_task()]
+        self._resolve(batch, ok)
+
+    def _failed(self, batch: list, e: Exception) -> bool:
+        assert self.writer is not None
+        self.writer.stats["lost"] += len(batch)
+        logger.error("OpenFlare recorder lost %d records: %s: %s", len(batch), type(e).__name__, e)
+        return False
+
+    def _resolve(self, batch: list, ok: bool) -> None:
+        """Release the batch's responses; wake the store side; go on with what queued meanwhile."""
+        for _, fut in batch:
+            if fut is not None and not fut.done():
+                fut.set_result(ok)
+        if self.stored_wake is not None:
+            self.stored_wake.set()
+        if self.queue:
+            self._kick()
+
+    def _stall(self) -> None:
+        """The journal thread has not answered for ACK_WAIT_S (a stalled disk): release every waiting response."""
+        self.stalled = True
+        logger.warning("OpenFlare recorder: the journal %s has not answered for %.0f s; responses no longer wait for it",
+                       self.spill, ACK_WAIT_S)
+        for _, fut in list(self.inflight_batch) + list(self.queue or ()):
+            if fut is not None and not fut.done():
+                fut.set_result(False)
 
     async def _store_run(self) -> None:
         assert self.writer is not None and self.stored_wake is not None
@@ -285,7 +326,7 @@ class Recorder:
         await self._record(flow)
 
     async def _record(self, flow: http.HTTPFlow) -> None:
-        if not self.enabled or self.queue is None or self.writer is None or self.wake is None:
+        if not self.enabled or self.queue is None or self.writer is None:
             return
         killed = flow.error is not None and flow.error.msg == mflow.Error.KILLED_MESSAGE
         # Flows read from a file are not live; a flow killed now is not live either, but is new.
@@ -304,15 +345,14 @@ class Recorder:
         if len(self.queue) >= self.queue_size:
             writer.overflow(capture)  # flushed at once: it survives a killed proxy too
             return
+        if self.stalled:  # the journal is stuck: the record waits for it, the response does not
+            self.queue.append((capture, None))
+            writer.stats["unacknowledged"] += 1
+            return
         fut = asyncio.get_running_loop().create_future()
         self.queue.append((capture, fut))
-        self.wake.set()
-        try:
-            async with asyncio.timeout(ACK_WAIT_S):
-                ok = await fut
-        except TimeoutError:
-            ok = False
-        if not ok:
+        self._kick()
+        if not await fut:
             writer.stats["unacknowledged"] += 1
 
     def _capture(self, flow: http.HTTPFlow, killed: bool) -> dict:

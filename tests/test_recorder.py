@@ -274,6 +274,34 @@ async def test_fsync_syncs_the_journal_before_the_response_goes(tmp_path, monkey
     assert len(synced) == 1
 
 
+async def test_a_stalled_journal_does_not_hold_responses(tmp_path, monkeypatch, caplog):
+    import os
+    import threading
+
+    monkeypatch.setattr(recorder, "ACK_WAIT_S", 0.2)
+    disk = threading.Event()  # the disk answers when set
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (disk.wait(60), real(fd))[1])
+    r = recorder.Recorder()
+    with taddons.context(r) as tctx:
+        configure(tctx, r, tmp_path, openflare_record_fsync=True)
+        r.running()
+        await asyncio.wait_for(r.response(passed_flow(ip="10.4.0.1")), 30)  # released by the stall
+        assert r.stalled and "has not answered" in caplog.text
+        await asyncio.wait_for(r.response(passed_flow(ip="10.4.0.2")), 30)  # does not wait at all
+        assert r.writer.stats["unacknowledged"] == 2
+        disk.set()
+        for _ in range(600):
+            await asyncio.sleep(0.05)
+            if r.writer.stats["journaled"] == 2:
+                break
+        assert r.writer.stats["journaled"] == 2 and not r.stalled
+        await r.response(passed_flow(ip="10.4.0.3"))  # waits again, and is acknowledged
+        assert r.writer.stats["unacknowledged"] == 2
+        r.done()
+    assert sorted(x["client_ip"] for x in stored(tmp_path)) == ["10.4.0.1", "10.4.0.2", "10.4.0.3"]
+
+
 async def test_full_queue_overflows_instead_of_blocking(tmp_path):
     r = recorder.Recorder()
     with taddons.context(r) as tctx:
