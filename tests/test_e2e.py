@@ -108,5 +108,5 @@ def test_a_model_failing_the_probe_check_stops_startup(mitmdump, tmp_path, kind)
     assert proc.wait(timeout=60) != 0
     stdout, stderr = proc.output()
     assert "Error logged during startup" in stderr
-    assert "refused by the probe check: " + TAMPERS[kind] in stdout
+    assert "refused by the probe check: " in stdout and TAMPERS[kind] in stdout
 

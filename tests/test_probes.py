@@ -237,8 +237,8 @@ def test_retrain_refuses_cleanly_on_bad_input(tmp_path, attack_path, tiny_corpus
 
 
 def test_a_constant_candidate_is_refused(tmp_path, attack_path):
-    # Whatever the candidate is inside: one that calls everything benign refuses no attack probe.
+    # Whatever the candidate is inside: one that calls everything benign refuses only what the rules catch.
     path = models.save(models.constant_model(0.01), tmp_path, "constant", version="constant")
     pg = retraining.probe_gate(model.load(str(attack_path)), model.load(str(path)))
-    assert not pg.promote and pg.summary["attacks_refused"]["candidate"] == 0
-    assert pg.summary["attacks_refused"]["current"] > 0
+    refused = pg.summary["attacks_refused"]
+    assert not pg.promote and refused["candidate"] < refused["current"]

@@ -460,7 +460,7 @@ def raising_model() -> fieldmodel.FieldModel:
 
 
 TAMPERS = {  # kind -> (what the refusal says)
-    "always benign": "refuses 0 of 498 attack probes (at least 70 % needed)",
+    "always benign": "of 498 attack probes (at least 70 % needed)",  # refuses only what the rules catch
     "scoring raises": "scoring raised AttributeError",
     "threshold 10": "threshold must be an integer from 1 to 9, not 10",
     "operating point NaN": "operating_point must be a number strictly between 0 and 1, not nan",
@@ -592,7 +592,7 @@ async def test_watch_keeps_the_serving_model_on_a_failed_probe_check(serving, ca
                 if "failed the probe check" in caplog.text:
                     break
                 await asyncio.sleep(0.1)
-        assert "OpenFlare kept model v1: the new model benign failed the probe check: refuses 0 of 498" in caplog.text
+        assert "OpenFlare kept model v1: the new model benign failed the probe check: refuses " in caplog.text
         assert sc.model.version == "v1"
     finally:
         sc.done()
