@@ -8,6 +8,8 @@ corpus with the retraining code itself), and tests/appsim.py traffic.
 
 from __future__ import annotations
 
+import argparse
+import gzip
 import importlib.util
 import json
 import random
@@ -29,8 +31,10 @@ from conftest import http_request
 
 pytestmark = pytest.mark.e2e
 
-SHARED = Path("/work/shared/datasets/httpparams.jsonl.gz")
-RETRAIN_ARGS = ["--placed", "0", "--base-sample", "0"]  # the tiny corpus whole; no payload list
+SHARED = REPO.parent / "shared" / "datasets" / "httpparams.jsonl.gz"
+# The tiny corpus whole, and 300 of the classic attacks of tests/models.py (with as many everyday texts) placed
+# as train.py places them: what the base model below learnt too, so the refit keeps it.
+RETRAIN_ARGS = ["--placed", "300", "--base-sample", "0"]
 LABEL_HEADER = "x-sim-label"
 
 # Loaded after addons/labels.py: an operator at work. Flows whose request says so are labelled through
@@ -77,9 +81,13 @@ def base(tmp_path_factory):
     corpus = d / "tiny.jsonl"
     corpus.write_text("".join(json.dumps(x) + "\n" for x in lines))
     train = [r for r in dataset.read(corpus) if r.split == "train"]
-    fm, _ = retraining.refit(models.attack_model(), [], retraining.base_rows(train))
+    payloads = d / "payloads.jsonl.gz"
+    with gzip.open(payloads, "wt") as fh:
+        fh.writelines(json.dumps({"payload": a, "category": "other", "split": "train"}) + "\n" for a in models.ATTACKS)
+    placed = _script("retrain").placed_fields(argparse.Namespace(placed=300, payloads=str(payloads)), random.Random(1))
+    fm, _ = retraining.refit(models.attack_model(), [], retraining.base_rows(train), placed=placed)
     current = models.save(fm, d / "models", version="base-1", threshold=6)
-    return corpus, current
+    return corpus, current, payloads
 
 
 def send(port: int, req: dict, label: str | None = None) -> int:
@@ -101,7 +109,7 @@ def rates(lm: model.LocalModel, benign: list, attacks: list) -> tuple[float, flo
 
 
 def test_labels_retrain_promote_reload(base, tmp_path, upstream, mitmdump, capsys):
-    corpus, current = base
+    corpus, current, payloads = base
     models = tmp_path / "models"
     models.mkdir()
     for p in (current, model.card_path(current)):
@@ -155,7 +163,7 @@ def test_labels_retrain_promote_reload(base, tmp_path, upstream, mitmdump, capsy
     sender.start()
     try:
         rc = _script("retrain").main(["--dir", str(store_dir), "--data", str(corpus), "--model", str(cur_path),
-                                      "--tolerance", "0.01", "--app-carried", "0.5", *RETRAIN_ARGS])
+                                      "--tolerance", "0.01", "--app-carried", "0.5", *RETRAIN_ARGS, "--payloads", str(payloads)])
         out = capsys.readouterr().out
         assert rc == 0, out
         assert "PROMOTED" in out and "app benign FPR" in out
@@ -201,7 +209,7 @@ def test_labels_retrain_promote_reload(base, tmp_path, upstream, mitmdump, capsy
 
 
 def test_poisoned_labels_are_refused(base, tmp_path, capsys):
-    corpus, current = base
+    corpus, current, payloads = base
     cur_path = tmp_path / "models" / current.name
     cur_path.parent.mkdir()
     for p in (current, model.card_path(current)):
@@ -222,7 +230,7 @@ def test_poisoned_labels_are_refused(base, tmp_path, capsys):
     store.close()
     before = model.sha256_file(cur_path)
     rc = _script("retrain").main(["--dir", str(tmp_path / "records"), "--data", str(corpus), "--model", str(cur_path),
-                                  "--app-carried", "0", *RETRAIN_ARGS])
+                                  "--app-carried", "0", *RETRAIN_ARGS, "--payloads", str(payloads)])
     out = capsys.readouterr().out
     assert rc == 3 and "REFUSED" in out and "base TPR" in out, out
     assert model.sha256_file(cur_path) == before and model.load(str(cur_path)).version == "base-1"
