@@ -37,6 +37,7 @@ import re
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import unquote, unquote_plus, unquote_to_bytes
 
 import numpy as np
@@ -56,8 +57,9 @@ except ImportError:  # pragma: no cover - depends on the Python version
 LOCATIONS = ("method", "path", "query", "header", "cookie", "form", "json", "xml", "multipart", "text")
 
 
-@dataclass(frozen=True, slots=True)
-class Field:
+class Field(NamedTuple):
+    """One part of a request. A named tuple (not a dataclass): a request has dozens, made on every request."""
+
     loc: str  # one of LOCATIONS
     name: str  # parameter / header / cookie / JSON key path ("a.b.0.c") / multipart part name / path segment index
     value: str  # the raw text (not percent-decoded or normalised), bytes decoded losslessly
