@@ -82,12 +82,17 @@ def normalise(value: str, plus: bool = False) -> str:
     return normalisemod.normalise(value, plus)
 
 
+_CLASS_OF = {loc: CLASSES.index(c) for loc, c in _LOC_CLASS.items()}
+_NAME_CLASS, _UA_CLASS, _TEXT_CLASS = CLASSES.index("name"), CLASSES.index("ua"), CLASSES.index("text")
+
+
 def field_class(f: fieldsmod.Field) -> int:
+    """The index in CLASSES of the block a field's n-grams also count in."""
     if f.via == "name":
-        return CLASSES.index("name")
+        return _NAME_CLASS
     if f.loc == "header" and f.name == "user-agent":
-        return CLASSES.index("ua")
-    return CLASSES.index(_LOC_CLASS.get(f.loc, "text"))
+        return _UA_CLASS
+    return _CLASS_OF.get(f.loc, _TEXT_CLASS)
 
 
 _DIGIT = re.compile(r"[0-9]")
@@ -399,6 +404,11 @@ def request_outline(flds: Iterable[fieldsmod.Field]) -> tuple[str, str, list[tup
     return method, "/" + "/".join(normalise(s) for s in segs), pairs
 
 
+def _path_of(flds: Iterable[fieldsmod.Field]) -> str:
+    """The path as request_outline reads it (its segments, normalised)."""
+    return "/" + "/".join(normalise(f.value) for f in flds if f.loc == "path" and f.name != "path" and not f.via)
+
+
 def _root(path: str) -> str:
     return "/" + path.split("/")[1] if path.count("/") >= 1 else path
 
@@ -445,9 +455,9 @@ class AppProfile:
         return self
 
     def check(self, flds: Sequence[fieldsmod.Field]) -> list[str] | None:
+        if not self.roots or not _path_of(flds).startswith(self.roots):
+            return None  # most requests: no learned root, no opinion (and no parameter decoded)
         method, path, pairs = request_outline(flds)
-        if not path.startswith(self.roots):
-            return None
         learned = self.paths.get(path)
         if learned is None:
             return ["unknown path"]
