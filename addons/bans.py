@@ -2,9 +2,12 @@
 
 Runs after FeatureExtractor (which sets `openflare.client_ip` in `requestheaders`) and before the Scorer.
 A banned IP is refused in `requestheaders` by an in-memory lookup (no network); later addons see the
-response and return at once. Strikes are counted in `response`, after the Scorer's verdict, with at most
-50 ms spent on Redis; a strike weighs by the score (`banstore.strike_thirds`), and a request another site may
-have made a browser send (`third_party`) is refused but never struck, so no one can get a third party banned. The Redis logic (Lua scripts, local view, allowlist, rate limit) is `addons.banstore`.
+response and return at once. Strikes are counted in `response`, after the Scorer's verdict: in this
+process at once (it bans on its own count), and delivered to Redis in the background, in batches, with
+retry; a request waits at most 50 ms for Redis's count. A strike weighs by the score
+(`banstore.strike_thirds`), and a request another site may have made a browser send (`third_party`) is
+refused but never struck, so no one can get a third party banned. The Redis logic (Lua scripts, local
+view, allowlist, rate limit) is `addons.banstore`.
 Without Redis the store is in memory (`addons.banserver`): this process owns it and serves it on
 `openflare_ban_socket` for the `openflare` command line and other local proxies, or it shares the one
 another process here serves. Running processes follow changes made by any of them, by `openflare bans` or
@@ -320,8 +323,9 @@ class IpBans:
     def _note(self, flow: http.HTTPFlow, key: str, res: banstore.StrikeResult) -> None:
         if res.status == "banned":
             flow.comment = (flow.comment + "; " if flow.comment else "") + f"strike {banstore.show_strikes(res.strikes)}: {key} banned for {res.banned} s"
-        elif res.status == "counted":
-            flow.comment = (flow.comment + "; " if flow.comment else "") + f"strike {banstore.show_strikes(res.strikes)}/{self.policy.strikes}"
+        elif res.status in ("counted", "queued"):
+            later = " (to Redis later)" if res.status == "queued" else ""
+            flow.comment = (flow.comment + "; " if flow.comment else "") + f"strike {banstore.show_strikes(res.strikes)}/{self.policy.strikes}{later}"
 
     # --- commands: applied to this process at once, written to Redis in the background ---
     def _store(self) -> banstore.BanStore:

@@ -10,6 +10,10 @@ Key layout under a prefix P (default "openflare:"); every expiry is a Redis TTL,
     P events        pub/sub channel: one line per ban, unban, allow, disallow
 
 Strikes and bans are Lua scripts, so counting is exact across any number of processes sharing one Redis.
+A strike never waits on Redis to count: `BanStore.strike` counts it in this process (which bans on its own
+count at once: a ban marked `local`) and queues it; a background task delivers the queue to Redis in
+pipelines of up to FLUSH_BATCH, retried until Redis answers, so a flood is banned faster, not dropped. Redis's
+answer (the count of every process) then replaces the local one, and its ban event reaches every process.
 A strike weighs one to three thirds (`strike_thirds`: a score just over the threshold counts less than a 10),
 so the strikes key counts thirds; a ban's `strikes` field and its event give whole strikes (rounded down).
 Each process keeps a local view of the bans and the allowlist (`BanStore.check` is a dict lookup) that
@@ -55,6 +59,9 @@ POOL_SIZE = 8  # Redis connections per process, the events subscriber's one incl
 RECONCILE_EVERY = 0.5  # seconds between two reconcile ticks
 RECONCILE_KEYS = 1000  # local entries checked per tick (scripts/bench_reconcile.py measures a tick)
 RECONCILE_KEYS_EMBEDDED = 250  # the same against the embedded store (fakeredis: about 7 us a key)
+OUTBOX_MAX = 200_000  # strikes waiting for Redis; past this the oldest are dropped (counted strikes_lost)
+FLUSH_BATCH = 1000  # strikes per pipeline of the delivery
+FLUSH_TIMEOUT = 2.0  # seconds: one pipeline of the delivery; no answer: kept, retried
 
 # A ban's duration, shared by the two scripts that ban. Doubling per repeat ban up to the cap.
 _BAN_BODY = """
@@ -189,6 +196,7 @@ class Ban:
     reason: str = ""
     level: int = 1
     strikes: int = 0
+    local: bool = False  # banned on this process's own count, before Redis has said (its strikes are on their way)
 
     def remaining(self, now: float | None = None) -> float:
         return self.deadline - (time.monotonic() if now is None else now)
@@ -199,7 +207,18 @@ class StrikeResult:
     strikes: float  # strikes counted in the window (in thirds: 1/3, 2/3, 1, 4/3, ...); 0 if not counted
     banned: int = 0  # the ban's seconds when this strike banned the IP
     level: int = 0
-    status: str = "counted"  # counted / banned / already-banned / after-unban / allowed / skipped / redis-down
+    # counted / banned / already-banned / after-unban / allowed / skipped: Redis's answer (banned: or this
+    # process's own count); queued: Redis has not answered within the budget, the strike is delivered later
+    status: str = "counted"
+
+
+class _Pending:
+    """A strike on its way to Redis; `waiter` is the future its request may still be waiting on."""
+
+    __slots__ = ("ip", "reason", "seen_ms", "thirds", "waiter")
+
+    def __init__(self, ip: str, reason: str, seen_ms: int, thirds: int, waiter: asyncio.Future | None) -> None:
+        self.ip, self.reason, self.seen_ms, self.thirds, self.waiter = ip, reason, seen_ms, thirds, waiter
 
 
 class Allowlist:
@@ -399,6 +418,11 @@ class BanStore:
         self._synced = asyncio.Event()
         self._ever = False  # connected at least once
         self._probe: asyncio.Task | None = None
+        self._outbox: collections.deque[_Pending] = collections.deque()  # strikes not yet delivered to Redis
+        self._deliver_wake = asyncio.Event()
+        self._delivery: asyncio.Task | None = None
+        self._counts: dict[str, list[float]] = {}  # ip -> [thirds this window, window end]: this process's own count
+        self._unbans: dict[str, int] = {}  # ip -> wall ms of its last unban known here: older strikes count nowhere
 
     def _register(self) -> None:
         self._strike = self.client.register_script(STRIKE_LUA)
@@ -459,6 +483,13 @@ class BanStore:
         """Count a strike of `thirds` thirds (1-3, `strike_thirds`) against `ip` (a key from `ip_key`; `addr`
         the address, if grouped); ban when the window's strikes reach the threshold.
 
+        The strike is counted here at once (this process bans on its own count, with no network) and queued
+        for Redis, where a background task delivers the queue in pipelines, with retry: Redis's count, across
+        every process, decides the ban everyone sees. The request waits for Redis's answer at most `timeout`;
+        without it the result is this process's count, status "queued". A strike is lost only if more than
+        OUTBOX_MAX wait at once. Delivery is at least once: a pipeline that timed out may have run and is sent
+        again (a strike counted twice, never none).
+
         `seen_ms` is when the request arrived (wall clock): a strike seen before the IP's last unban is ignored.
         """
         if self.allowlist.allowed(addr or ip):
@@ -466,23 +497,123 @@ class BanStore:
         if self.check(ip):
             return StrikeResult(0, status="already-banned")
         seen_ms = int(time.time() * 1000) if seen_ms is None else seen_ms
-        res = await self._call(self._strike, script_keys(self.prefix, ip), self._args(ip, reason, seen_ms, thirds=thirds))
-        if res is None:
+        now = time.monotonic()
+        count = self._counts.get(ip)
+        if seen_ms <= self._unbans.get(ip, -1):  # before the last unban: Redis will say so; not counted here
+            count = [0, now]
+        elif count is None or count[1] <= now:
+            if len(self._counts) > OUTBOX_MAX:
+                self._counts = {k: v for k, v in self._counts.items() if v[1] > now}
+            count = self._counts[ip] = [0, now + self.policy.window]
+        count[0] += thirds
+        local = int(count[0])
+        wait = self.healthy or not self._ever  # at startup, wait out the first connect; in an outage, not at all
+        waiter = asyncio.get_running_loop().create_future() if wait else None
+        self._queue(_Pending(ip, reason, seen_ms, thirds, waiter))
+        if local >= 3 * self.policy.strikes:
+            self._counts.pop(ip, None)
+            self.bans[ip] = Ban(now + self.policy.ban_seconds, sanitise(reason), 0, local // 3, local=True)
+            self.count("bans_local")
+            logger.info('openflare ban ip=%s seconds=%d strikes=%d reason="%s" (this process\'s count; Redis follows)',
+                        ip, self.policy.ban_seconds, local // 3, sanitise(reason))  # fmt: skip
+        if waiter is not None:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    return await asyncio.shield(waiter)
+            except TimeoutError:
+                self.count("redis_timeouts")
+        self.count("strikes_queued")
+        if self.bans.get(ip) is not None and self.bans[ip].local:
+            return StrikeResult(local / 3, self.policy.ban_seconds, 0, "banned")
+        return StrikeResult(local / 3, status="queued")
+
+    def _forget(self, ip: str) -> None:
+        """An unban: this process's count of `ip` starts again, and strikes seen before now never count."""
+        self._counts.pop(ip, None)
+        if len(self._unbans) > 10_000:
+            cut = int(time.time() * 1000) - 1000 * max(self.policy.window, 60)
+            self._unbans = {k: v for k, v in self._unbans.items() if v > cut}
+        self._unbans[ip] = int(time.time() * 1000)
+
+    def _queue(self, pending: _Pending) -> None:
+        if len(self._outbox) >= OUTBOX_MAX:
+            old = self._outbox.popleft()
             self.count("strikes_lost")
-            return StrikeResult(0, status="redis-down")
+            if old.waiter is not None and not old.waiter.done():
+                old.waiter.set_result(StrikeResult(0, status="skipped"))
+        self._outbox.append(pending)
+        self._deliver_wake.set()
+
+    async def _deliver(self) -> None:
+        """The strikes' way to Redis: whatever is queued, up to FLUSH_BATCH, in one pipeline; kept and sent
+        again until Redis answers (after a reconnect the follower's resync has run first)."""
+        backoff = BACKOFF_MIN
+        while True:
+            if not self._outbox:
+                self._deliver_wake.clear()
+                await self._deliver_wake.wait()
+            if not self.healthy:
+                await self._synced.wait()
+                continue
+            batch = [self._outbox[i] for i in range(min(FLUSH_BATCH, len(self._outbox)))]
+            try:
+                async with asyncio.timeout(FLUSH_TIMEOUT), self.client.pipeline(transaction=False) as pipe:
+                    for p in batch:
+                        await self._strike(keys=script_keys(self.prefix, p.ip), client=pipe,
+                                     args=self._args(p.ip, p.reason, p.seen_ms, thirds=p.thirds))  # fmt: skip
+                    results = await pipe.execute(raise_on_error=False)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - kept for the next try; a dead connection means reconnect
+                self.count("strike_retries")
+                if isinstance(e, TimeoutError):
+                    if self._probe is None or self._probe.done():
+                        self._probe = asyncio.create_task(self._check(), name="openflare-bans-probe")
+                else:
+                    self.count("redis_errors")
+                    self._lost(e)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                continue
+            backoff = BACKOFF_MIN
+            for _ in batch:
+                if self._outbox:
+                    self._outbox.popleft()
+            for p, res in zip(batch, results):
+                out = self._delivered(p, res)
+                if p.waiter is not None and not p.waiter.done():
+                    p.waiter.set_result(out)
+            await asyncio.sleep(0)  # let requests run between batches
+
+    def _delivered(self, p: _Pending, res) -> StrikeResult:
+        """Apply Redis's answer to one strike to the local view."""
+        if isinstance(res, Exception):
+            self.count("redis_errors")
+            self.count("strikes_lost")
+            logger.warning("openflare bans: a strike on %s failed in Redis: %s", p.ip, sanitise(res, 200))
+            return StrikeResult(0, status="skipped")
         n, secs, level = (int(x) for x in res)
         if n == -2:
+            self._counts.pop(p.ip, None)
             return StrikeResult(0, status="after-unban")
         if n == -1:
-            self.bans.setdefault(ip, Ban(time.monotonic() + secs / 1000, "already banned"))
+            ban = self.bans.get(p.ip)
+            if ban is None:
+                self.bans[p.ip] = Ban(time.monotonic() + secs / 1000, "already banned")
+            elif ban.local and secs > 0:
+                ban.deadline = time.monotonic() + secs / 1000
             return StrikeResult(0, status="already-banned")
         self.count("strikes")
         strikes = n / 3
-        logger.info('openflare strike ip=%s weight=%s strikes=%s/%d reason="%s"', ip, show_strikes(thirds / 3),
-                    show_strikes(strikes), self.policy.strikes, sanitise(reason))  # fmt: skip
+        logger.info('openflare strike ip=%s weight=%s strikes=%s/%d reason="%s"', p.ip, show_strikes(p.thirds / 3),
+                    show_strikes(strikes), self.policy.strikes, sanitise(p.reason))  # fmt: skip
         if secs:
-            self._banned(ip, secs, level, n // 3, reason)
+            self._counts.pop(p.ip, None)
+            self._banned(p.ip, secs, level, n // 3, p.reason)
             return StrikeResult(strikes, secs, level, "banned")
+        count = self._counts.get(p.ip)
+        if count is not None and count[0] < n:  # strikes other processes counted: this one's count follows
+            count[0] = n
         return StrikeResult(strikes)
 
     def _banned(self, ip: str, secs: int, level: int, strikes: int, reason: str) -> None:
@@ -505,6 +636,7 @@ class BanStore:
     async def unban(self, ip: str) -> bool:
         """Lift a ban, forget its strikes and escalation; strikes seen before now are ignored. True if it was banned."""
         self.bans.pop(ip, None)
+        self._forget(ip)
         res = await self._call(self._unban, script_keys(self.prefix, ip), unban_args(self.policy, self.channel, ip))
         if res is None:
             raise ConnectionError("the ban store is unreachable: unban applied to this process only")
@@ -542,10 +674,27 @@ class BanStore:
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._follow(), name="openflare-bans-follow")
+        if self._delivery is None:
+            self._delivery = asyncio.create_task(self._deliver(), name="openflare-bans-strikes")
 
     async def close(self) -> None:
+        """Stop; strikes still queued get one last pipeline (FLUSH_TIMEOUT) if Redis is up."""
         if self._probe:
             self._probe.cancel()
+        if self._delivery:
+            if self._outbox and self.healthy:
+                try:
+                    async with asyncio.timeout(FLUSH_TIMEOUT):
+                        while self._outbox and self.healthy and not self._delivery.done():
+                            await asyncio.sleep(0.01)
+                except TimeoutError:
+                    pass
+            self._delivery.cancel()
+            try:
+                await self._delivery
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+            self._delivery = None
         if self._task:
             self._task.cancel()
             try:
@@ -675,6 +824,7 @@ class BanStore:
                 self.bans[ip] = Ban(time.monotonic() + ms / 1000, parts[5] if len(parts) > 5 else "", level, strikes)
             elif parts[0] == "unban":
                 self.bans.pop(parts[1], None)
+                self._forget(parts[1])
             elif parts[0] == "allow":
                 ms = int(parts[2])
                 self.allowlist.add(parts[1], time.monotonic() + ms / 1000 if ms else None)
@@ -684,8 +834,15 @@ class BanStore:
             logger.warning("openflare bans: ignoring a malformed event %s", sanitise(text, 200))
 
     async def resync(self) -> None:
-        """Replace the local view with what Redis holds now."""
-        self.bans = await read_bans(self.client, self.prefix)
+        """Replace the local view with what Redis holds now; a ban this process made on its own count whose
+        strikes are still queued stays (they will ban in Redis too)."""
+        bans = await read_bans(self.client, self.prefix)
+        now = time.monotonic()
+        queued = {p.ip for p in self._outbox}
+        for ip, ban in self.bans.items():
+            if ban.local and ip not in bans and ip in queued and ban.deadline > now:
+                bans[ip] = ban
+        self.bans = bans
         self.allowlist.replace_dynamic(await read_allow(self.client, self.prefix))
         self._rot_bans, self._rot_allow = [], []
 

@@ -526,9 +526,11 @@ async def test_unreachable_redis_fail_policy(policy, monkeypatch, caplog):
             else:
                 assert f.response.status_code == 403 and f.response.content == common.BLOCK_BODY
                 assert addon.store.stats["refused_redis_down"] == 1
-            f = await attack(addon, "198.51.100.31")  # a strike that cannot be counted is dropped, not raised
+            f = await attack(addon, "198.51.100.31")  # counted here, queued for Redis, never raised
             if policy == "open":
-                assert addon.store.stats["strikes_lost"] == 1
+                assert addon.store.stats["strikes_queued"] == 1 and "strikes_lost" not in addon.store.stats
+                assert addon.store.check("198.51.100.31") is not None  # one strike bans (openflare_strikes=1) at once
+                assert "banned for" in f.comment
             else:
                 assert f.response.status_code == 403 and addon.store.stats["refused_redis_down"] == 2
         finally:
