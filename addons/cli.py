@@ -512,14 +512,14 @@ def cmd_records(args, s: Settings) -> int:
     return 0
 
 
-def verify_log(uri: str | None, directory: str, days: int, spill: str | None, out=None, err=None) -> int:
-    """Walk the records' hash chains (stored + still spilled) and name the first broken link.
+def verify_log(uri: str | None, directory: str, days: int, spill: str | None, allow_unkeyed: bool = False,
+               out=None, err=None) -> int:
+    """Walk the records' hash chains (stored + still in the journal) and report: broken links, gaps a proxy
+    noted itself (a full disk), torn journal lines, labels written into records.
 
-    Returns 0 intact, 1 broken, 2 the store could not be read. `scripts/verify_log.py` and
-    `openflare verify-log` both run this.
+    Returns 0 intact, 1 broken (or a label in a record), 2 the store could not be read. `scripts/verify_log.py`
+    and `openflare verify-log` both run this.
     """
-    import heapq
-
     from addons import records
 
     out = out or sys.stdout
@@ -532,41 +532,18 @@ def verify_log(uri: str | None, directory: str, days: int, spill: str | None, ou
     except (ValueError, OSError) as e:
         print(f"verify-log: cannot open the store: {e}", file=err)
         return 2
-    key = lambda r: (str(r.get("chain")), r.get("seq") if isinstance(r.get("seq"), int) else -1)  # noqa: E731
-    spilled: list[dict] = []
-    if spill and Path(spill).exists():
-        try:
-            for batch in records.SpillFile(spill).read(10000):
-                spilled.extend(batch)
-        except (OSError, ValueError) as e:
-            store.close()
-            print(f"verify-log: cannot read the spill file {spill}: {e}", file=err)
-            return 2
-        spilled.sort(key=key)
-
-    def merged():
-        seen_last = None
-        for rec in heapq.merge(store.find(), spilled, key=key):
-            if rec.get("_id") == seen_last:  # spilled and already replayed
-                continue
-            seen_last = rec.get("_id")
-            yield rec
-
     try:
-        result = records.verify(merged(), days=days)
-    except Exception as e:  # noqa: BLE001 - pymongo errors, unreadable store
+        result = records.walk_log(store, spill, days=days, allow_unkeyed=allow_unkeyed)
+    except Exception as e:  # noqa: BLE001 - pymongo errors, an unreadable store or journal
         print(f"verify-log: cannot read the store {store.description}: {type(e).__name__}: {e}", file=err)
         return 2
     finally:
         store.close()
-    where = f"{store.description}" + (f" + {len(spilled)} spilled" if spilled else "")
-    if result["broken"]:
-        b = result["broken"]
-        print(f"BROKEN ({where}): first broken link: chain {b['chain']} seq {b['seq']} id {b['id']}: {b['reason']}", file=out)
-        return 1
-    note = f"; {len(result['truncated'])} chains start after seq 0 (older records expired)" if result["truncated"] else ""
-    print(f"OK ({where}): {result['records']} records in {result['chains']} chains, every link intact{note}", file=out)
-    return 0
+    where = store.description + (f" + {result['spilled']} spilled" if result["spilled"] else "")
+    status, lines = records.log_report(result, where)
+    for line in lines:
+        print(line, file=out)
+    return status
 
 
 def cmd_verify_log(args, s: Settings) -> int:

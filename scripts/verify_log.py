@@ -19,28 +19,7 @@ import argparse
 import sys
 
 from addons import records
-
-
-def verify_log(uri: str | None, directory: str, days: int, spill: str | None, allow_unkeyed: bool = False, out=None, err=None) -> int:
-    out = out or sys.stdout
-    err = err or sys.stderr
-    try:
-        store = records.store_from_args(uri, directory)
-    except (ValueError, OSError) as e:
-        print(f"verify-log: cannot open the store: {e}", file=err)
-        return 2
-    try:
-        result = records.walk_log(store, spill, days=days, allow_unkeyed=allow_unkeyed)
-    except Exception as e:  # noqa: BLE001 - pymongo errors, an unreadable store or spill file
-        print(f"verify-log: cannot read the store {store.description}: {type(e).__name__}: {e}", file=err)
-        return 2
-    finally:
-        store.close()
-    where = store.description + (f" + {result['spilled']} spilled" if result["spilled"] else "")
-    status, lines = records.log_report(result, where)
-    for line in lines:
-        print(line, file=out)
-    return status
+from addons.cli import verify_log
 
 
 def main(argv: list[str] | None = None) -> int:
