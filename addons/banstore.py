@@ -592,6 +592,7 @@ class BanStore:
             self.count("strikes_lost")
             logger.warning("openflare bans: a strike on %s failed in Redis: %s", p.ip, sanitise(res, 200))
             return StrikeResult(0, status="skipped")
+        self.count("strikes_delivered")
         n, secs, level = (int(x) for x in res)
         if n == -2:
             self._counts.pop(p.ip, None)
