@@ -21,7 +21,9 @@ follows Redis through the events channel. Pub/sub was chosen over keyspace notif
 `CONFIG SET notify-keyspace-events`, often refused on managed Redis, and expired events come late) and over
 RESP3 client-side caching (it only tracks keys this process has read, while we must learn of bans on IPs
 it has never seen; redis.asyncio and fakeredis lack it). Expiry needs no event: each local entry carries its
-deadline. Pub/sub drops messages while disconnected, so every (re)connect re-reads the bans with SCAN.
+deadline. Pub/sub drops messages while disconnected, so every (re)connect re-reads the bans with SCAN,
+and writes back the bans in force this process knows and the store lacks (a Redis restarted without
+persistence comes back empty): `BanStore.republish` says which side wins, and why.
 
 A key deleted behind the channel's back (`redis-cli del P ban:IP`, publishing nothing) is followed by the
 reconcile: every RECONCILE_EVERY seconds one EXISTS asks for up to `reconcile_keys` entries of the local
@@ -112,6 +114,18 @@ redis.call('DEL', KEYS[1], KEYS[3])
 redis.call('SET', KEYS[4], ARGV[1], 'EX', ARGV[2])
 redis.call('PUBLISH', ARGV[4], 'unban\\t' .. ARGV[3])
 return had
+"""
+
+# KEYS: ban, level, unban. ARGV: ms left (-1: no expiry), reason, level, strikes, ip, channel, memory, seconds.
+# A ban this process knows and the store lacks, written back unless the store has a ban of its own for the IP
+# or an unban newer than the strike window (the operator's word wins). Returns 1 if written.
+REPUBLISH_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'reason', ARGV[2], 'seconds', ARGV[8], 'level', ARGV[3], 'strikes', ARGV[4])
+if tonumber(ARGV[1]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+if tonumber(ARGV[3]) > 0 then redis.call('SET', KEYS[2], ARGV[3], 'NX', 'EX', ARGV[7]) end
+redis.call('PUBLISH', ARGV[6], 'ban\t' .. ARGV[5] .. '\t' .. math.max(tonumber(ARGV[1]), 0) .. '\t' .. ARGV[3] .. '\t' .. ARGV[4] .. '\t' .. ARGV[2])
+return 1
 """
 
 # KEYS: ban/allow keys. ARGV[i]: the ms left this process expects for KEYS[i] (-1: no expiry).
@@ -429,6 +443,7 @@ class BanStore:
         self._ban = self.client.register_script(BAN_LUA)
         self._unban = self.client.register_script(UNBAN_LUA)
         self._reconcile = self.client.register_script(RECONCILE_LUA)
+        self._republish = self.client.register_script(REPUBLISH_LUA)
 
     # --- keys and counters ---
     def key(self, kind: str, ip: str) -> str:
@@ -835,17 +850,56 @@ class BanStore:
             logger.warning("openflare bans: ignoring a malformed event %s", sanitise(text, 200))
 
     async def resync(self) -> None:
-        """Replace the local view with what Redis holds now; a ban this process made on its own count whose
-        strikes are still queued stays (they will ban in Redis too)."""
+        """Replace the local view with what Redis holds now, and write back the bans in force that this
+        process knows and Redis lacks (`republish`)."""
         bans = await read_bans(self.client, self.prefix)
         now = time.monotonic()
         queued = {p.ip for p in self._outbox}
+        missing = {}
         for ip, ban in self.bans.items():
-            if ban.local and ip not in bans and ip in queued and ban.deadline > now:
+            if ip in bans or ban.deadline <= now + 1:
+                continue
+            if ban.local and ip in queued:  # its strikes, still queued, will ban it in Redis too
                 bans[ip] = ban
+            else:
+                missing[ip] = ban
+        if missing:
+            bans.update(await self.republish(missing))
         self.bans = bans
         self.allowlist.replace_dynamic(await read_allow(self.client, self.prefix))
         self._rot_bans, self._rot_allow = [], []
+
+    async def republish(self, missing: dict[str, Ban]) -> dict[str, Ban]:
+        """Write back bans this process knows and the store lacks, with their remaining time; returns those
+        written (kept here). Which side wins: a ban in the store wins over ours (read as it is); an unban in
+        the store (its marker lasts the strike window, at least 60 s) wins over our ban, which is dropped: the
+        operator lifted it while we were away; otherwise ours wins, because a ban can leave the store without
+        an unban in only two ways, a Redis restart without persistence (or a flush, a failover to an empty
+        replica) and a key deleted by hand, and losing every ban to the first is far worse than having to
+        lift a hand-deleted one with `openflare unban` (which leaves the marker) instead of `redis-cli del`."""
+        now = time.monotonic()
+        items = list(missing.items())
+        kept: dict[str, Ban] = {}
+        for start in range(0, len(items), FLUSH_BATCH):
+            part = items[start : start + FLUSH_BATCH]
+            async with asyncio.timeout(SYNC_TIMEOUT), self.client.pipeline(transaction=False) as pipe:
+                for ip, ban in part:
+                    left = ban.remaining(now)
+                    ms = -1 if left == float("inf") else max(1, int(left * 1000))
+                    keys = script_keys(self.prefix, ip)
+                    await self._republish(keys=[keys[1], keys[2], keys[3]], client=pipe, args=[
+                        ms, sanitise(ban.reason or "-"), max(ban.level, 1), ban.strikes, ip, self.channel,
+                        self.policy.memory, 0 if ms < 0 else ms // 1000 + 1])  # fmt: skip
+                res = await pipe.execute()
+            kept.update((ip, ban) for (ip, ban), r in zip(part, res) if int(r) == 1)
+        if kept:
+            self.count("bans_republished", len(kept))
+        if len(kept) < len(items):
+            self.count("bans_dropped_unbanned", len(items) - len(kept))
+        logger.warning("openflare bans: %d bans in force here were missing from %s (restarted without persistence?): "
+                       "%d written back with their time left, %d dropped (unbanned meanwhile)", len(items),
+                       self.where or "the store", len(kept), len(items) - len(kept))  # fmt: skip
+        return kept
 
     async def reconcile(self) -> int:
         """Check the next `reconcile_keys` entries of the local view against the store: one EXISTS for all

@@ -592,9 +592,10 @@ async def test_the_threshold_bans_exactly_once_under_concurrency(prefix):
 
 
 class PrivateRedis:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, persist: bool = True) -> None:
         self.port = free_port()
         self.dir = workdir
+        self.persist = persist
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -605,6 +606,8 @@ class PrivateRedis:
         # appendfsync always: what a killed server had acknowledged is there after its restart.
         args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.dir)]  # fmt: skip
+        if not self.persist:  # a restart comes back empty
+            args[args.index("--appendonly") + 1 : args.index("--dir")] = ["no"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         assert wait_listening(self.port, self.proc, 10), "private redis-server did not start"
 
@@ -616,10 +619,10 @@ class PrivateRedis:
 
 
 @pytest.fixture
-def private_redis(tmp_path):
+def private_redis(tmp_path, request):
     if shutil.which("redis-server") is None:
         pytest.fail("redis-server is not installed (.ci/run installs it)")
-    server = PrivateRedis(tmp_path)
+    server = PrivateRedis(tmp_path, persist=getattr(request, "param", True))
     server.start()
     yield server
     server.kill()
@@ -709,5 +712,69 @@ async def test_a_strike_queued_at_close_is_still_delivered(stores, prefix):
     probe = aioredis.from_url(REDIS_URL)
     try:
         assert int(await probe.get(prefix + "strikes:198.51.100.70")) == 3
+    finally:
+        await probe.aclose()
+
+
+@pytest.mark.parametrize("private_redis", [False], indirect=True)
+async def test_bans_survive_a_redis_restart_without_persistence(private_redis, caplog):
+    """Redis comes back empty; each proxy writes back the bans in force it knows, with their time left,
+    and a proxy started afterwards loads them."""
+    policy = banstore.Policy(strikes=1, window=60, ban_seconds=600)
+    a = banstore.BanStore(banstore.make_client(private_redis.url), "of:", policy)
+    b = banstore.BanStore(banstore.make_client(private_redis.url), "of:", policy)
+    a.start()
+    b.start()
+    fresh = None
+    try:
+        assert await a.wait_synced() and await b.wait_synced()
+        struck = [f"198.51.100.{80 + i}" for i in range(5)]
+        for ip in struck:
+            assert (await a.strike(ip, "sqli")).status == "banned"
+        assert await b.ban("198.51.100.90", 30, "manual") == 30
+        assert await until(lambda: all(s.check(ip) for s in (a, b) for ip in struck + ["198.51.100.90"]), 2.0)
+        before = a.check("198.51.100.90").remaining()
+
+        private_redis.kill()
+        private_redis.start()  # same port, nothing kept
+        assert await until(lambda: a.healthy and b.healthy, 15.0)
+        probe = aioredis.from_url(private_redis.url)
+        try:
+            assert await until(lambda: a.stats.get("bans_republished", 0) + b.stats.get("bans_republished", 0) >= 6, 5.0)
+            assert await probe.exists(*[f"of:ban:{ip}" for ip in struck + ["198.51.100.90"]]) == 6
+            ttl = await probe.pttl("of:ban:198.51.100.90")
+            assert 0 < ttl <= before * 1000 + 1000  # the time left, not a fresh 30 s or 600 s
+            assert 500_000 < await probe.pttl(f"of:ban:{struck[0]}") <= 600_000
+            assert (await probe.hgetall(f"of:ban:{struck[0]}"))[b"reason"] == b"sqli"
+        finally:
+            await probe.aclose()
+        assert all(s.check(ip) for s in (a, b) for ip in struck + ["198.51.100.90"])
+        assert "missing from" in caplog.text
+        fresh = banstore.BanStore(banstore.make_client(private_redis.url), "of:", policy)
+        fresh.start()
+        assert await fresh.wait_synced()
+        assert all(fresh.check(ip) for ip in struck + ["198.51.100.90"])
+    finally:
+        for s in (a, b, fresh):
+            if s is not None:
+                await s.close()
+
+
+async def test_an_unban_in_the_store_wins_over_a_ban_this_process_still_knows(stores, prefix):
+    """A ban missing from the store is written back, unless the store says it was unbanned (the unban
+    marker lasts the strike window): then the operator's word wins."""
+    store = await stores(banstore.Policy(strikes=1, window=60, ban_seconds=600))
+    probe = aioredis.from_url(REDIS_URL)
+    try:
+        for ip in ("198.51.100.95", "198.51.100.96"):
+            assert (await store.strike(ip, "x")).status == "banned"
+        # As if this process had been away: one ban was lifted (marker left), the other lost with the store.
+        await probe.delete(prefix + "ban:198.51.100.95", prefix + "ban:198.51.100.96")
+        await probe.set(prefix + "unban:198.51.100.95", int(time.time() * 1000), ex=60)
+        await store.resync()
+        assert store.check("198.51.100.95") is None
+        assert store.check("198.51.100.96") is not None
+        assert 590_000 < await probe.pttl(prefix + "ban:198.51.100.96") <= 600_000
+        assert store.stats["bans_republished"] == 1 and store.stats["bans_dropped_unbanned"] == 1
     finally:
         await probe.aclose()
