@@ -1,6 +1,6 @@
 """Strikes at saturation: is any strike lost, is every attacker banned, here and in every process?
 
-    .venv/bin/python scripts/bench_bans.py [--redis redis://127.0.0.1:6379/0] [--attackers 10] [--busy 40] [--seconds 5]
+    .venv/bin/python scripts/bench_bans.py [--redis redis://127.0.0.1:6379/0] [--attackers 10] [--busy 40] [--seconds 5] [--load 100000]
 
 One event loop plays a saturated proxy: `--busy` tasks each burn CPU in 2 ms slices without pause (the
 flows of benign traffic), and `--attackers` IPs each send a refused request every 5 ms, struck as the
@@ -8,8 +8,9 @@ flows of benign traffic), and `--attackers` IPs each send a refused request ever
 later requests are refused by the local lookup, as in `requestheaders`. A second BanStore (another proxy
 process) follows Redis. Reported: strikes made, answered by Redis within the budget, queued (answered
 later), delivered, lost (must be 0); attackers banned here, banned in Redis and seen by the other process
-(must be all); the time from an attacker's first strike to its local ban. Keys under a prefix of its own,
-deleted at the end.
+(must be all); the time from an attacker's first strike to its local ban. Then (`--load`, 0 to skip) how
+long a starting proxy takes to load N bans: a BanStore started against them, timed until it is synced.
+Keys under a prefix of its own, deleted at the end.
 """
 
 from __future__ import annotations
@@ -41,6 +42,30 @@ async def busy(stop: float) -> None:
         while time.perf_counter() < end:
             pass
         await asyncio.sleep(0)
+
+
+async def load(args) -> None:
+    prefix = f"ofbench:{uuid.uuid4().hex[:8]}:"
+    client = banstore.make_client(args.redis)
+    try:
+        for start in range(0, args.load, 5000):
+            pipe = client.pipeline(transaction=False)
+            for i in range(start, min(args.load, start + 5000)):
+                key = f"{prefix}ban:10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}"
+                pipe.hset(key, mapping={"reason": "bench", "seconds": 3600, "level": 1, "strikes": 3})
+                pipe.expire(key, 3600)
+            await pipe.execute()
+        store = banstore.BanStore(banstore.make_client(args.redis), prefix, banstore.Policy())
+        wall, cpu = time.perf_counter(), time.process_time()
+        store.start()
+        synced = await store.wait_synced(60)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        print(f"start with {args.load} bans in Redis: {len(store.bans)} loaded in {wall:.2f} s ({cpu:.2f} s CPU)"
+              f"{'' if synced else ', NOT synced within 60 s'}")  # fmt: skip
+        await store.close()
+    finally:
+        await banstore.delete_prefix(client, prefix)
+        await client.aclose()
 
 
 async def main(args) -> int:
@@ -84,13 +109,16 @@ async def main(args) -> int:
         print(f"attackers {len(ips)}: banned here {here}, bans in Redis {in_redis}, seen by the other process {seen}")
         if times:
             print(f"first strike to local ban: median {statistics.median(times) * 1000:.0f} ms, max {times[-1] * 1000:.0f} ms")
-        return 0 if lost == 0 and here == in_redis == seen == len(ips) else 1
+        ok = lost == 0 and here == in_redis == seen == len(ips)
     finally:
         await store.close()
         await other.close()
         cleanup = banstore.make_client(args.redis)
         await banstore.delete_prefix(cleanup, prefix)
         await cleanup.aclose()
+    if args.load:
+        await load(args)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
@@ -99,4 +127,5 @@ if __name__ == "__main__":
     ap.add_argument("--attackers", type=int, default=10)
     ap.add_argument("--busy", type=int, default=40, help="CPU-burning tasks on the loop (the saturation)")
     ap.add_argument("--seconds", type=float, default=5)
+    ap.add_argument("--load", type=int, default=100_000, help="bans a starting proxy loads (0: skip)")
     sys.exit(asyncio.run(main(ap.parse_args())))

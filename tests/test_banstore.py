@@ -778,3 +778,30 @@ async def test_an_unban_in_the_store_wins_over_a_ban_this_process_still_knows(st
         assert store.stats["bans_republished"] == 1 and store.stats["bans_dropped_unbanned"] == 1
     finally:
         await probe.aclose()
+
+
+@pytest.mark.parametrize("embedded", [False, True])
+async def test_reading_the_bans_keeps_every_field_and_skips_what_is_not_a_ban(prefix, embedded):
+    """One script call per SCAN step reads the bans; a reason with tabs and newlines stays one ban, a key
+    without TTL never ends, a key of another type under ban: is left out, and a batch boundary loses none."""
+    client = banstore.make_client(None if embedded else REDIS_URL)
+    try:
+        await client.hset(prefix + "ban:198.51.100.1", mapping={"reason": "a\tb\nc", "seconds": 60, "level": 3, "strikes": 4})
+        await client.expire(prefix + "ban:198.51.100.1", 60)
+        await client.hset(prefix + "ban:2001:db8::/64", mapping={"reason": "x"})  # no TTL, no level or strikes
+        await client.set(prefix + "ban:198.51.100.2", "not a hash")
+        pipe = client.pipeline(transaction=False)
+        many = [f"10.9.{i >> 8}.{i & 255}" for i in range(2 * banstore.SYNC_BATCH + 7)]
+        for ip in many:
+            pipe.hset(f"{prefix}ban:{ip}", mapping={"reason": "bulk", "level": 1, "strikes": 3})
+            pipe.expire(f"{prefix}ban:{ip}", 600)
+        await pipe.execute()
+        bans = await banstore.read_bans(client, prefix)
+        one = bans["198.51.100.1"]
+        assert (one.reason, one.level, one.strikes) == ("a_b_c", 3, 4) and 58 < one.remaining() <= 60
+        assert bans["2001:db8::/64"].deadline == float("inf") and (bans["2001:db8::/64"].level, bans["2001:db8::/64"].strikes) == (1, 0)
+        assert "198.51.100.2" not in bans
+        assert set(many) <= set(bans) and len(bans) == len(many) + 2
+    finally:
+        await banstore.delete_prefix(client, prefix)
+        await client.aclose()
