@@ -76,6 +76,8 @@ bench: $(STAMP)
 	$(BIN)/python scripts/bench.py
 	# the recorder's burst: 10,000 requests -> exactly 10,000 records, hash chain intact
 	$(BIN)/python scripts/bench_recorder.py --requests 0
+	# hostile bodies (a gzip bomb, unclosed comments, deep nesting): milliseconds each, memory
+	$(BIN)/python scripts/bench_hostile.py
 
 # Walk the records' hash chains (OPENFLARE_MONGO_URI, else the embedded store in data/records).
 verify-log: $(STAMP)
