@@ -8,8 +8,15 @@ default data/bans.sock; mode 0600, so only the same user connects), speaking the
 `openflare` command line, `redis-cli -s data/bans.sock`, and every later proxy process in the same
 directory (several workers on one host) connect to that socket as they would to a Redis.
 
-Nothing is written to disk but the socket and the lock file: the bans end when the owner exits (it removes
-the socket; a socket left by a killed owner is replaced by the next one). Serving costs one thread that
+The owner keeps the bans in force and the allowlist entries added at run time in `<socket stem>.json` beside
+the socket (default data/bans.json; mode 0600): a thread wakes every SAVE_EVERY seconds and, only when an
+event (ban, unban, allow, disallow) or a change to a ban or allow key was seen since, writes the file
+whole (a temp file, then os.replace: a reader or a crash sees the old file or the new one, never half).
+The owner writes it once more when it closes. The next owner (a restart, or a member taking over from an
+owner that was killed) loads it before serving: each entry keeps the time it had left (wall clock), an
+expired one is dropped. A file that cannot be read or parsed is logged, renamed `<file>.corrupt`, and the
+store starts empty. Strikes and repeat-ban levels are not kept. Only the lock holder writes the file.
+The socket is removed when the owner exits; a socket left by a killed owner is replaced by the next one. Serving costs one thread that
 waits in `accept` and one per connected client, which waits in `select` (no polling) and runs each command
 under the fakeredis server's lock, as the owner's event loop does: a command from outside holds the
 owner's loop for as long as it runs (microseconds; a SCAN batch of 1000 keys, milliseconds).
@@ -20,6 +27,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import itertools
+import json
 import logging
 import os
 import select
@@ -27,12 +35,19 @@ import socket
 import socketserver
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SOCKET = "data/bans.sock"
 MAX_PATH = 107  # bytes of a Unix socket path (sun_path, with its NUL)
+SAVE_EVERY = 1.0  # seconds between two checks for changes to write to the bans file
+SAVE_VERSION = 1
+# What the file keeps: ban hashes and allowlist strings, under any key prefix. The events channel (and a
+# change to one of these keys, where fakeredis reports it) marks the store changed.
+_SAVED = (("*ban:*", "hash"), ("*allow:*", "string"))
+_WATCH = ("*events", "__keyspace@*__:*ban:*", "__keyspace@*__:*allow:*")
 
 
 class Unavailable(Exception):
@@ -49,6 +64,103 @@ def owner_pid(path: str | os.PathLike) -> int | None:
         return int(lock_path(path).read_text().strip() or 0) or None
     except (OSError, ValueError):
         return None
+
+
+def data_path(path: str | os.PathLike) -> Path:
+    """The file the owner of the store served at `path` keeps its bans in: `bans.sock` -> `bans.json`."""
+    p = Path(path)
+    return p.with_suffix(".json") if p.suffix != ".json" else Path(str(p) + ".json")
+
+
+def dump(server) -> dict:
+    """The bans and run-time allowlist entries of a fakeredis server, each with its deadline (epoch ms, or None)."""
+    import fakeredis
+
+    r = fakeredis.FakeRedis(server=server)
+    now_ms = int(time.time() * 1000)
+    keys = []
+    for match, kind in _SAVED:
+        for key in r.scan_iter(match=match, _type=kind, count=1000):
+            with r.pipeline(transaction=False) as pipe:
+                (pipe.hgetall(key) if kind == "hash" else pipe.get(key)).pttl(key)
+                value, ttl = pipe.execute()
+            if value is None or value == {} or ttl == -2:
+                continue  # gone meanwhile
+            if kind == "hash":
+                value = {_text(k): _text(v) for k, v in value.items()}
+            keys.append({"key": _text(key), "type": kind, "value": _text(value) if kind == "string" else value,
+                         "deadline_ms": None if ttl < 0 else now_ms + ttl})
+    return {"version": SAVE_VERSION, "saved_ms": now_ms, "keys": keys}
+
+
+def save(server, path: Path) -> int:
+    """Write `dump(server)` to `path` atomically (temp file in the same directory, then os.replace)."""
+    data = dump(server)
+    fd, tmp = tempfile.mkstemp(prefix=".bans-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, separators=(",", ":"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return len(data["keys"])
+
+
+def restore(server, path: Path) -> int:
+    """Load a file `save` wrote into `server`: entries keep their time left, expired ones are dropped.
+
+    A file that cannot be read or parsed is logged, set aside as `<path>.corrupt`, and nothing is loaded.
+    Returns how many entries were loaded.
+    """
+    import fakeredis
+
+    try:
+        data = json.loads(path.read_bytes())
+        if not isinstance(data, dict) or data.get("version") != SAVE_VERSION or not isinstance(data.get("keys"), list):
+            raise ValueError("not a bans file of version %d" % SAVE_VERSION)
+        entries = []
+        for e in data["keys"]:
+            key, kind, value, deadline = e["key"], e["type"], e["value"], e["deadline_ms"]
+            ok = isinstance(key, str) and (
+                (kind == "hash" and isinstance(value, dict) and value and all(isinstance(v, str) for v in value.values()))
+                or (kind == "string" and isinstance(value, str))
+            ) and (deadline is None or isinstance(deadline, int))
+            if not ok:
+                raise ValueError(f"a bad entry: {str(e)[:80]}")
+            entries.append((key, kind, value, deadline))
+    except FileNotFoundError:
+        return 0
+    except (OSError, ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+        aside = Path(str(path) + ".corrupt")
+        try:
+            os.replace(path, aside)
+            where = f"set aside as {aside}"
+        except OSError as e2:
+            where = f"could not be set aside ({e2.strerror or e2})"
+        logger.warning("openflare bans: cannot load %s (%s): %s; the ban store starts empty", path, str(e)[:200], where)
+        return 0
+    r = fakeredis.FakeRedis(server=server)
+    now_ms = int(time.time() * 1000)
+    n = 0
+    with r.pipeline(transaction=False) as pipe:
+        for key, kind, value, deadline in entries:
+            if deadline is not None and deadline - now_ms <= 0:
+                continue  # expired while no one owned the store
+            pipe.delete(key)
+            pipe.hset(key, mapping=value) if kind == "hash" else pipe.set(key, value)
+            if deadline is not None:
+                pipe.pexpire(key, deadline - now_ms)
+            n += 1
+        pipe.execute()
+    logger.info("openflare bans: loaded %d bans and allowlist entries from %s (%d expired)", n, path, len(entries) - n)
+    return n
+
+
+def _text(x):
+    return x.decode("utf-8", "replace") if isinstance(x, bytes) else x
 
 
 def check_path(path: str | os.PathLike) -> str:
@@ -207,6 +319,8 @@ class Embedded:
         self._unix: _Server | None = None
         self._thread: threading.Thread | None = None
         self._inode: int | None = None
+        self._saving: threading.Event | None = None
+        self._saver: threading.Thread | None = None
 
     @classmethod
     def open(cls, path: str | os.PathLike | None) -> Embedded:
@@ -250,13 +364,44 @@ class Embedded:
             os.write(fd, f"{os.getpid()}\n".encode())
             sock_path.unlink(missing_ok=True)  # left by an owner that was killed: the lock was free
             self.server = fakeredis.FakeServer()
+            restore(self.server, data_path(self.path))
             self._serve()
         except OSError as e:
             os.close(fd)
             self.server = None
             raise Unavailable(f"cannot serve the ban store on {self.path}: {e.strerror or e}") from e
         self.owner, self.pid, self._lock_fd = True, os.getpid(), fd
+        self._start_saver()
         return True
+
+    def _start_saver(self) -> None:
+        import fakeredis
+
+        pubsub = fakeredis.FakeRedis(server=self.server).pubsub(ignore_subscribe_messages=True)
+        pubsub.psubscribe(*_WATCH)
+        self._saving = threading.Event()
+        self._saver = threading.Thread(target=self._save_loop, args=(pubsub,), name="openflare-bans-save", daemon=True)
+        self._saver.start()
+
+    def _save_loop(self, pubsub) -> None:
+        """Every SAVE_EVERY seconds: if a change was seen since the last write, write the file (off the loop)."""
+        path = data_path(self.path)
+        failing = False
+        try:
+            while not self._saving.wait(SAVE_EVERY):
+                changed = False
+                while pubsub.get_message(timeout=0) is not None:
+                    changed = True
+                if changed:
+                    try:
+                        save(self.server, path)
+                        failing = False
+                    except OSError as e:  # a full disk: kept in memory, tried again at the next change
+                        if not failing:
+                            logger.warning("openflare bans: cannot write %s: %s", path, e.strerror or e)
+                        failing = True
+        finally:
+            pubsub.close()
 
     def _serve(self) -> None:
         unix = _Server(self.path, self.server)
@@ -295,6 +440,14 @@ class Embedded:
                     os.unlink(self.path)
             except OSError:
                 pass
+        saver, self._saver = self._saver, None
+        if saver is not None:
+            self._saving.set()
+            saver.join()
+            try:  # the last word, whatever the saver saw: written before the lock is freed
+                save(self.server, data_path(self.path))
+            except OSError as e:
+                logger.warning("openflare bans: cannot write %s: %s", data_path(self.path), e.strerror or e)
         fd, self._lock_fd = self._lock_fd, None
         if fd is not None:
             os.close(fd)  # frees the lock: the next process to start owns a new store

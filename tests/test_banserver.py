@@ -124,3 +124,60 @@ def test_without_a_path_the_store_is_private():
         assert emb.owner and emb.path is None and "served" not in emb.description
     finally:
         emb.close()
+
+
+async def test_bans_and_allowlist_survive_a_restart_with_their_time_left(sock):
+    import json
+    import time
+
+    from addons import banstore
+
+    path, made = sock
+    owner = open_(path, made)
+    op = banstore.Operator(owner.client())
+    await op.ban("203.0.113.7", 3600, "sqli")
+    await op.ban("203.0.113.8", 3600, "xss")
+    await op.allow("198.51.100.0/24", 0)
+    await op.client.aclose()
+    owner.close()
+    data = json.loads(banserver.data_path(path).read_text())
+    for e in data["keys"]:  # as if the store stayed down: one ban has run out, one has 100 s left
+        if e["key"].endswith("203.0.113.8"):
+            e["deadline_ms"] = int(time.time() * 1000) - 1
+        elif e["key"].endswith("203.0.113.7"):
+            e["deadline_ms"] = int(time.time() * 1000) + 100_000
+    banserver.data_path(path).write_text(json.dumps(data))
+
+    again = open_(path, made)
+    r = again.client()
+    assert await r.hget("openflare:ban:203.0.113.7", "reason") == b"sqli"
+    assert 0 < await r.pttl("openflare:ban:203.0.113.7") <= 100_000
+    assert not await r.exists("openflare:ban:203.0.113.8")  # expired: dropped
+    assert await r.exists("openflare:allow:198.51.100.0/24") and await r.pttl("openflare:allow:198.51.100.0/24") == -1
+
+
+async def test_the_owner_writes_the_file_while_running(sock):
+    import asyncio
+
+    from addons import banstore
+
+    path, made = sock
+    owner = open_(path, made)
+    op = banstore.Operator(owner.client())
+    await op.ban("203.0.113.9", 3600, "rce")
+    for _ in range(100):  # the saver's next tick (about a second), without closing: a kill -9 keeps this
+        if banserver.data_path(path).exists() and "203.0.113.9" in banserver.data_path(path).read_text():
+            break
+        await asyncio.sleep(0.1)
+    assert "203.0.113.9" in banserver.data_path(path).read_text()
+    assert not open_(path, made).owner  # a member never writes it
+
+
+def test_a_corrupt_file_is_set_aside_and_the_store_starts_empty(sock, caplog):
+    path, made = sock
+    banserver.data_path(path).write_text("{not json")
+    owner = open_(path, made)
+    assert owner.owner
+    assert "cannot load" in caplog.text and ".corrupt" in caplog.text
+    assert (path.parent / "bans.json.corrupt").read_text() == "{not json"
+    assert not banserver.data_path(path).exists()
