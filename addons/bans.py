@@ -225,12 +225,12 @@ class IpBans:
         why = f"no Redis configured ({REDIS_ENV} or openflare_redis_url)"
         if hub.owner:
             served = f"; `openflare bans` and other proxies started here reach it through {hub.path}" if hub.path else ""
-            logger.warning("OpenFlare bans: %s: using the in-process ban store; bans do not survive a restart%s", why, served)
+            kept = f"bans kept in {banserver.data_path(hub.path)}" if hub.path else "bans do not survive a restart"
+            logger.warning("OpenFlare bans: %s: using the in-process ban store; %s%s", why, kept, served)
             kind, where, per_tick = banstore.KIND_IN_PROCESS, hub.path or "", banstore.RECONCILE_KEYS_EMBEDDED
         else:
             where = f"process {hub.pid or '?'} through {hub.path}"
-            logger.warning("OpenFlare bans: %s: sharing the in-process ban store of %s; bans do not survive a restart "
-                           "of that process", why, where)  # fmt: skip
+            logger.warning("OpenFlare bans: %s: sharing the in-process ban store of %s", why, where)
             kind, per_tick = banstore.KIND_SHARED, banstore.RECONCILE_KEYS_EMBEDDED
         return banstore.BanStore(hub.client(), self.prefix, self.policy, kind=kind, where=where, hub=hub, reconcile_keys=per_tick)
 

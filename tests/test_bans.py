@@ -160,7 +160,7 @@ async def test_without_redis_the_embedded_store_is_used_with_a_warning(monkeypat
         tctx.configure(addon, openflare_strikes=1, openflare_ban_socket=sock)
         addon.running()
         try:
-            assert "using the in-process ban store; bans do not survive a restart" in caplog.text
+            assert "using the in-process ban store; bans kept in " + str(tmp_path / "bans.json") in caplog.text
             assert await addon.store.wait_synced()
             # The messages say the store actually in use: no "Redis reachable", no "redis=up".
             assert f"in-process ban store ready (served on {sock}), 0 bans loaded" in caplog.text
