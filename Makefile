@@ -19,7 +19,7 @@ DATA ?=
 ARGS ?=
 CONFDIR := .mitmproxy
 # Every addon, as one script (cheaper than seven), in the documented order: deployment, features (client
-# IP, feature string), bans (refuse banned IPs first), scorer, recorder, labels, flowcap. See addons/openflare.py.
+# IP, the request's fields), bans (refuse banned IPs first), scorer, recorder, labels, flowcap. See addons/openflare.py.
 ADDONS := -s addons/openflare.py
 MODE := $(if $(UPSTREAM),--mode reverse:$(UPSTREAM),)
 

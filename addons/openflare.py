@@ -19,7 +19,7 @@ from addons import recorder
 from addons import scorer
 
 # The order of addons/common.py's ADDON_ORDER: deployment (public clients, upstream check; no traffic hooks),
-# features (client IP, feature string), bans (refuse banned IPs first), scorer, recorder, labels, flowcap
+# features (client IP, the request's fields), bans (refuse banned IPs first), scorer, recorder, labels, flowcap
 # (mitmweb's flow cap; no traffic hooks). Not named `addons`: mitmproxy would then call each of them twice.
 BUNDLED = [
     deployment.Deployment(),
