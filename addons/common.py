@@ -119,6 +119,7 @@ ADDON_ORDER = (
     "addons/recorder.py",
     "addons/labels.py",
     "addons/flowcap.py",  # no traffic hooks: caps the flows mitmweb keeps in memory
+    "addons/metrics.py",  # last: counts what each flow ended as; the Prometheus endpoint (off by default)
 )
 
 
