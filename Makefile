@@ -17,6 +17,8 @@ WEB_HOST ?= 127.0.0.1
 DATA ?=
 # More mitmdump/mitmweb arguments: make run ARGS="--set openflare_threshold=9". A --set wins over mitm.conf.
 ARGS ?=
+# make run: mitmdump workers sharing one port (SO_REUSEPORT; addons/workers.py supervises them). 1: one plain mitmdump.
+WORKERS ?= $(shell nproc 2>/dev/null || echo 1)
 CONFDIR := .mitmproxy
 # Every addon, as one script (cheaper than seven), in the documented order: deployment, features (client
 # IP, the request's fields), bans (refuse banned IPs first), scorer, recorder, labels, flowcap. See addons/openflare.py.
@@ -49,7 +51,7 @@ check-upstream:
 	esac
 
 run: check-upstream $(STAMP) $(CONFDIR)/config.yaml
-	$(BIN)/mitmdump --set confdir=$(CONFDIR) -p $(PORT) $(MODE) $(ADDONS) $(ARGS)
+	$(if $(filter 1,$(WORKERS)),$(BIN)/mitmdump,$(BIN)/python -m addons.workers --workers $(WORKERS) --) --set confdir=$(CONFDIR) -p $(PORT) $(MODE) $(ADDONS) $(ARGS)
 
 web: check-upstream $(STAMP) $(CONFDIR)/config.yaml
 	$(BIN)/mitmweb --set confdir=$(CONFDIR) -p $(PORT) --set web_port=$(WEB_PORT) --set web_host=$(WEB_HOST) \
