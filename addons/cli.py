@@ -9,6 +9,7 @@
     openflare label ID benign|attack [--force]   label a recorded flow for retraining
     openflare records [--since 1h] [--verdict block] [--ip IP] [--limit 50] [--json]
     openflare verify-log [--days 30] [--spill FILE]   walk the records' hash chains
+    openflare report [--since 7d] [--out report.html]   the week in one HTML file: plots, top lists, review queue
     openflare check-config [...]              check the options file (addons/configcheck.py)
 
 Running proxies follow a change to bans or the allowlist within a second. Bans and the allowlist live in
@@ -555,6 +556,56 @@ def cmd_verify_log(args, s: Settings) -> int:
     return verify_log(s.mongo_uri, s.record_dir, days, spill)
 
 
+def cmd_report(args, s: Settings) -> int:
+    """`openflare report`: the records since --since as one self-contained HTML file (addons/report.py)."""
+    from addons import model
+    from addons import records
+    from addons import report
+
+    since = parse_since(args.since) if args.since not in ("", "all") else None
+    if args.top < 1 or args.queue < 0:
+        raise BadInput("--top must be >= 1 and --queue >= 0")
+    name = args.model or s.opt("openflare_model", model.DEFAULT_MODEL, str)
+    try:
+        model_path = model.resolve(name)
+    except model.ModelError as e:
+        raise BadInput(f"--model: {e}") from e
+    threshold = args.threshold if args.threshold is not None else s.opt("openflare_threshold", None, int)
+    if threshold is None:
+        try:
+            threshold = model.card_threshold(model.read_card(model_path))
+        except model.ModelError:
+            threshold = 6
+    if not 1 <= threshold <= 10:
+        raise BadInput(f"--threshold must be between 1 and 10, not {threshold}")
+    store = _open_records(s)
+    store_args = "" if s.mongo_uri or s.record_dir == "data/records" else f" --record-dir {_shell(s.record_dir)}"
+    t0 = time.perf_counter()
+    try:
+        page, agg = report.build(store, since, threshold, model_path, store_args=store_args, top=args.top, queue=args.queue)
+    except Exception as e:  # noqa: BLE001 - pymongo/montydb/sqlite errors
+        raise Failure(f"cannot read {store.description}: {type(e).__name__}: {e}") from e
+    finally:
+        store.close()
+    out = Path(args.out)
+    try:
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(page, encoding="utf-8")
+        os.replace(tmp, out)
+    except OSError as e:
+        raise Failure(f"cannot write {out}: {e.strerror or e}") from e
+    print(f"wrote {out} ({len(page) / 1024:.0f} KB): {agg.records:,} records since {records.time_text(since) if since else 'the first'} "
+          f"({agg.passed:,} passed, {agg.refused:,} refused; review queue {len(agg.near_pass.heap)} + {len(agg.near_refused.heap)}) "
+          f"from {store.description} in {time.perf_counter() - t0:.1f} s")  # fmt: skip
+    return 0
+
+
+def _shell(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
+
+
 def check_config(argv: list[str]) -> int:
     """`openflare check-config ...`: addons/configcheck.py's main."""
     from addons import configcheck
@@ -615,6 +666,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--days", type=int, help="retention in days (default: openflare_record_days, else 30; 0: none)")
     p.add_argument("--spill", help="spill file to include if it exists (default: openflare_record_spill)")
     p.set_defaults(func=cmd_verify_log)
+
+    p = sub.add_parser("report", parents=[conn], help="write the records of a period as one HTML report (plots, top lists, review queue)")
+    p.add_argument("--since", default="7d", help="records from then on: 30m, 1h, 2d, 1w, an ISO date/time (UTC), or all (default 7d)")
+    p.add_argument("--out", default="report.html", help="the HTML file to write (default report.html)")
+    p.add_argument("--threshold", type=int, help="the threshold the review queue is near (default: openflare_threshold, else the model card's)")
+    p.add_argument("--model", help="the serving model, for its card and history (default: openflare_model, else openflare-local)")
+    p.add_argument("--top", type=int, default=20, help="rows of the top IPs and paths tables (default 20)")
+    p.add_argument("--queue", type=int, default=25, help="requests on each side of the threshold in the review queue (default 25)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("check-config", help="check the options file: errors and unknown keys (addons/configcheck.py)")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="its own arguments (openflare check-config --help)")
