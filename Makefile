@@ -26,7 +26,7 @@ ADDONS := -s addons/openflare.py
 MODE := $(if $(UPSTREAM),--mode reverse:$(UPSTREAM),)
 
 .PHONY: install run web test train eval bench bench-web clean verify-log export retrain rollback bench-retrain \
-	check-config check-upstream
+	check-config check-upstream report
 
 install: $(STAMP)
 
@@ -84,6 +84,10 @@ bench: $(STAMP)
 # Walk the records' hash chains (OPENFLARE_MONGO_URI, else the embedded store in data/records).
 verify-log: $(STAMP)
 	$(BIN)/python scripts/verify_log.py
+
+# The records of the last SINCE (default 7d) as one HTML file: make report [SINCE=1d] [OUT=week.html]
+report: $(STAMP)
+	$(BIN)/openflare report --since $(or $(SINCE),7d) --out $(or $(OUT),report.html) $(ARGS)
 
 # Export full records as dataset JSON Lines: make export OUT=flows.jsonl
 export: $(STAMP)
