@@ -4,7 +4,7 @@ Runs after FeatureExtractor (which sets `openflare.client_ip` in `requestheaders
 A banned IP is refused in `requestheaders` by an in-memory lookup (no network); later addons see the
 response and return at once. Strikes are counted in `response`, after the Scorer's verdict: in this
 process at once (it bans on its own count), and delivered to Redis in the background, in batches, with
-retry; a request waits at most 50 ms for Redis's count. A strike weighs by the score
+retry; a request never waits for Redis. A strike weighs by the score
 (`banstore.strike_thirds`), and a request another site may have made a browser send (`third_party`) is
 refused but never struck, so no one can get a third party banned. The Redis logic (Lua scripts, local
 view, allowlist, rate limit) is `addons.banstore`.
@@ -63,7 +63,9 @@ def _refuse(flow: http.HTTPFlow, status: int = common.BLOCK_STATUS, body: bytes 
 class IpBans:
     def __init__(self) -> None:
         self.store: banstore.BanStore | None = None
-        self.limiter = banstore.RateLimiter(100)
+        self.limiter = banstore.RateLimiter(100)  # per process: the in-process store of a lone proxy
+        self.shared = banstore.SharedRateLimiter(100)  # one window per IP in the store, for every process
+        self.rate_shared = False
         self.policy = banstore.Policy()
         self.v6_prefix = banstore.DEFAULT_V6_PREFIX
         self.drop = False
@@ -134,8 +136,10 @@ class IpBans:
             "openflare_rate_limit",
             int,
             100,
-            "Requests one IP may send in any one second (a sliding window, per proxy process); more get 429, "
-            "and each second of them a strike. 0: off.",
+            "Requests one IP may send in any one second; more get 429, and each second of them a strike. 0: off. "
+            "One sliding window per IP for every proxy sharing the ban store (Redis, or the embedded store of "
+            "several workers: make run WORKERS=N); a lone proxy without Redis counts in its own memory; while "
+            "Redis is unreachable each proxy limits on its own.",
         )
 
     def configure(self, updated) -> None:
@@ -154,7 +158,7 @@ class IpBans:
                 raise exceptions.OptionsError(f"openflare_ban_action must be one of {', '.join(ACTIONS)}")
             self.drop = opts.openflare_ban_action == "drop"
         if "openflare_rate_limit" in updated:
-            self.limiter.limit = opts.openflare_rate_limit
+            self.limiter.limit = self.shared.limit = opts.openflare_rate_limit
         if "openflare_ipv6_prefix" in updated:
             self.v6_prefix = opts.openflare_ipv6_prefix
         if updated & {"openflare_strikes", "openflare_strike_window", "openflare_ban_seconds", "openflare_ban_max_seconds", "openflare_ban_memory"}:
@@ -214,6 +218,10 @@ class IpBans:
         store.allowlist.set_static(self.static_allow)
         store.start()
         self.store = store
+        # The rate limit is counted in the store whenever other processes may share it: Redis, another
+        # process's embedded store, or workers of `make run WORKERS=N` (the first one owns the store).
+        workers = os.environ.get("OPENFLARE_WORKERS", "1")
+        self.rate_shared = store.kind != banstore.KIND_IN_PROCESS or (workers.isdigit() and int(workers) > 1)
 
     def _embedded_store(self) -> banstore.BanStore:
         """The in-process store, served on openflare_ban_socket; or the one another process here serves."""
@@ -236,6 +244,7 @@ class IpBans:
 
     def _close_store(self) -> None:
         store, self.store = self.store, None
+        self.shared.close()
         if store is not None:
             store.close_hub()  # now: the socket goes even if the loop stops before the task below runs
             try:
@@ -279,7 +288,11 @@ class IpBans:
         limit = self.limiter.limit
         if not limit:
             return
-        admitted, strike = self.limiter.hit(key)
+        if self.rate_shared:
+            res = self.shared.fast(key)  # an IP far below the limit: decided here, counted in the store later
+            admitted, strike = res if res is not None else await self.shared.ask(store, key)
+        else:
+            admitted, strike = self.limiter.hit(key)
         if not admitted and not store.allowlist.allowed(ip):
             store.count("rate_limited")
             flow.metadata[common.RATE_LIMITED] = True
@@ -287,7 +300,7 @@ class IpBans:
             self._mark(flow, "rate-limited", f"over {limit} requests/s")
             _refuse(flow, RATE_STATUS, RATE_BODY)
             if strike and not self._spared(flow):  # one strike per second over the limit
-                res = await store.strike(key, "rate limit", addr=ip)
+                res = store.strike_nowait(key, "rate limit", addr=ip)  # counted here; to the store in the background
                 self._note(flow, key, res)
 
     async def response(self, flow: http.HTTPFlow) -> None:
@@ -304,7 +317,8 @@ class IpBans:
             return
         seen_ms = int((flow.request.timestamp_start or 0) * 1000) or None
         thirds = banstore.strike_thirds(flow.metadata.get(common.SCORE))
-        res = await self.store.strike(key, str(flow.metadata.get(common.REASON) or "refused"), seen_ms, addr=ip, thirds=thirds)
+        # Counted here and queued for the store; the request never waits for it (the refusal goes at once).
+        res = self.store.strike_nowait(key, str(flow.metadata.get(common.REASON) or "refused"), seen_ms, addr=ip, thirds=thirds)
         self._note(flow, key, res)
 
     def _spared(self, flow: http.HTTPFlow) -> bool:
@@ -323,9 +337,8 @@ class IpBans:
     def _note(self, flow: http.HTTPFlow, key: str, res: banstore.StrikeResult) -> None:
         if res.status == "banned":
             flow.comment = (flow.comment + "; " if flow.comment else "") + f"strike {banstore.show_strikes(res.strikes)}: {key} banned for {res.banned} s"
-        elif res.status in ("counted", "queued"):
-            later = " (to Redis later)" if res.status == "queued" else ""
-            flow.comment = (flow.comment + "; " if flow.comment else "") + f"strike {banstore.show_strikes(res.strikes)}/{self.policy.strikes}{later}"
+        elif res.status in ("counted", "queued"):  # queued: this process's count, the store's follows
+            flow.comment = (flow.comment + "; " if flow.comment else "") + f"strike {banstore.show_strikes(res.strikes)}/{self.policy.strikes}"
 
     # --- commands: applied to this process at once, written to Redis in the background ---
     def _store(self) -> banstore.BanStore:

@@ -6,6 +6,7 @@ Key layout under a prefix P (default "openflare:"); every expiry is a Redis TTL,
     P strikes:<ip>  int, thirds of a strike this window TTL = the strike window, set by the first strike
     P level:<ip>    int, how many bans so far           TTL = how long repeat bans are remembered
     P unban:<ip>    int ms, time of the last unban      TTL = the strike window
+    P rate:<ip>     hash bucket -> requests admitted    TTL = the rate window and one bucket (SharedRateLimiter)
     P allow:<cidr>  str note                            TTL = optional
     P events        pub/sub channel: one line per ban, unban, allow, disallow
 
@@ -412,6 +413,219 @@ class RateLimiter:
         return False, False
 
 
+# The cluster-wide rate limit. KEYS: P rate:<ip>, a hash {bucket number: requests admitted in it}, buckets of
+# ARGV[4] ms on Redis's clock (TIME: one clock for every host). ARGV: limit, add (requests this process
+# admitted without asking, not counted yet), ask (1: this request asks to be admitted; 0: a delivery only),
+# bucket ms, buckets per window. The window is the current bucket and the buckets-1 before it; older
+# buckets are deleted. Returns {1 if admitted else 0, requests in the window after this call}.
+RATE_LUA = """
+local t = redis.call('TIME')
+local bms = tonumber(ARGV[4])
+local nb = tonumber(ARGV[5])
+local b = math.floor((tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)) / bms)
+local first = b - nb + 1
+local h = redis.call('HGETALL', KEYS[1])
+local total = 0
+local old = {}
+for i = 1, #h, 2 do
+  if tonumber(h[i]) < first then old[#old + 1] = h[i] else total = total + tonumber(h[i + 1]) end
+end
+if #old > 0 then redis.call('HDEL', KEYS[1], unpack(old)) end
+local add = tonumber(ARGV[2])
+local admit = 0
+if tonumber(ARGV[3]) == 1 and total + add < tonumber(ARGV[1]) then admit = 1 end
+add = add + admit
+if add > 0 then
+  redis.call('HINCRBY', KEYS[1], string.format('%d', b), add)
+  redis.call('PEXPIRE', KEYS[1], bms * (nb + 1))
+end
+return {admit, total + add}
+"""
+RATE_BUCKET_MS = 100  # the shared window moves in steps of this many ms
+RATE_FAST_PERCENT = 10  # an IP below this share of the limit (here + last known store count) asks nobody
+RATE_FLUSH_S = 0.05  # requests admitted without asking reach the store within this (one pipeline for all IPs)
+
+
+class _Rate:
+    """One IP in the shared limiter: this process's requests in its current second, what the store said."""
+
+    __slots__ = ("start", "n", "pending", "remote", "remote_at", "denied_until", "struck")
+
+    def __init__(self, now: float) -> None:
+        self.start = now  # this process's own one-second count starts here
+        self.n = 0  # requests admitted here since `start`
+        self.pending = 0  # admitted here without asking, not yet counted in the store
+        self.remote = 0  # the store's count of the window at its last answer (every process's requests)
+        self.remote_at = float("-inf")
+        self.denied_until = float("-inf")  # refused by the store: refused here until then without asking
+        self.struck = float("-inf")
+
+
+class SharedRateLimiter:
+    """At most `limit` requests per IP in any one second across every process sharing the store: one
+    sliding window per IP in Redis (or the embedded store), `RATE_LUA`, atomic, one round trip at most.
+
+    A request of an IP far below the limit asks nobody: while this process's count of it in the current
+    second plus the store's last known count of the window stays below RATE_FAST_PERCENT of the limit, it is
+    admitted here and counted in the store within RATE_FLUSH_S by a background pipeline (every such IP in
+    one). Past that share, each request runs RATE_LUA (the requests admitted here and not yet delivered go
+    with it) and the store decides; a refusal is kept here for one bucket (RATE_BUCKET_MS), so a flood
+    costs the store at most ten calls a second per process. The sum over processes can pass the limit by
+    what their fast paths admit before the store has counted it: under RATE_FAST_PERCENT of the limit per
+    process, per RATE_FLUSH_S. The window is `buckets` buckets of RATE_BUCKET_MS on the store's clock, so
+    it spans between 0.9 and 1 s: up to one bucket's requests more than an exact sliding log admits.
+
+    While the store is unreachable (or a call takes over OP_TIMEOUT), each process limits on its own
+    (`RateLimiter`, the per-process sliding log): the cluster then admits up to the limit per process.
+    Refused requests are not counted. A refused IP strikes at most once a second in each process.
+    """
+
+    def __init__(self, limit: int = 100, window_ms: int = 1000, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.window_ms = window_ms
+        self.local = RateLimiter(limit, clock)  # while the store is unreachable
+        self._ips: dict[str, _Rate] = {}
+        self._dirty: set[str] = set()
+        self._flush: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task | None = None
+        self._sweep_at = float("-inf")
+        self._script = None
+        self._client = None
+        self.store: BanStore | None = None
+
+    @property
+    def limit(self) -> int:
+        return self.local.limit
+
+    @limit.setter
+    def limit(self, limit: int) -> None:
+        if limit != self.local.limit:
+            self.local.limit = limit
+            self._ips, self._dirty = {}, set()
+
+    @property
+    def buckets(self) -> int:
+        return max(1, self.window_ms // RATE_BUCKET_MS)
+
+    @property
+    def fast_limit(self) -> int:
+        return self.local.limit * RATE_FAST_PERCENT // 100
+
+    def fast(self, key: str, now: float | None = None) -> tuple[bool, bool] | None:
+        """(admitted, strike) decided here, with no network; None: ask the store (`ask`)."""
+        now = self.clock() if now is None else now
+        if now >= self._sweep_at:
+            self._sweep(now)
+        e = self._ips.get(key)
+        if e is None:
+            e = self._ips[key] = _Rate(now)
+        elif now - e.start >= 1.0:
+            e.start, e.n = now, 0
+        if e.denied_until > now:
+            return self._refused(e, now)
+        known = e.remote if now - e.remote_at < self.window_ms / 1000 else 0
+        if e.n + known < self.fast_limit:
+            e.n += 1
+            e.pending += 1
+            self._dirty.add(key)
+            if self._flush is None:
+                self._flush = asyncio.get_running_loop().call_later(RATE_FLUSH_S, self._start_flush)
+            return True, False
+        return None
+
+    def _refused(self, e: _Rate, now: float) -> tuple[bool, bool]:
+        if now - e.struck >= 1.0:
+            e.struck = now
+            return False, True
+        return False, False
+
+    def _sweep(self, now: float) -> None:
+        """Forget IPs with nothing here for two seconds (memory follows the IPs of the last seconds)."""
+        self._sweep_at = now + 1.0
+        if len(self._ips) > 1000:
+            self._ips = {k: e for k, e in self._ips.items() if now - e.start < 2.0 or e.pending or e.denied_until > now}
+
+    def _use(self, store: BanStore) -> None:
+        if self._client is not store.client:  # a new store, or the embedded one taken over
+            self._client = store.client
+            self._script = store.client.register_script(RATE_LUA)
+        self.store = store
+
+    async def ask(self, store: BanStore, key: str) -> tuple[bool, bool]:
+        """The store decides (one RATE_LUA call); unreachable or slow: this process's own limit."""
+        now = self.clock()
+        e = self._ips.get(key) or self._ips.setdefault(key, _Rate(now))
+        if not store.healthy:
+            store.count("rate_local")
+            return self.local.hit(key, now)
+        self._use(store)
+        add, e.pending = e.pending, 0
+        self._dirty.discard(key)
+        store.count("rate_asks")
+        res = await store._call(self._script, [store.key("rate", key)], [self.limit, add, 1, RATE_BUCKET_MS, self.buckets])
+        now = self.clock()
+        if res is None:  # timed out or failed: decided here; what was pending goes with the next delivery
+            e.pending += add
+            if add:
+                self._dirty.add(key)
+            store.count("rate_local")
+            return self.local.hit(key, now)
+        admitted, count = int(res[0]), int(res[1])
+        e.remote, e.remote_at = count, now
+        if admitted:
+            e.n += 1
+            return True, False
+        e.denied_until = now + RATE_BUCKET_MS / 1000
+        return self._refused(e, now)
+
+    def _start_flush(self) -> None:
+        self._flush = None
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self.deliver(), name="openflare-rate-deliver")
+
+    async def deliver(self) -> int:
+        """Count the requests admitted without asking in the store: one pipeline for every such IP. Returns
+        how many were delivered (lost: the store is unreachable; they were admitted, the count goes on)."""
+        store = self.store
+        dirty, self._dirty = self._dirty, set()
+        items = [(k, e) for k in dirty if (e := self._ips.get(k)) is not None and e.pending]
+        if not items or store is None:
+            return 0
+        sent = [(k, e, e.pending) for k, e in items]
+        for _, e, _n in sent:
+            e.pending = 0
+        if not store.healthy:
+            store.count("rate_unsent", sum(n for _, _, n in sent))
+            return 0
+        self._use(store)
+        try:
+            async with asyncio.timeout(FLUSH_TIMEOUT), store.client.pipeline(transaction=False) as pipe:
+                for k, _e, n in sent:
+                    await self._script(keys=[store.key("rate", k)], args=[self.limit, n, 0, RATE_BUCKET_MS, self.buckets], client=pipe)
+                results = await pipe.execute(raise_on_error=False)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - admitted already: the store misses these, nothing else
+            store.count("rate_unsent", sum(n for _, _, n in sent))
+            logger.debug("openflare rate limit: a delivery failed: %s", sanitise(e, 200))
+            return 0
+        now = self.clock()
+        for (_k, e, _n), res in zip(sent, results):
+            if not isinstance(res, Exception):
+                e.remote, e.remote_at = int(res[1]), now
+        store.count("rate_delivered", sum(n for _, _, n in sent))
+        return sum(n for _, _, n in sent)
+
+    def close(self) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        self._ips, self._dirty, self.store, self._client = {}, set(), None, None
+
+
 # What a BanStore talks to (`kind`), for its messages: a Redis server, the embedded store this process keeps
 # in memory, or the embedded store of another process on this host, reached through its Unix socket.
 KIND_REDIS = "redis"
@@ -519,17 +733,44 @@ class BanStore:
 
         The strike is counted here at once (this process bans on its own count, with no network) and queued
         for Redis, where a background task delivers the queue in pipelines, with retry: Redis's count, across
-        every process, decides the ban everyone sees. The request waits for Redis's answer at most `timeout`;
-        without it the result is this process's count, status "queued". A strike is lost only if more than
-        OUTBOX_MAX wait at once. Delivery is at least once: a pipeline that timed out may have run and is sent
-        again (a strike counted twice, never none).
+        every process, decides the ban everyone sees. This waits for Redis's answer at most `timeout`;
+        without it the result is this process's count, status "queued". The request path does not wait at
+        all: it calls `strike_nowait`. A strike is lost only if more than OUTBOX_MAX wait at once. Delivery
+        is at least once: a pipeline that timed out may have run and is sent again (a strike counted twice,
+        never none).
 
         `seen_ms` is when the request arrived (wall clock): a strike seen before the IP's last unban is ignored.
         """
+        wait = self.healthy or not self._ever  # at startup, wait out the first connect; in an outage, not at all
+        done, local, waiter = self._strike_here(ip, reason, seen_ms, addr, thirds, wait)
+        if done is not None:
+            return done
+        if waiter is not None:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    return await asyncio.shield(waiter)
+            except TimeoutError:
+                self.count("redis_timeouts")
+        return self._queued(ip, local)
+
+    def strike_nowait(
+        self, ip: str, reason: str, seen_ms: int | None = None, addr: str | None = None, thirds: int = 3
+    ) -> StrikeResult:  # fmt: skip
+        """`strike` without waiting for Redis (the request path): counted here, queued for Redis; Redis's
+        answer reaches the local view when it comes (a ban other processes' strikes completed, an unban).
+        The result is this process's count: status "queued", or "banned" when that count bans the IP."""
+        done, local, _ = self._strike_here(ip, reason, seen_ms, addr, thirds, False)
+        return done if done is not None else self._queued(ip, local)
+
+    def _strike_here(
+        self, ip: str, reason: str, seen_ms: int | None, addr: str | None, thirds: int, wait: bool
+    ) -> tuple[StrikeResult | None, int, asyncio.Future | None]:  # fmt: skip
+        """Count the strike in this process and queue it: (a final result or None, the local count in
+        thirds, the future Redis's answer will be set on when `wait`)."""
         if self.allowlist.allowed(addr or ip):
-            return StrikeResult(0, status="allowed")
+            return StrikeResult(0, status="allowed"), 0, None
         if self.check(ip):
-            return StrikeResult(0, status="already-banned")
+            return StrikeResult(0, status="already-banned"), 0, None
         seen_ms = int(time.time() * 1000) if seen_ms is None else seen_ms
         now = time.monotonic()
         count = self._counts.get(ip)
@@ -537,11 +778,13 @@ class BanStore:
             count = [0, now]
         elif count is None or count[1] <= now:
             if len(self._counts) > OUTBOX_MAX:
-                self._counts = {k: v for k, v in self._counts.items() if v[1] > now}
+                # Expired windows go; if a flood of new IPs leaves more than half, the oldest windows go too
+                # (their local count only: Redis keeps counting them), so this runs once per OUTBOX_MAX/2 IPs.
+                kept = [(k, v) for k, v in self._counts.items() if v[1] > now]
+                self._counts = dict(kept[-(OUTBOX_MAX // 2):])
             count = self._counts[ip] = [0, now + self.policy.window]
         count[0] += thirds
         local = int(count[0])
-        wait = self.healthy or not self._ever  # at startup, wait out the first connect; in an outage, not at all
         waiter = asyncio.get_running_loop().create_future() if wait else None
         self._queue(_Pending(ip, reason, seen_ms, thirds, waiter))
         if local >= 3 * self.policy.strikes:
@@ -550,14 +793,12 @@ class BanStore:
             self.count("bans_local")
             logger.info('openflare ban ip=%s seconds=%d strikes=%d reason="%s" (this process\'s count; Redis follows)',
                         ip, self.policy.ban_seconds, local // 3, sanitise(reason))  # fmt: skip
-        if waiter is not None:
-            try:
-                async with asyncio.timeout(self.timeout):
-                    return await asyncio.shield(waiter)
-            except TimeoutError:
-                self.count("redis_timeouts")
+        return None, local, waiter
+
+    def _queued(self, ip: str, local: int) -> StrikeResult:
         self.count("strikes_queued")
-        if self.bans.get(ip) is not None and self.bans[ip].local:
+        ban = self.bans.get(ip)
+        if ban is not None and ban.local:
             return StrikeResult(local / 3, self.policy.ban_seconds, 0, "banned")
         return StrikeResult(local / 3, status="queued")
 

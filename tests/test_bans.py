@@ -380,9 +380,12 @@ async def statuses(addon: IpBans, ip: str, times, now: list[float], headers=()) 
 
 @pytest.fixture
 def clock(bans):
-    """The rate limiter's clock, set by the test: now[0] (seconds)."""
+    """The per-process rate limiter's clock, set by the test: now[0] (seconds). These tests drive the
+    per-process sliding log (a lone proxy without Redis; every proxy while Redis is down); the shared window in
+    Redis runs on Redis's clock: tests/test_ratelimit_redis.py."""
     now = [100.0]
     bans[0].limiter.clock = lambda: now[0]
+    bans[0].rate_shared = False
     return now
 
 
