@@ -28,6 +28,7 @@ import html
 import io
 import json
 import os
+import struct
 import time
 from collections.abc import Iterable, Iterator
 from operator import itemgetter
@@ -258,15 +259,56 @@ def _iter_embedded(store: records.Store, since: datetime.datetime | None) -> Ite
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     opts = bson.CodecOptions(tz_aware=False)
     decode = bson.decode
+    since_ms = None if since is None else int((since - EPOCH).total_seconds() * 1000)
     try:
         cur = conn.execute(f"SELECT v FROM [{monty_sqlite.SQLITE_RECORD_TABLE}]")
         while rows := cur.fetchmany(5000):
             for (v,) in rows:
+                if since_ms is not None:
+                    ms = bson_time_ms(v)
+                    if ms is not None and ms < since_ms:
+                        continue  # older: not decoded at all
                 rec = decode(v, codec_options=opts)
                 if since is None or (rec.get("time") is not None and rec["time"] >= since):
                     yield rec
     finally:
         conn.close()
+
+
+_I32 = struct.Struct("<i").unpack_from
+_I64 = struct.Struct("<q").unpack_from
+
+
+def bson_time_ms(doc: bytes, within: int = 4) -> int | None:
+    """The `time` field (a BSON datetime, ms since the epoch) of a record's BSON, read without decoding it, when
+    it is among the first `within` elements (the recorder writes _id, tier, time first); else None."""
+    pos, end = 4, len(doc) - 1
+    for _ in range(within):
+        if pos >= end:
+            return None
+        kind = doc[pos]
+        nul = doc.find(b"\x00", pos + 1)
+        if nul < 0:
+            return None
+        name, p = doc[pos + 1 : nul], nul + 1
+        if kind == 0x09:
+            if name == b"time":
+                return _I64(doc, p)[0]
+            p += 8
+        elif kind == 0x02:
+            p += 4 + _I32(doc, p)[0]
+        elif kind in (0x10,):
+            p += 4
+        elif kind in (0x01, 0x12, 0x11):
+            p += 8
+        elif kind == 0x08:
+            p += 1
+        elif kind == 0x0A:
+            pass
+        else:
+            return None
+        pos = p
+    return None
 
 
 def labels_of(store: records.Store, ids: list[str]) -> dict[str, str]:

@@ -214,3 +214,15 @@ def test_rendered_in_headless_chromium_with_a_screenshot(built, tmp_path):
     assert any(c == refused for _, c in colours)  # the SVG plots were drawn
     dom = subprocess.run(args + ["--dump-dom", html_path.as_uri()], capture_output=True, timeout=120).stdout.decode()
     assert 'data-records="66"' in dom and "Review queue" in dom
+
+
+def test_the_time_of_an_embedded_row_is_read_without_decoding_it():
+    import bson
+
+    t = datetime.datetime(2026, 12, 7, 12, 0, 0, 123000)
+    ms = int((t - report.EPOCH).total_seconds() * 1000)
+    assert report.bson_time_ms(bson.encode({"_id": "a" * 64, "tier": "brief", "time": t, "score": 3})) == ms
+    assert report.bson_time_ms(bson.encode({"n": 1, "f": 0.5, "b": True, "time": t})) == ms
+    assert report.bson_time_ms(bson.encode({"a": 1, "b": 2, "c": 3, "d": 4, "time": t})) is None  # too far: decoded
+    assert report.bson_time_ms(bson.encode({"_id": "x", "headers": [["a", "b"]], "time": t})) is None
+    assert report.bson_time_ms(bson.encode({"_id": "x", "time": "not a date"})) is None
