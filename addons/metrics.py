@@ -114,6 +114,7 @@ class Metrics:
         self.server = None  # prometheus_client's WSGI server, while serving
         self.thread = None
         self.started = False
+        self.counting = False  # while the endpoint is configured (a port): off, the hooks return at once
         self.requests: dict[str, int] = {}  # verdict -> flows
         self.refusals: dict[str, int] = {}  # reason -> flows
         self.categories: dict[str, int] = {}  # category -> flows refused by the model
@@ -147,6 +148,7 @@ class Metrics:
             raise exceptions.OptionsError("openflare_metrics_host must not be empty (127.0.0.1: only this machine)")
         if updated & {"openflare_metrics_port", "openflare_metrics_host"}:
             wanted = (opts.openflare_metrics_port, opts.openflare_metrics_host.strip())
+            self.counting = bool(wanted[0])
             if wanted != (self.port, self.host) or (self.started and self.port and self.server is None):
                 self.port, self.host = wanted
                 if self.started:
@@ -189,12 +191,16 @@ class Metrics:
         self._count(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
+        if not self.counting:
+            return
         if flow.error is not None and flow.error.msg == mflow.Error.KILLED_MESSAGE and flow.metadata.get(common.BANNED):
             self._count(flow, killed=True)  # openflare_ban_action drop: killed, not live any more
         else:
             self._count(flow)
 
     def _count(self, flow: http.HTTPFlow, killed: bool = False) -> None:
+        if not self.counting:
+            return
         md = flow.metadata
         if md.get(COUNTED) or not (flow.live or killed):
             return

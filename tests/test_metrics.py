@@ -36,6 +36,13 @@ def scored(verdict: str, score: int, ms: float = 0.5, **more):
             common.LLM_STATUS: llm.OFF, **more}  # fmt: skip
 
 
+def counting(peers=()) -> metrics.Metrics:
+    """A Metrics addon counting as with openflare_metrics_port set (no server: the tests read its collector)."""
+    m = metrics.Metrics(peers=list(peers))
+    m.counting = True
+    return m
+
+
 def samples(m: metrics.Metrics) -> dict[tuple, float]:
     """Every sample of a scrape, parsed back by prometheus_client.parser: (name, sorted labels) -> value."""
     reg = CollectorRegistry(auto_describe=False)
@@ -49,7 +56,7 @@ def samples(m: metrics.Metrics) -> dict[tuple, float]:
 
 
 def test_each_flow_counts_once_by_verdict_reason_category_and_location():
-    m = metrics.Metrics(peers=[])
+    m = counting()
     sqli = scored("block", 10, 0.8, **{common.CATEGORY: "sqli", common.FIELD: ["query", "id"]})
     flows = [flow(scored("pass", 2)) for _ in range(4)]
     flows += [refused(dict(sqli)) for _ in range(3)]
@@ -88,7 +95,7 @@ def test_each_flow_counts_once_by_verdict_reason_category_and_location():
 
 
 def test_labels_take_fixed_values_only():
-    m = metrics.Metrics(peers=[])
+    m = counting()
     for i in range(50):
         m.response(refused(scored("block", 10, **{common.CATEGORY: f"cat-{i}", common.FIELD: [f"loc-{i}", "/a/b"]})))
     m.response(refused(scored("block", 10, **{common.FIELD: None})))
@@ -103,7 +110,7 @@ def test_labels_take_fixed_values_only():
 
 
 def test_a_dropped_banned_flow_counts_and_flows_from_a_file_do_not():
-    m = metrics.Metrics(peers=[])
+    m = counting()
     f = tflow.tflow()
     f.metadata[common.BANNED] = True
     f.error = mflow.Error(mflow.Error.KILLED_MESSAGE)
@@ -118,7 +125,7 @@ def test_a_dropped_banned_flow_counts_and_flows_from_a_file_do_not():
 
 
 def test_llm_status_and_latency_of_band_requests():
-    m = metrics.Metrics(peers=[])
+    m = counting()
     for status, ms in (("ok", 300.0), ("ok", 700.0), ("timeout", 1500.0), ("busy", 0.0), ("skipped", 0.0), ("off", 0.0)):
         m.response(flow(scored("pass", 5, **{common.LLM_STATUS: status, common.LLM_MS: ms})))
     s = samples(m)
@@ -158,7 +165,7 @@ class Recorder:
 def test_collector_reads_the_other_addons_counters_at_scrape_time(tmp_path):
     path = tmp_path / "m.npz"
     path.write_bytes(b"x")
-    m = metrics.Metrics(peers=[Scorer(path), IpBans(), Recorder()])
+    m = counting([Scorer(path), IpBans(), Recorder()])
     s = samples(m)
     assert s[("openflare_model_info", (("version", "local-test"),))] == 1
     assert s[("openflare_model_threshold", ())] == 6
@@ -198,6 +205,8 @@ def test_options_off_by_default_and_checked():
         assert tctx.options.openflare_metrics_host == "127.0.0.1"
         m.running()
         assert m.server is None
+        m.response(flow(scored("pass", 1)))
+        assert m.requests == {}  # off: nothing is counted either
         with pytest.raises(exceptions.OptionsError, match="openflare_metrics_port"):
             tctx.configure(m, openflare_metrics_port=70000)
         with pytest.raises(exceptions.OptionsError, match="openflare_metrics_host"):
