@@ -26,7 +26,7 @@ ADDONS := -s addons/openflare.py
 MODE := $(if $(UPSTREAM),--mode reverse:$(UPSTREAM),)
 
 .PHONY: install run web test train eval bench bench-web clean verify-log export retrain rollback bench-retrain \
-	check-config check-upstream report
+	check-config check-upstream report bench-report
 
 install: $(STAMP)
 
@@ -80,6 +80,8 @@ bench: $(STAMP)
 	$(BIN)/python scripts/bench_recorder.py --requests 0
 	# hostile bodies (a gzip bomb, unclosed comments, deep nesting): milliseconds each, memory
 	$(BIN)/python scripts/bench_hostile.py
+	# openflare+metrics: the bundle with and without the metrics addon (scraped every second), paired rounds
+	$(BIN)/python scripts/bench_metrics.py
 
 # Walk the records' hash chains (OPENFLARE_MONGO_URI, else the embedded store in data/records).
 verify-log: $(STAMP)
@@ -100,6 +102,10 @@ retrain: $(STAMP)
 # Return the current model to its parent version (running proxies follow within a second).
 rollback: $(STAMP)
 	$(BIN)/python scripts/rollback.py
+
+# `openflare report` on the retrain benchmark's 1,000,000-record store: wall time and peak memory (FLOWS=...).
+bench-report: $(STAMP)
+	$(BIN)/python scripts/bench_report.py $(if $(FLOWS),--flows $(FLOWS),)
 
 # Retrain on 1,000,000 synthetic recorded flows: wall time and peak memory (FLOWS=... to change).
 bench-retrain: $(STAMP)
