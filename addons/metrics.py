@@ -354,8 +354,9 @@ class Collector:
         yield C("openflare_ban_store_reconnects", "Times the ban store answered again after an outage",
                 value=max(0, outages - (0 if store.healthy else 1)))  # fmt: skip
         yield C("openflare_strikes", "Strikes counted by the ban store (delivered to Redis)", value=stats.get("strikes", 0))
-        yield C("openflare_bans_made", "Bans this process made: on the store's count, and on its own count",
-                value=stats.get("bans", 0) + stats.get("bans_local", 0))  # fmt: skip
+        yield C("openflare_bans_made", "Bans made on this process's strikes, as the ban store counted them (the ban "
+                "events' bans_local: this process banned on its own count first, before the store answered)",
+                value=stats.get("bans", 0))  # fmt: skip
         yield _labelled(C, "openflare_ban_events", "Every counter of the ban store (addons/banstore.py; openflare.banstats)",
                         "event", stats, cap=64)  # fmt: skip
 

@@ -182,7 +182,7 @@ def test_collector_reads_the_other_addons_counters_at_scrape_time(tmp_path):
     assert s[("openflare_ban_store_outages_total", ())] == 2
     assert s[("openflare_ban_store_reconnects_total", ())] == 1  # down now: the second outage has not ended
     assert s[("openflare_strikes_total", ())] == 9
-    assert s[("openflare_bans_made_total", ())] == 3
+    assert s[("openflare_bans_made_total", ())] == 2  # the store's count (bans_local: banned here first)
     assert s[("openflare_ban_events_total", (("event", "strikes_lost"),))] == 1
     assert s[("openflare_recorder_queue_depth", ())] == 3
     assert s[("openflare_recorder_unstored_records", ())] == 1
