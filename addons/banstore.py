@@ -444,6 +444,10 @@ return {admit, total + add}
 RATE_BUCKET_MS = 100  # the shared window moves in steps of this many ms
 RATE_FAST_PERCENT = 10  # an IP below this share of the limit (here + last known store count) asks nobody
 RATE_FLUSH_S = 0.05  # requests admitted without asking reach the store within this (one pipeline for all IPs)
+# The most a request near the limit waits for the store's answer. Longer than OP_TIMEOUT: a busy event loop
+# (a burst on this process) reads the answer late, and a decision made here on a timeout lets each process
+# admit the whole limit. An unreachable Redis fails at once (refused connection) or is marked down by the probe.
+RATE_TIMEOUT = 0.25
 
 
 class _Rate:
@@ -475,7 +479,7 @@ class SharedRateLimiter:
     process, per RATE_FLUSH_S. The window is `buckets` buckets of RATE_BUCKET_MS on the store's clock, so
     it spans between 0.9 and 1 s: up to one bucket's requests more than an exact sliding log admits.
 
-    While the store is unreachable (or a call takes over OP_TIMEOUT), each process limits on its own
+    While the store is unreachable (or an answer takes over RATE_TIMEOUT), each process limits on its own
     (`RateLimiter`, the per-process sliding log): the cluster then admits up to the limit per process.
     Refused requests are not counted. A refused IP strikes at most once a second in each process.
     """
@@ -562,9 +566,18 @@ class SharedRateLimiter:
         add, e.pending = e.pending, 0
         self._dirty.discard(key)
         store.count("rate_asks")
-        res = await store._call(self._script, [store.key("rate", key)], [self.limit, add, 1, RATE_BUCKET_MS, self.buckets])
+        try:
+            async with asyncio.timeout(RATE_TIMEOUT):
+                res = await self._script(keys=[store.key("rate", key)], args=[self.limit, add, 1, RATE_BUCKET_MS, self.buckets])
+        except TimeoutError:  # slow, or a busy loop here: the script may have run; decided here this once
+            store.count("rate_timeouts")
+            res = None
+        except Exception as err:  # noqa: BLE001 - Redis failed: decided here, reconnect in the background
+            store.count("redis_errors")
+            store._lost(err)
+            res = None
         now = self.clock()
-        if res is None:  # timed out or failed: decided here; what was pending goes with the next delivery
+        if res is None:  # decided here; what was pending goes with the next delivery
             e.pending += add
             if add:
                 self._dirty.add(key)
