@@ -1,6 +1,7 @@
 """The IpBans addon (addons/bans.py) in a taddons context, against the real Redis at 127.0.0.1:6379."""
 
 import asyncio
+import contextlib
 import os
 import time
 import uuid
@@ -100,6 +101,15 @@ def flow(ip: str = "203.0.113.7", path: bytes = b"/", verdict: str | None = None
 
 # What a browser sends for <img src="https://us/?q=attack"> on another site (Chrome, Firefox, Safari 16.4+).
 CROSS_SITE_IMAGE = [("Sec-Fetch-Site", "cross-site"), ("Sec-Fetch-Mode", "no-cors"), ("Sec-Fetch-Dest", "image")]
+
+
+async def until(pred, timeout: float = 3.0) -> bool:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not pred():
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
 
 
 async def attack(addon: IpBans, ip: str, headers=(), score=None):
@@ -246,7 +256,35 @@ async def test_three_refusals_ban_the_ip_and_the_ban_refuses_at_once(bans, prefi
     # A refused banned request does not strike again (no response hook work for BANNED flows).
     f.metadata[common.VERDICT] = None
     await addon.response(f)
-    assert addon.store.stats["strikes"] == 3
+    # The strikes went to Redis in the background (the requests did not wait): Redis counted three and banned.
+    assert await until(lambda: addon.store.stats.get("strikes_delivered") == 3)
+    assert addon.store.stats["strikes"] == 3 and addon.store.stats["bans"] == 1
+
+
+async def test_a_refusal_never_waits_for_the_store(bans, prefix):
+    """The strike path of a refused request: counted here at once, delivered later; the request does not wait
+    for Redis however slow it is (here it never answers until delivery resumes). The third strike bans here."""
+    addon, tctx = bans
+    store = addon.store
+    store.timeout = 3600  # what a request could have waited on a store that does not answer
+    store._delivery.cancel()  # the delivery stalls: Redis answers nothing
+    with contextlib.suppress(asyncio.CancelledError):
+        await store._delivery
+    store._delivery = None
+    firsts = [await asyncio.wait_for(attack(addon, "198.51.100.20"), 10) for _ in range(2)]  # a hang check only
+    assert [f.comment.rsplit("; ", 1)[-1] for f in firsts] == ["strike 1/3", "strike 2/3"]
+    assert len(store._outbox) == 2 and "strikes_delivered" not in store.stats
+    f = await asyncio.wait_for(attack(addon, "198.51.100.20"), 10)
+    assert "banned for 3600 s" in f.comment and store.check("198.51.100.20") is not None  # on this process's count
+    assert store.stats["strikes_queued"] == 3 and store.stats["bans_local"] == 1
+    store.start()  # delivery resumes: Redis counts the three strikes and bans there too
+    assert await until(lambda: store.stats.get("strikes_delivered") == 3)
+    assert store.stats["strikes"] == 3 and "strikes_lost" not in store.stats
+    r = aioredis.from_url(REDIS_URL)
+    try:
+        assert await r.exists(f"{prefix}ban:198.51.100.20") == 1
+    finally:
+        await r.aclose()
 
 
 async def test_drop_action_kills_the_connection(bans):
@@ -397,12 +435,14 @@ async def test_rate_limit_answers_429_and_strikes_once_per_second(bans, clock):
     f = flow("198.51.100.14")
     await addon.requestheaders(f)
     assert f.response.content == b"Too Many Requests\n" and f.metadata[common.RATE_LIMITED] is True
+    assert await until(lambda: addon.store.stats.get("strikes_delivered") == 1)  # in the background
     assert addon.store.stats["strikes"] == 1 and addon.store.stats["rate_limited"] == 4
     assert await served(addon, "198.51.100.15")  # per IP
     # One admitted as each admitted one leaves the span (100.0 at 101.0, ...); refusals strike again from 101.375.
     got = await statuses(addon, "198.51.100.14", [101.0, 101.0625, 101.125, 101.25, 101.3125], clock)
     assert got == [200, 429, 200, 200, 429] and addon.store.stats["strikes"] == 1
-    assert await statuses(addon, "198.51.100.14", [101.375], clock) == [429] and addon.store.stats["strikes"] == 2
+    assert await statuses(addon, "198.51.100.14", [101.375], clock) == [429]
+    assert await until(lambda: addon.store.stats.get("strikes_delivered") == 2) and addon.store.stats["strikes"] == 2
     tctx.configure(addon, openflare_rate_limit=0)
     assert all([await served(addon, "198.51.100.14") for _ in range(10)])
 
@@ -623,6 +663,7 @@ async def test_behind_a_proxy_writing_forwarded_the_clients_own_x_forwarded_for_
             assert f.metadata[common.CLIENT_IP] == attacker and f.response.status_code == 403
             await send(innocent)
             assert addon.store.check(attacker) is not None
+            assert await until(lambda: addon.store.stats.get("strikes_delivered") == 2)  # in the background
             assert addon.store.check(innocent) is None and addon.store.stats["strikes"] == 2
             # Banned, it cannot escape with a fresh X-Forwarded-For: refused before scoring.
             f = await send("192.0.2.99", b"/hello")
