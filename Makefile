@@ -80,6 +80,8 @@ bench: $(STAMP)
 	$(BIN)/python scripts/bench_recorder.py --requests 0
 	# hostile bodies (a gzip bomb, unclosed comments, deep nesting): milliseconds each, memory
 	$(BIN)/python scripts/bench_hostile.py
+	# workers: requests/s of 1 and 2 workers on one port, paired rounds; the load generator's CPU share stated
+	$(BIN)/python scripts/bench_workers.py
 	# openflare+metrics: the bundle with and without the metrics addon (scraped every second), paired rounds
 	$(BIN)/python scripts/bench_metrics.py
 

@@ -162,3 +162,27 @@ def test_sigterm_to_the_supervisor_stops_every_worker(tmp_path):
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def _bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_workers.py"
+    spec = importlib.util.spec_from_file_location("bench_workers", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("argv", [["--workers", "1"], ["--workers", "two"], ["--rounds", "0"], ["--duration", "0"]])
+def test_bench_workers_bad_arguments_are_usage_errors(argv):
+    with pytest.raises(SystemExit) as e:
+        _bench().main(argv)
+    assert e.value.code == 2
+
+
+def test_bench_workers_mix_is_one_attack_in_ten():
+    heads = _bench().mix(100)
+    assert sum(h.startswith((b"GET /search?q=1%27", b"GET /search?q=%3Cscript", b"GET /item?id=1%20union")) for h in heads) == 10
+    assert all(h.endswith(b"\r\n") and b"X-Forwarded-For" not in h for h in heads)  # the client is added per request
