@@ -4,7 +4,7 @@ A plain module (no mitmproxy): reads the record store (MongoDB, or the embedded 
 SQLite file) once, as a stream, into bounded aggregates (`Aggregate`), then writes one self-contained HTML
 page: no script, style sheet, font or image from anywhere else, the plots inline SVG (matplotlib).
 
-What it shows: traffic over time (passed and refused, per hour, or per day past three days), refusals by
+What it shows: traffic over time (passed and refused, per hour, or per day past eight days), refusals by
 reason and by attack category, the top refused client IPs and paths, the score distribution, refusals of
 banned clients over time, the model versions (their cards, and the records each one scored), and the review
 queue: the passed requests nearest the threshold and the refused ones nearest it, each with the field and
@@ -42,7 +42,7 @@ HOUR = 3600
 TOP = 20  # rows of the top-N tables
 QUEUE = 25  # requests on each side of the threshold in the review queue
 TOP_CAP = 20_000  # distinct keys a TopCounter keeps (twice that before it prunes)
-DAILY_AFTER_H = 72  # past this many hours of span, traffic is plotted per day
+DAILY_AFTER_H = 200  # past this many hours of span (8 days), traffic is plotted per day
 TARGET_SHOWN = 300  # characters of a request target shown
 PROG = "openflare"
 
