@@ -32,17 +32,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def cluster(processes, upstream, tmp_path_factory, model_conf):
     tmp = tmp_path_factory.mktemp("workers")
-    conf = make_confdir(tmp / "conf", {
-        **model_conf,
-        "openflare_trusted_proxies": ["127.0.0.1"],
-        "openflare_llm_enabled": False,
-        "openflare_rate_limit": RATE_LIMIT,
-        "openflare_strikes": 1,
-        "openflare_redis_prefix": PREFIX,
-        "openflare_ban_socket": str(tmp / "bans.sock"),
-        "openflare_record_dir": str(tmp / "records"),
-        "openflare_record_spill": str(tmp / "spill.jsonl"),
-    })  # fmt: skip
+    conf = make_confdir(tmp / "conf", host_conf(model_conf, tmp))
     port = free_port()
     args = [sys.executable, "-m", "addons.workers", "--workers", "2", "--",
             *mitmdump_args(port, conf, ["addons/openflare.py"], mode=f"reverse:{upstream.url}")[1:]]  # fmt: skip
@@ -57,6 +47,22 @@ def cluster(processes, upstream, tmp_path_factory, model_conf):
     if keys:
         r.delete(*keys)
     r.close()
+
+
+def host_conf(model_conf: dict, tmp, **more) -> dict:
+    """One host's configuration: the shared Redis prefix; its own ban socket and record store (its directory)."""
+    return {
+        **model_conf,
+        "openflare_trusted_proxies": ["127.0.0.1"],
+        "openflare_llm_enabled": False,
+        "openflare_rate_limit": RATE_LIMIT,
+        "openflare_strikes": 1,
+        "openflare_redis_prefix": PREFIX,
+        "openflare_ban_socket": str(tmp / "bans.sock"),
+        "openflare_record_dir": str(tmp / "records"),
+        "openflare_record_spill": str(tmp / "spill.jsonl"),
+        **more,
+    }  # fmt: skip
 
 
 def wait_log(proc, cond, what: str, timeout: float = 90.0) -> str:
@@ -200,3 +206,45 @@ def test_sigkill_of_one_worker_restarts_it_and_the_other_serves_on(cluster):
     assert status == 200
     for conn, _ in keep:
         conn.close()
+
+
+def test_two_hosts_share_bans_and_the_rate_limit_through_redis(cluster, processes, upstream, tmp_path_factory, model_conf):
+    """The README's two-host recipe, the hosts simulated as two worker groups on two ports, each in its own
+    directory (ban socket, record store) with its own instance name: host A is the module's two workers,
+    host B one more group (one worker here: this machine has two cores). Redis shared; records per host
+    (the recipe's shared MongoDB URI cannot be tested here: no MongoDB server, and mongomock is per process)."""
+    proc_a, port_a, _ = cluster
+    tmp = tmp_path_factory.mktemp("host-b")
+    conf = make_confdir(tmp / "conf", host_conf(model_conf, tmp, openflare_instance="edge-b"))
+    port_b = free_port()
+    args = [sys.executable, "-m", "addons.workers", "--workers", "1", "--",
+            *mitmdump_args(port_b, conf, ["addons/openflare.py"], mode=f"reverse:{upstream.url}")[1:]]  # fmt: skip
+    proc_b = processes.start("host-b", args, port_b, env={"OPENFLARE_REDIS_URL": REDIS_URL, "OPENFLARE_MONGO_URI": ""})
+    try:
+        log = wait_log(proc_b, lambda text: re.search(r"^\[w1\] .*Redis reachable", text, re.M), "host B on Redis")
+        assert re.search(r"^\[w1\] .*chain edge-b-w1/", log, re.M)  # host B's own recorder chain
+        # a ban made on host B is enforced on host A
+        attacker = "203.0.113.60"
+        ban = re.compile(rf"^\[w1\] .*openflare ban ip={re.escape(attacker)} ", re.M)
+        for _ in range(3):
+            assert request(port_b, attacker, SQLI)[0] == 403
+            if ban.search(proc_b.output()[0]):
+                break
+        wait_log(proc_b, ban.search, "the ban on host B")
+        time.sleep(1.0)
+        assert [request(port_a, attacker, "/")[0] for _ in range(4)] == [403] * 4
+        # one client, 2 x the limit at once, half on each host: the limit holds across hosts
+        results: list[int] = []
+
+        def one(port: int) -> None:
+            results.append(request(port, "198.51.100.98")[0])
+
+        threads = [threading.Thread(target=one, args=(port_a if i % 2 else port_b,)) for i in range(2 * RATE_LIMIT)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        # the limit plus what each of the three workers' fast paths admitted before Redis counted it (1 each)
+        assert results.count(200) <= RATE_LIMIT + 3 and results.count(429) >= 1, results
+    finally:
+        proc_b.stop()
