@@ -26,7 +26,8 @@ own process (one event loop, one core), and:
 - **Per worker.** `OPENFLARE_WORKER=K` and `OPENFLARE_WORKERS=N` in its environment; its own recorder
   chain (`openflare_instance` = the configured name, or hostname, plus `-wK`); without a MongoDB URI its own
   embedded record store and spill file (worker 1 the configured ones, worker K `<dir>-wK` and
-  `<spill stem>-wK.jsonl`): the embedded store allows one writer. The worker id goes into each flow's
+  `<spill stem>-wK.jsonl`): the embedded store allows one writer. With `openflare_metrics_port` P, worker K
+  serves its Prometheus endpoint on P + K - 1 (one scrape target per worker). The worker id goes into each flow's
   metadata (`openflare.worker`, by this module loaded as a script: `-s addons/workers.py`).
   Bans are shared as with one process: Redis, or the embedded ban store the first worker owns and the
   others reach through its Unix socket. The model file is watched by each worker (hot reload reaches all).
@@ -149,6 +150,9 @@ def worker_args(args: list[str], k: int, n: int) -> tuple[list[str], dict[str, s
         rdir = str(option(args, "openflare_record_dir", RECORD_DIR)).rstrip("/")
         spill = Path(str(option(args, "openflare_record_spill", RECORD_SPILL)))
         extra += ["--set", f"openflare_record_dir={rdir}-w{k}", "--set", f"openflare_record_spill={spill.with_name(f'{spill.stem}-w{k}{spill.suffix}')}"]
+    metrics = str(option(args, "openflare_metrics_port", 0))
+    if metrics.isdigit() and int(metrics) and k > 1:  # each process serves its own endpoint: worker K on port + K - 1
+        extra += ["--set", f"openflare_metrics_port={int(metrics) + k - 1}"]
     tag = ["-s", str(Path(__file__).resolve())]
     return [*_without(args, {extra[i + 1].split("=", 1)[0] for i in range(0, len(extra), 2)}), *extra, *tag], {ENV_WORKER: str(k), ENV_WORKERS: str(n)}
 

@@ -65,6 +65,9 @@ def test_each_worker_gets_its_own_instance_and_embedded_record_store(tmp_path, m
     assert "openflare_record_dir=rec-w2" in two and "openflare_record_spill=data/records-spill-w2.jsonl" in two
     assert not any(a.startswith("openflare_record_dir=") for a in one)  # worker 1: the configured store
     assert one[-2:] == ["-s", workers.__file__] and two[:6] == args[:6]
+    assert not any(a.startswith("openflare_metrics_port=") for a in two)  # metrics off: nothing to move
+    three, _ = workers.worker_args([*args, "--set", "openflare_metrics_port=9100"], 3, 3)
+    assert [a for a in three if a.startswith("openflare_metrics_port=")] == ["openflare_metrics_port=9102"]
     monkeypatch.setenv("OPENFLARE_MONGO_URI", "mongodb://db/")
     two, _ = workers.worker_args(args, 2, 2)
     assert not any(a.startswith("openflare_record_") for a in two)  # MongoDB takes every writer
