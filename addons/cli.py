@@ -563,8 +563,8 @@ def cmd_report(args, s: Settings) -> int:
     from addons import report
 
     since = parse_since(args.since) if args.since not in ("", "all") else None
-    if args.top < 1 or args.queue < 0:
-        raise BadInput("--top must be >= 1 and --queue >= 0")
+    if args.top < 1 or args.queue < 0 or args.workers < 1:
+        raise BadInput("--top and --workers must be >= 1, --queue >= 0")
     name = args.model or s.opt("openflare_model", model.DEFAULT_MODEL, str)
     try:
         model_path = model.resolve(name)
@@ -582,7 +582,8 @@ def cmd_report(args, s: Settings) -> int:
     store_args = "" if s.mongo_uri or s.record_dir == "data/records" else f" --record-dir {_shell(s.record_dir)}"
     t0 = time.perf_counter()
     try:
-        page, agg = report.build(store, since, threshold, model_path, store_args=store_args, top=args.top, queue=args.queue)
+        page, agg = report.build(store, since, threshold, model_path, store_args=store_args, top=args.top, queue=args.queue,
+                                 workers=args.workers)  # fmt: skip
     except Exception as e:  # noqa: BLE001 - pymongo/montydb/sqlite errors
         raise Failure(f"cannot read {store.description}: {type(e).__name__}: {e}") from e
     finally:
@@ -674,6 +675,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="the serving model, for its card and history (default: openflare_model, else openflare-local)")
     p.add_argument("--top", type=int, default=20, help="rows of the top IPs and paths tables (default 20)")
     p.add_argument("--queue", type=int, default=25, help="requests on each side of the threshold in the review queue (default 25)")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                   help="processes reading the embedded store, each a share of its rows (default: 2, or 1 on one CPU)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("check-config", help="check the options file: errors and unknown keys (addons/configcheck.py)")

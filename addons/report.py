@@ -45,6 +45,7 @@ TOP_CAP = 20_000  # distinct keys a TopCounter keeps (twice that before it prune
 DAILY_AFTER_H = 200  # past this many hours of span (8 days), traffic is plotted per day
 TARGET_SHOWN = 300  # characters of a request target shown
 PROG = "openflare"
+PARALLEL_MIN_ROWS = 10_000  # a smaller embedded store is read by one process
 
 
 class TopCounter:
@@ -68,6 +69,12 @@ class TopCounter:
             self.floor = max(self.floor, max(v for k, v in c.items() if k not in dict(keep)) if len(keep) < len(c) else 0)
             self.counts = dict(keep)
             self.approximate = True
+
+    def merge(self, other: "TopCounter") -> None:
+        for key, n in other.counts.items():
+            self.add(key, n)
+        self.floor = max(self.floor, other.floor)
+        self.approximate = self.approximate or other.approximate
 
     def top(self, n: int) -> list[tuple[Any, int]]:
         return heapq.nlargest(n, self.counts.items(), key=lambda kv: (kv[1], str(kv[0])))
@@ -124,6 +131,11 @@ class Queue:
             heapq.heappush(self.heap, item)
         elif item[:2] > self.heap[0][:2]:
             heapq.heapreplace(self.heap, item)
+
+    def merge(self, other: "Queue") -> None:
+        for d, ts, _, rec in other.heap:
+            self.offer(-d, ts, rec)
+        self.seen += other.seen - len(other.heap)
 
     def entries(self) -> list[tuple[int, Entry]]:
         """(distance, entry), nearest first, then the most recent."""
@@ -214,6 +226,31 @@ class Aggregate:
                     self.near_pass.offer(self.threshold - s, ts, _slim(rec))
 
 
+    def merge(self, other: "Aggregate") -> None:
+        """Add another aggregate of other records (a worker's share of the store) to this one."""
+        for name in ("records", "passed", "refused", "detect_only", "gaps", "lost"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for mine, theirs in ((self.verdicts, other.verdicts), (self.tiers, other.tiers), (self.reasons, other.reasons)):
+            for k, n in theirs.items():
+                mine[k] = mine.get(k, 0) + n
+        for h, counts in other.hours.items():
+            row = self.hours.setdefault(h, [0, 0, 0])
+            for i, n in enumerate(counts):
+                row[i] += n
+        for side in ("passed", "refused"):
+            self.scores[side] = [a + b for a, b in zip(self.scores[side], other.scores[side])]
+        for mine, theirs in ((self.categories, other.categories), (self.ips, other.ips), (self.paths, other.paths),
+                             (self.versions, other.versions)):  # fmt: skip
+            mine.merge(theirs)
+        for v, (lo, hi) in other.version_times.items():
+            span = self.version_times.get(v)
+            self.version_times[v] = [lo, hi] if span is None else [min(span[0], lo), max(span[1], hi)]
+        self.first = min((x for x in (self.first, other.first) if x is not None), default=None)
+        self.last = max((x for x in (self.last, other.last) if x is not None), default=None)
+        self.near_pass.merge(other.near_pass)
+        self.near_refused.merge(other.near_refused)
+
+
 _KEPT = ("_id", "time", "client_ip", "method", "target", "target_b64", "verdict", "refused_by", "score", "local_score",
          "llm_score", "category", "field", "signal", "explanation", "model_version")  # fmt: skip
 
@@ -248,20 +285,40 @@ def embedded_path(store: records.Store) -> str:
 
 
 def _iter_embedded(store: records.Store, since: datetime.datetime | None) -> Iterator[dict]:
+    path = embedded_path(store)
+    if os.path.isfile(path):
+        yield from _iter_sqlite(path, since)
+
+
+def _rowid_range(path: str) -> tuple[int, int] | None:
+    import sqlite3
+
+    from montydb.storage import sqlite as monty_sqlite
+
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        lo, hi = conn.execute(f"SELECT min(rowid), max(rowid) FROM [{monty_sqlite.SQLITE_RECORD_TABLE}]").fetchone()
+    finally:
+        conn.close()
+    return None if lo is None else (lo, hi)
+
+
+def _iter_sqlite(path: str, since: datetime.datetime | None, rows_from: int | None = None, rows_to: int | None = None) -> Iterator[dict]:
+    """The records of montydb's SQLite file (rowids rows_from..rows_to when given), decoded but those older than `since`."""
     import sqlite3
 
     import bson
     from montydb.storage import sqlite as monty_sqlite
 
-    path = embedded_path(store)
-    if not os.path.isfile(path):
-        return
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     opts = bson.CodecOptions(tz_aware=False)
     decode = bson.decode
     since_ms = None if since is None else int((since - EPOCH).total_seconds() * 1000)
     try:
-        cur = conn.execute(f"SELECT v FROM [{monty_sqlite.SQLITE_RECORD_TABLE}]")
+        sql = f"SELECT v FROM [{monty_sqlite.SQLITE_RECORD_TABLE}]"
+        if rows_from is not None:
+            sql += f" WHERE rowid BETWEEN {int(rows_from)} AND {int(rows_to)}"
+        cur = conn.execute(sql)
         while rows := cur.fetchmany(5000):
             for (v,) in rows:
                 if since_ms is not None:
@@ -638,15 +695,47 @@ def render(agg: Aggregate, *, store: str, since: datetime.datetime | None, now: 
     )
 
 
-def build(store: records.Store, since: datetime.datetime | None, threshold: int, model_path: Path | None = None,
-          now: datetime.datetime | None = None, store_args: str = "", top: int = TOP, queue: int = QUEUE,
-          cap: int = TOP_CAP) -> tuple[str, Aggregate]:  # fmt: skip
-    """(the HTML page, its aggregate) of the records since `since` (None: all)."""
-    t0 = time.perf_counter()
+def _scan_part(args: tuple) -> Aggregate:
+    path, since, threshold, queue, cap, lo, hi = args
+    agg = Aggregate(threshold, queue, cap)
+    add = agg.add
+    for rec in _iter_sqlite(path, since, lo, hi):
+        add(rec)
+    return agg
+
+
+def scan(store: records.Store, since: datetime.datetime | None, threshold: int, queue: int = QUEUE, cap: int = TOP_CAP,
+         workers: int = 1) -> Aggregate:  # fmt: skip
+    """The aggregate of the store's records since `since`. The embedded store with `workers` > 1: that many
+    processes each read a range of its rows (decoding is most of the time), their aggregates merged."""
+    if workers > 1 and store.kind == "embedded":
+        path = embedded_path(store)
+        span = _rowid_range(path) if os.path.isfile(path) else None
+        if span is not None and span[1] - span[0] >= PARALLEL_MIN_ROWS:
+            import multiprocessing
+
+            lo, hi = span
+            step = (hi - lo) // workers + 1
+            parts = [(path, since, threshold, queue, cap, lo + i * step, min(hi, lo + (i + 1) * step - 1)) for i in range(workers)]
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                aggs = pool.map(_scan_part, parts)
+            agg = aggs[0]
+            for other in aggs[1:]:
+                agg.merge(other)
+            return agg
     agg = Aggregate(threshold, queue, cap)
     add = agg.add
     for rec in iter_records(store, since):
         add(rec)
+    return agg
+
+
+def build(store: records.Store, since: datetime.datetime | None, threshold: int, model_path: Path | None = None,
+          now: datetime.datetime | None = None, store_args: str = "", top: int = TOP, queue: int = QUEUE,
+          cap: int = TOP_CAP, workers: int = 1) -> tuple[str, Aggregate]:  # fmt: skip
+    """(the HTML page, its aggregate) of the records since `since` (None: all)."""
+    t0 = time.perf_counter()
+    agg = scan(store, since, threshold, queue, cap, workers)
     queued = [e for q in (agg.near_pass, agg.near_refused) for _, _, _, e in q.heap]
     labels = labels_of(store, [str(e["_id"]) for e in queued])
     page_now = now or records.utcnow()

@@ -226,3 +226,17 @@ def test_the_time_of_an_embedded_row_is_read_without_decoding_it():
     assert report.bson_time_ms(bson.encode({"a": 1, "b": 2, "c": 3, "d": 4, "time": t})) is None  # too far: decoded
     assert report.bson_time_ms(bson.encode({"_id": "x", "headers": [["a", "b"]], "time": t})) is None
     assert report.bson_time_ms(bson.encode({"_id": "x", "time": "not a date"})) is None
+
+
+def test_workers_reading_shares_of_the_rows_give_the_same_report(embedded, monkeypatch):
+    one = report.scan(embedded, since_days(7), 6)
+    monkeypatch.setattr(report, "PARALLEL_MIN_ROWS", 10)
+    three = report.scan(embedded, since_days(7), 6, workers=3)
+    check_numbers(three)
+    for name in ("records", "passed", "refused", "verdicts", "tiers", "reasons", "hours", "scores", "version_times", "first", "last"):
+        assert getattr(three, name) == getattr(one, name), name
+    for name in ("ips", "paths", "categories", "versions"):
+        assert getattr(three, name).counts == getattr(one, name).counts, name
+    for q in ("near_pass", "near_refused"):
+        assert [e.id for _, e in getattr(three, q).entries()] == [e.id for _, e in getattr(one, q).entries()]
+        assert getattr(three, q).seen == getattr(one, q).seen
