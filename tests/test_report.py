@@ -240,3 +240,11 @@ def test_workers_reading_shares_of_the_rows_give_the_same_report(embedded, monke
     for q in ("near_pass", "near_refused"):
         assert [e.id for _, e in getattr(three, q).entries()] == [e.id for _, e in getattr(one, q).entries()]
         assert getattr(three, q).seen == getattr(one, q).seen
+
+
+def test_an_empty_period_still_makes_a_page():
+    client = mongomock.MongoClient()
+    store = records.Store(client.openflare.records, "mongomock", client)
+    page, agg = report.build(store, since_days(7), threshold=6)
+    assert agg.records == 0 and 'data-records="0"' in page
+    assert "No passed request recorded in full" in page and "No request refused by the model" in page
