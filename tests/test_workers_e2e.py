@@ -248,3 +248,47 @@ def test_two_hosts_share_bans_and_the_rate_limit_through_redis(cluster, processe
         assert results.count(200) <= RATE_LIMIT + 3 and results.count(429) >= 1, results
     finally:
         proc_b.stop()
+
+
+def test_without_redis_two_workers_share_the_embedded_store(processes, upstream, tmp_path_factory, model_conf):
+    """The embedded defaults with WORKERS=2: the first worker owns the ban store, the other reaches it through
+    the Unix socket; bans and the rate limit hold across both."""
+    tmp = tmp_path_factory.mktemp("embedded")
+    conf = make_confdir(tmp / "conf", host_conf(model_conf, tmp))
+    port = free_port()
+    args = [sys.executable, "-m", "addons.workers", "--workers", "2", "--",
+            *mitmdump_args(port, conf, ["addons/openflare.py"], mode=f"reverse:{upstream.url}")[1:]]  # fmt: skip
+    proc = processes.start("embedded", args, port, env={"OPENFLARE_REDIS_URL": "", "OPENFLARE_MONGO_URI": ""})
+    try:
+        wait_log(proc, lambda log: re.search(r"^\[w\d\] .*in-process ban store ready", log, re.M)
+                 and re.search(r"^\[w\d\] .*shared ban store reachable", log, re.M), "one owner, one member")  # fmt: skip
+        results: list[tuple[int, int]] = []
+
+        def one() -> None:
+            results.append(request(port, "198.51.100.97"))
+
+        threads = [threading.Thread(target=one) for _ in range(2 * RATE_LIMIT)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        statuses = [s for s, _ in results]
+        assert {worker_of(proc, local) for _, local in results} == {1, 2}
+        assert statuses.count(200) <= RATE_LIMIT + 2 and statuses.count(429) >= 1, statuses
+        attacker = "203.0.113.70"
+        ban = re.compile(rf"^\[w(\d)\] .*openflare ban ip={re.escape(attacker)} ", re.M)
+        for _ in range(3):
+            assert request(port, attacker, SQLI)[0] == 403
+            if ban.search(proc.output()[0]):
+                break
+        wait_log(proc, ban.search, "the ban")
+        time.sleep(1.0)
+        seen = {1: [], 2: []}
+        for _ in range(200):
+            status, local = request(port, attacker, "/")
+            seen[worker_of(proc, local)].append(status)
+            if seen[1] and seen[2]:
+                break
+        assert seen[1] and seen[2] and set(seen[1]) == set(seen[2]) == {403}, seen
+    finally:
+        proc.stop()
