@@ -222,6 +222,7 @@ class IpBans:
         # process's embedded store, or workers of `make run WORKERS=N` (the first one owns the store).
         workers = os.environ.get("OPENFLARE_WORKERS", "1")
         self.rate_shared = store.kind != banstore.KIND_IN_PROCESS or (workers.isdigit() and int(workers) > 1)
+        self.shared.store = store  # where the fast path's counts are delivered
 
     def _embedded_store(self) -> banstore.BanStore:
         """The in-process store, served on openflare_ban_socket; or the one another process here serves."""

@@ -192,6 +192,31 @@ async def test_ipbans_with_redis_counts_the_limit_across_two_proxies(prefix, mon
     assert statuses.count(200) == 20 and statuses.count(429) == 20 and statuses[:20] == [200] * 20
 
 
+async def test_ipbans_delivers_what_its_fast_path_admitted(prefix, monkeypatch):
+    """A client far below the limit never asks; its requests still reach the window in Redis."""
+    monkeypatch.delenv("OPENFLARE_REDIS_URL", raising=False)
+    addon = IpBans()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, openflare_redis_url=REDIS_URL, openflare_redis_prefix=prefix, openflare_rate_limit=100)
+        addon.running()
+        try:
+            assert await addon.store.wait_synced()
+            for _ in range(3):
+                await addon.requestheaders(rate_flow("198.51.100.79"))
+            assert addon.store.stats.get("rate_asks", 0) == 0
+            for _ in range(200):  # the flush timer's pipeline, RATE_FLUSH_S after the first request
+                if addon.store.stats.get("rate_delivered"):
+                    break
+                await asyncio.sleep(0.05)
+            r = aioredis.from_url(REDIS_URL)
+            assert sum(int(v) for v in (await r.hgetall(f"{prefix}rate:198.51.100.79")).values()) == 3
+            await r.aclose()
+        finally:
+            store, addon.store = addon.store, None
+            addon.shared.close()
+            await store.close()
+
+
 async def test_the_embedded_store_runs_the_same_window():
     """Without Redis, workers of `make run WORKERS=N` count in the embedded store (fakeredis, the same Lua)."""
     store = banstore.BanStore(banstore.make_client(None), "openflare:", kind=banstore.KIND_IN_PROCESS, timeout=2.0)
