@@ -241,3 +241,61 @@ def write_card(model_path: Path, card: dict) -> Path:
     cpath = card_path(model_path)
     cpath.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
     return cpath
+
+
+# --- watching the model's directory (the Scorer's hot reload) ---
+
+# inotify events that can mean a new model file or card: written in place, moved in (os.replace), created,
+# deleted, moved away, metadata changed (touch).
+_IN_EVENTS = 0x008 | 0x080 | 0x100 | 0x200 | 0x040 | 0x004  # CLOSE_WRITE MOVED_TO CREATE DELETE MOVED_FROM ATTRIB
+_IN_NONBLOCK, _IN_CLOEXEC = 0o4000, 0o2000000
+
+
+class DirWatch:
+    """inotify on one directory (Linux, through libc; no dependency): `fd` becomes readable when a name in
+    it changes, and costs nothing until then. `DirWatch.open(dir)` is None where inotify is unavailable
+    (another OS, no libc, the watch limit reached): the caller polls instead."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    @classmethod
+    def open(cls, directory: Path) -> DirWatch | None:
+        import ctypes
+        import ctypes.util
+        import os
+
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+        except (OSError, AttributeError):
+            return None
+        if fd < 0:
+            return None
+        if libc.inotify_add_watch(fd, os.fsencode(str(directory)), _IN_EVENTS) < 0:
+            os.close(fd)
+            return None
+        return cls(fd)
+
+    def drain(self) -> int:
+        """Read the pending events away; how many bytes (0: none)."""
+        import os
+
+        n = 0
+        while True:
+            try:
+                got = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return n
+            except OSError:
+                return n
+            if not got:
+                return n
+            n += len(got)
+
+    def close(self) -> None:
+        import os
+
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

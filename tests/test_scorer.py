@@ -578,6 +578,56 @@ async def test_hot_swap_refuses_a_model_that_passes_what_the_serving_one_refuses
     assert await sc.reload() is True and sc.model.version == "no-cmdi"
 
 
+@pytest.mark.skipif(model.DirWatch.open(Path(".")) is None, reason="no inotify here: the watch polls")
+async def test_the_watch_does_nothing_until_a_file_in_the_models_directory_changes(serving, monkeypatch):
+    """Idle, the watch costs nothing: no stat of the model file between changes (inotify on its directory);
+    a promotion is still picked up."""
+    import asyncio
+
+    from addons import scorer as scorer_mod
+
+    sc, tctx, d = serving
+    checks = []
+    real = scorer_mod.model_signature
+    monkeypatch.setattr(scorer_mod, "model_signature", lambda path: checks.append(path) or real(path))
+    tctx.configure(sc, openflare_model_watch=1, openflare_model_probe_attacks=0, openflare_model_probe_benign=0)
+    sc.running()
+    try:
+        for _ in range(50):  # the one check when the watch begins (a change before it would be missed)
+            if checks:
+                break
+            await asyncio.sleep(0.1)
+        assert len(checks) == 1
+        await asyncio.sleep(2.5)  # what used to be two polls
+        assert len(checks) == 1
+        models.save(models.attack_model(), d, version="v2")  # a promotion: file and card replaced
+        for _ in range(100):
+            if sc.model.version == "v2":
+                break
+            await asyncio.sleep(0.1)
+        assert sc.model.version == "v2" and len(checks) >= 3  # changed, then unchanged for one period, then loaded
+    finally:
+        sc.done()
+
+
+def test_dirwatch_sees_a_file_replaced_in_its_directory(tmp_path):
+    import os
+    import select
+
+    w = model.DirWatch.open(tmp_path)
+    if w is None:
+        pytest.skip("no inotify here")
+    try:
+        assert w.drain() == 0
+        (tmp_path / "m.tmp").write_bytes(b"x")
+        os.replace(tmp_path / "m.tmp", tmp_path / "m.npz")
+        assert select.select([w.fd], [], [], 10)[0] == [w.fd]  # a hang check only
+        assert w.drain() > 0 and w.drain() == 0
+    finally:
+        w.close()
+    assert model.DirWatch.open(tmp_path / "missing") is None
+
+
 async def test_watch_keeps_the_serving_model_on_a_failed_probe_check(serving, caplog):
     """The file watch (what a promotion or a tamper triggers), not the command: the same refusal."""
     import asyncio
