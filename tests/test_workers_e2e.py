@@ -292,3 +292,23 @@ def test_without_redis_two_workers_share_the_embedded_store(processes, upstream,
         assert seen[1] and seen[2] and set(seen[1]) == set(seen[2]) == {403}, seen
     finally:
         proc.stop()
+
+
+def test_a_new_model_reaches_every_worker(processes, upstream, tmp_path_factory):
+    """Each worker watches the model file: a model written over it (a retrain, a rollback) is loaded by both."""
+    import models  # tests/models.py
+
+    tmp = tmp_path_factory.mktemp("reload")
+    path = models.save(models.attack_model(), tmp / "model", "m", "workers-1")
+    conf = make_confdir(tmp / "conf", host_conf({"openflare_model": str(path)}, tmp))
+    port = free_port()
+    args = [sys.executable, "-m", "addons.workers", "--workers", "2", "--",
+            *mitmdump_args(port, conf, ["addons/openflare.py"], mode=f"reverse:{upstream.url}")[1:]]  # fmt: skip
+    proc = processes.start("reload", args, port, env={"OPENFLARE_REDIS_URL": "", "OPENFLARE_MONGO_URI": ""})
+    try:
+        wait_log(proc, lambda log: all(re.search(rf"^\[w{k}\] .*listening at", log, re.M) for k in (1, 2)), "both listening")
+        models.save(models.attack_model(), tmp / "model", "m", "workers-2")
+        wait_log(proc, lambda log: all(re.search(rf"^\[w{k}\] .*local model workers-1 -> workers-2", log, re.M) for k in (1, 2)),
+                 "the new model in both workers")  # fmt: skip
+    finally:
+        proc.stop()
