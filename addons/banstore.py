@@ -594,7 +594,14 @@ class SharedRateLimiter:
     def _start_flush(self) -> None:
         self._flush = None
         if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self.deliver(), name="openflare-rate-deliver")
+            self._task = asyncio.create_task(self._deliver_then_again(), name="openflare-rate-deliver")
+        else:  # a delivery is under way: look again after it
+            self._flush = asyncio.get_running_loop().call_later(RATE_FLUSH_S, self._start_flush)
+
+    async def _deliver_then_again(self) -> None:
+        await self.deliver()
+        if self._dirty and self._flush is None:  # admitted while this delivery ran
+            self._flush = asyncio.get_running_loop().call_later(RATE_FLUSH_S, self._start_flush)
 
     async def deliver(self) -> int:
         """Count the requests admitted without asking in the store: one pipeline for every such IP. Returns
