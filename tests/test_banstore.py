@@ -798,7 +798,7 @@ async def test_reading_the_bans_keeps_every_field_and_skips_what_is_not_a_ban(pr
         await pipe.execute()
         bans = await banstore.read_bans(client, prefix)
         one = bans["198.51.100.1"]
-        assert (one.reason, one.level, one.strikes) == ("a_b_c", 3, 4) and 58 < one.remaining() <= 60
+        assert (one.reason, one.level, one.strikes) == ("a_b_c", 3, 4) and 30 < one.remaining() <= 60  # its TTL, read back (a loaded machine is slow)
         assert bans["2001:db8::/64"].deadline == float("inf") and (bans["2001:db8::/64"].level, bans["2001:db8::/64"].strikes) == (1, 0)
         assert "198.51.100.2" not in bans
         assert set(many) <= set(bans) and len(bans) == len(many) + 2
