@@ -579,15 +579,20 @@ def cmd_report(args, s: Settings) -> int:
     if not 1 <= threshold <= 10:
         raise BadInput(f"--threshold must be between 1 and 10, not {threshold}")
     store = _open_records(s)
-    store_args = "" if s.mongo_uri or s.record_dir == "data/records" else f" --record-dir {_shell(s.record_dir)}"
+    stores = [(store, "" if s.mongo_uri or s.record_dir == "data/records" else f" --record-dir {_shell(s.record_dir)}")]
+    if not s.mongo_uri:  # `make run WORKERS=N`: worker K (K > 1) writes its own embedded store, <dir>-wK
+        base = Path(s.record_dir)
+        for d in sorted(base.parent.glob(base.name + "-w*"), key=lambda p: (len(p.name), p.name)):
+            if re.fullmatch(re.escape(base.name) + r"-w\d+", d.name) and (d / "monty.storage.cfg").is_file():
+                stores.append((records.open_store(directory=d, create=False), f" --record-dir {_shell(str(d))}"))
     t0 = time.perf_counter()
     try:
-        page, agg = report.build(store, since, threshold, model_path, store_args=store_args, top=args.top, queue=args.queue,
-                                 workers=args.workers)  # fmt: skip
+        page, agg = report.build(stores, since, threshold, model_path, top=args.top, queue=args.queue, workers=args.workers)
     except Exception as e:  # noqa: BLE001 - pymongo/montydb/sqlite errors
         raise Failure(f"cannot read {store.description}: {type(e).__name__}: {e}") from e
     finally:
-        store.close()
+        for st, _ in stores:
+            st.close()
     out = Path(args.out)
     try:
         tmp = out.with_name(f".{out.name}.tmp")
@@ -597,7 +602,7 @@ def cmd_report(args, s: Settings) -> int:
         raise Failure(f"cannot write {out}: {e.strerror or e}") from e
     print(f"wrote {out} ({len(page) / 1024:.0f} KB): {agg.records:,} records since {records.time_text(since) if since else 'the first'} "
           f"({agg.passed:,} passed, {agg.refused:,} refused; review queue {len(agg.near_pass.heap)} + {len(agg.near_refused.heap)}) "
-          f"from {store.description} in {time.perf_counter() - t0:.1f} s")  # fmt: skip
+          f"from {store.description}{f' and {len(stores) - 1} worker store(s)' if len(stores) > 1 else ''} in {time.perf_counter() - t0:.1f} s")  # fmt: skip
     return 0
 
 

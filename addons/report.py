@@ -46,6 +46,7 @@ DAILY_AFTER_H = 200  # past this many hours of span (8 days), traffic is plotted
 TARGET_SHOWN = 300  # characters of a request target shown
 PROG = "openflare"
 PARALLEL_MIN_ROWS = 10_000  # a smaller embedded store is read by one process
+LABEL_KEY, STORE_KEY = "openflare.report.label", "openflare.report.store"  # set on a queued record by `build`
 
 
 class TopCounter:
@@ -102,7 +103,8 @@ class Entry:
     signal: str | None
     explanation: str | None
     model_version: str | None
-    label: str | None = None
+    label: str | None = None  # the operator's label, if it has one
+    store_args: str = ""  # the `openflare` flags naming its store (`--record-dir ...`), for the label commands
 
     @classmethod
     def of(cls, rec: dict) -> "Entry":
@@ -111,7 +113,8 @@ class Entry:
             target = target[:TARGET_SHOWN] + "…"
         return cls(str(rec.get("_id")), rec.get("time"), rec.get("client_ip"), rec.get("method"), target, rec.get("verdict"),
                    rec.get("refused_by"), rec.get("score"), rec.get("local_score"), rec.get("llm_score"), rec.get("category"),
-                   rec.get("field"), rec.get("signal"), rec.get("explanation"), rec.get("model_version"))  # fmt: skip
+                   rec.get("field"), rec.get("signal"), rec.get("explanation"), rec.get("model_version"), rec.get(LABEL_KEY),
+                   rec.get(STORE_KEY) or "")  # fmt: skip
 
 
 class Queue:
@@ -580,21 +583,21 @@ class Raw(str):
     """Already-escaped HTML for a table cell."""
 
 
-def label_commands(e: Entry, side: str, store_args: str) -> tuple[str, str]:
+def label_commands(e: Entry, side: str) -> tuple[str, str]:
     """(confirm, correct): the `openflare label` commands for a queue entry (`side` passed or refused)."""
-    base = f"{PROG} label{store_args} {e.id}"
+    base = f"{PROG} label{e.store_args} {e.id}"
     if side == "passed":
         return f"{base} benign", f"{base} attack --force"
     return f"{base} attack", f"{base} benign --force"
 
 
-def _queue_table(q: Queue, side: str, store_args: str, threshold: int) -> str:
+def _queue_table(q: Queue, side: str, threshold: int) -> str:
     rows = []
     for dist, e in q.entries():
         fld = f"{e.field[0]} {e.field[1]!r}" if isinstance(e.field, list) and len(e.field) >= 2 else "-"
         scores = f"{e.score}" + (f" (local {e.local_score}" + (f", llm {e.llm_score}" if e.llm_score is not None else "") + ")"
                                  if e.local_score is not None and e.local_score != e.score or e.llm_score is not None else "")  # fmt: skip
-        confirm, correct = label_commands(e, side, store_args)
+        confirm, correct = label_commands(e, side)
         label = f"<br><span class=note>labelled {esc(e.label)}</span>" if e.label else ""
         rows.append([
             Raw(f"{esc(_time(e.time))}<br><span class=note>{esc(e.client_ip)}</span>"),
@@ -614,7 +617,7 @@ def _queue_table(q: Queue, side: str, store_args: str, threshold: int) -> str:
 
 
 def render(agg: Aggregate, *, store: str, since: datetime.datetime | None, now: datetime.datetime, cards: list[dict],
-           store_args: str = "", seconds: float = 0.0, top: int = TOP) -> str:  # fmt: skip
+           seconds: float = 0.0, top: int = TOP) -> str:  # fmt: skip
     """The report page (agg's queue entries should carry their labels already)."""
     period = f"{_time(since) if since else 'the first record'} – {_time(now)}"
     refused_pct = f"{100 * agg.refused / agg.records:.2f} %" if agg.records else "-"
@@ -681,8 +684,8 @@ def render(agg: Aggregate, *, store: str, since: datetime.datetime | None, now: 
     parts.append(
         f"<section><h2>Review queue</h2><p>Requests nearest the threshold ({agg.threshold}: scores above it are refused). "
         "Confirm what OpenFlare did, or correct it; <code>make retrain</code> learns the labels.</p>"
-        f"<h3>Passed, nearest the threshold</h3>{_queue_table(agg.near_pass, 'passed', store_args, agg.threshold)}"
-        f"<h3>Refused by the model, nearest the threshold</h3>{_queue_table(agg.near_refused, 'refused', store_args, agg.threshold)}"
+        f"<h3>Passed, nearest the threshold</h3>{_queue_table(agg.near_pass, 'passed', agg.threshold)}"
+        f"<h3>Refused by the model, nearest the threshold</h3>{_queue_table(agg.near_refused, 'refused', agg.threshold)}"
         "</section>"
     )
     title = f"OpenFlare report: {period}"
@@ -730,29 +733,28 @@ def scan(store: records.Store, since: datetime.datetime | None, threshold: int, 
     return agg
 
 
-def build(store: records.Store, since: datetime.datetime | None, threshold: int, model_path: Path | None = None,
-          now: datetime.datetime | None = None, store_args: str = "", top: int = TOP, queue: int = QUEUE,
-          cap: int = TOP_CAP, workers: int = 1) -> tuple[str, Aggregate]:  # fmt: skip
-    """(the HTML page, its aggregate) of the records since `since` (None: all)."""
+def build(store: records.Store | list[tuple[records.Store, str]], since: datetime.datetime | None, threshold: int,
+          model_path: Path | None = None, now: datetime.datetime | None = None, store_args: str = "", top: int = TOP,
+          queue: int = QUEUE, cap: int = TOP_CAP, workers: int = 1) -> tuple[str, Aggregate]:  # fmt: skip
+    """(the HTML page, its aggregate) of the records since `since` (None: all) of one store, or of several
+    ([(store, the `openflare` flags naming it)]: the embedded stores of `make run WORKERS=N`), merged."""
     t0 = time.perf_counter()
-    agg = scan(store, since, threshold, queue, cap, workers)
-    queued = [e for q in (agg.near_pass, agg.near_refused) for _, _, _, e in q.heap]
-    labels = labels_of(store, [str(e["_id"]) for e in queued])
-    page_now = now or records.utcnow()
-
-    def with_labels(q: Queue) -> None:
-        orig = q.entries
-
-        def entries():
-            out = orig()
-            for _, e in out:
-                e.label = labels.get(e.id)
-            return out
-
-        q.entries = entries  # type: ignore[method-assign]
-
-    with_labels(agg.near_pass)
-    with_labels(agg.near_refused)
-    page = render(agg, store=store.description, since=since, now=page_now, cards=model_cards(model_path),
-                  store_args=store_args, seconds=time.perf_counter() - t0, top=top)  # fmt: skip
-    return page, agg
+    stores = [(store, store_args)] if isinstance(store, records.Store) else list(store)
+    total: Aggregate | None = None
+    for st, args in stores:
+        agg = scan(st, since, threshold, queue, cap, workers)
+        queued = [rec for q in (agg.near_pass, agg.near_refused) for _, _, _, rec in q.heap]
+        labels = labels_of(st, [str(rec["_id"]) for rec in queued])
+        for rec in queued:  # what the queue shows of it: its label, and the flags that reach its store
+            rec[LABEL_KEY] = labels.get(str(rec["_id"]))
+            rec[STORE_KEY] = args
+        if total is None:
+            total = agg
+        else:
+            total.merge(agg)
+    assert total is not None, "no store given"
+    where = stores[0][0].description + (f" + {len(stores) - 1} more store(s) ({', '.join(a.strip() for _, a in stores[1:])})"
+                                        if len(stores) > 1 else "")  # fmt: skip
+    page = render(total, store=where, since=since, now=now or records.utcnow(), cards=model_cards(model_path),
+                  seconds=time.perf_counter() - t0, top=top)  # fmt: skip
+    return page, total

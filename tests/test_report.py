@@ -248,3 +248,23 @@ def test_an_empty_period_still_makes_a_page():
     page, agg = report.build(store, since_days(7), threshold=6)
     assert agg.records == 0 and 'data-records="0"' in page
     assert "No passed request recorded in full" in page and "No request refused by the model" in page
+
+
+def test_the_workers_stores_are_read_too_and_their_label_commands_name_them(embedded, tmp_path, capsys):
+    """`make run WORKERS=N`: worker K > 1 writes <record_dir>-wK; the report reads them all, merged."""
+    w2 = tmp_path / "store-w2"
+    other = records.open_store(directory=w2)
+    writer = records.Writer(other, tmp_path / "spill-w2.jsonl", "test-proxy-w2")
+    writer.write([cap(5, "203.0.113.99", "block", 7, full=True, refused_by="score", category="sqli", status=403,
+                      target=b"/from-worker-2", field=["query", "id"], signal="learnt n-grams")])  # fmt: skip
+    writer.close()
+    rid = other.coll.find_one({})["_id"]
+    other.close()
+    (tmp_path / "store-wx").mkdir()  # not a worker's store: ignored
+    out = tmp_path / "all.html"
+    rc = cli.main(["report", "--record-dir", str(tmp_path / "store"), "--since", "7d", "--out", str(out), "--conf", os.devnull])
+    assert rc == 0, capsys.readouterr()
+    page = out.read_text()
+    assert 'data-records="67"' in page and 'data-refused="20"' in page
+    assert f"<code>openflare label --record-dir {w2} {rid} attack</code>" in page
+    assert "and 1 worker store(s)" in capsys.readouterr().out
