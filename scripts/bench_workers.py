@@ -227,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
                 got[s.name] = rps
                 rates[s.name].append(rps)
                 workers_cpu = [100 * (cpu_seconds(p) - cpu0[p]) / wall for p in pids]
+                per_request = 10 * sum(workers_cpu) * wall / max(done, 1)  # ms of worker CPU per request
                 print(f"  round {r + 1} {s.name}: {rps:7.0f} req/s  errors {errors}  statuses {dict(sorted(statuses.items()))}  "
+                      f"worker CPU {per_request:.2f} ms/request; load average {os.getloadavg()[0]:.1f}; "
                       f"CPU %: workers {' + '.join(f'{c:.0f}' for c in workers_cpu)}, "
                       f"load generator {100 * (time.process_time() - me0) / wall:.0f}, "
                       f"upstream {100 * (cpu_seconds(upstream.pid) - up0) / wall:.0f} (of {100 * nproc})")  # fmt: skip

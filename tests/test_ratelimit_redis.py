@@ -228,3 +228,24 @@ async def test_the_embedded_store_runs_the_same_window():
         assert sum(got) == 30 and not any(got[30:])
     finally:
         await store.close()
+
+
+async def test_one_delivery_counts_many_ips_in_chunks(prefix, monkeypatch):
+    monkeypatch.setattr(banstore, "RATE_ADD_KEYS", 2)  # three IPs: two RATE_ADD_LUA calls in one pipeline
+    store = await open_store(prefix)
+    try:
+        assert await store.wait_synced()
+        lim = banstore.SharedRateLimiter(100, window_ms=MINUTE)
+        lim.store = store
+        ips = ["198.51.100.81", "198.51.100.82", "198.51.100.83"]
+        for n, ip in enumerate(ips, 2):
+            for _ in range(n):
+                assert lim.fast(ip) == (True, False)
+        assert lim.fast("198.51.100.84") == (True, False)  # one request: admitted, never delivered
+        assert await lim.deliver() == 9
+        r = aioredis.from_url(REDIS_URL)
+        got = [sum(int(v) for v in (await r.hgetall(f"{prefix}rate:{ip}")).values()) for ip in [*ips, "198.51.100.84"]]
+        await r.aclose()
+        assert got == [2, 3, 4, 0] and [lim._ips[ip].remote for ip in ips] == [2, 3, 4]  # the window counts come back
+    finally:
+        await store.close()
