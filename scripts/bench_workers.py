@@ -1,11 +1,12 @@
 """`make bench` (workers case): requests/s of OpenFlare with 1 and with N workers on one port (addons/workers.py).
 
     .venv/bin/python scripts/bench_workers.py [--workers 2] [--rounds 3] [--duration 5] [--concurrency 32]
-        [--worker-cpus 0,1] [--load-cpus 2,3] [--redis redis://127.0.0.1:6379/0]
+        [--worker-cpus 0,1] [--load-cpus 2,3] [--redis redis://127.0.0.1:6379/0] [--clients 50]
 
 Both set-ups run at once (1 worker and N workers, each `python -m addons.workers` in front of one demo upstream,
 scripts/upstream.py, with the shipped mitm.conf less nothing but: X-Forwarded-For from loopback believed, so each
-request is its own client, and a record store in a temporary directory). Rounds alternate 1, N, 1, N... with the
+request is its own client (--clients N: the requests cycle over N addresses, so the shared rate limit counts
+repeat clients), and a record store in a temporary directory). Rounds alternate 1, N, 1, N... with the
 same request mix (mostly everyday requests, one in ten an attack refused with 403), so machine noise hits both
 alike; the figure is the median of the per-round ratios N/1. Keep-alive connections reconnect every
 --per-connection requests, so the kernel's SO_REUSEPORT spread over workers (per connection) evens out.
@@ -119,7 +120,8 @@ class Setup:
         self.log.close()
 
 
-async def drive(port: int, heads: list[bytes], concurrency: int, duration: float, per_conn: int, start: int) -> tuple[int, int, dict]:
+async def drive(port: int, heads: list[bytes], concurrency: int, duration: float, per_conn: int, start: int,
+                clients: int = 0) -> tuple[int, int, dict]:  # fmt: skip
     """Requests answered and errors in `duration` s over `concurrency` keep-alive connections."""
     done = errors = 0
     statuses: dict[int, int] = {}
@@ -140,7 +142,8 @@ async def drive(port: int, heads: list[bytes], concurrency: int, duration: float
                     if time.perf_counter() >= deadline:
                         break
                     i = next(counter)
-                    ip = f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}".encode()  # every request its own client
+                    c = i % clients if clients else i  # default: every request its own client
+                    ip = f"10.{c >> 16 & 255}.{c >> 8 & 255}.{c & 255}".encode()
                     writer.write(heads[i % len(heads)] + b"X-Forwarded-For: " + ip + b"\r\n\r\n")
                     head = await reader.readuntil(b"\r\n\r\n")
                     status = int(head.split(b" ", 2)[1])
@@ -170,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker-cpus", help="CPU list for every worker (taskset -c), e.g. 0-3")
     ap.add_argument("--load-cpus", help="CPU list for this load generator, e.g. 4,5")
     ap.add_argument("--redis", help="ban store and rate limit in this Redis (else the embedded store)")
+    ap.add_argument("--clients", type=int, default=0, help="client addresses the requests cycle over (0: each request its own)")
     args = ap.parse_args(argv)
     try:
         counts = sorted({int(x) for x in args.workers.split(",")})
@@ -177,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--workers: worker counts separated by commas, not {args.workers!r}")
     if not counts or counts[0] < 2:
         ap.error("--workers: counts of 2 or more (each is compared with one worker)")
-    if args.rounds < 1 or args.duration <= 0 or args.concurrency < 1 or args.per_connection < 1:
+    if args.rounds < 1 or args.duration <= 0 or args.concurrency < 1 or args.per_connection < 1 or args.clients < 0:
         ap.error("--rounds, --duration, --concurrency and --per-connection must be positive")
     if args.worker_cpus and not shutil.which("taskset"):
         ap.error("--worker-cpus needs taskset (util-linux)")
@@ -208,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         nproc = os.cpu_count() or 1
         print(f"bench_workers: {nproc} CPUs; workers pinned to {args.worker_cpus or 'any CPU'}, load generator to "
               f"{args.load_cpus or 'any CPU'}; {args.concurrency} connections, {args.per_connection} requests each; "
-              f"store: {'Redis ' + args.redis if args.redis else 'embedded'}")  # fmt: skip
+              f"store: {'Redis ' + args.redis if args.redis else 'embedded'}; "
+              f"{f'{args.clients} clients' if args.clients else 'each request its own client'}")  # fmt: skip
         rates: dict[str, list[float]] = {s.name: [] for s in setups}
         ratios: dict[str, list[float]] = {s.name: [] for s in setups[1:]}
         start = 0
@@ -220,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                 cpu0 = {p: cpu_seconds(p) for p in pids}
                 up0, me0 = cpu_seconds(upstream.pid), time.process_time()
                 t0 = time.perf_counter()
-                done, errors, statuses = asyncio.run(drive(s.port, heads, args.concurrency, args.duration, args.per_connection, start))
+                done, errors, statuses = asyncio.run(drive(s.port, heads, args.concurrency, args.duration, args.per_connection, start, args.clients))
                 wall = time.perf_counter() - t0
                 start += done
                 rps = done / wall
