@@ -105,6 +105,9 @@ def _lossless(exc: UnicodeError) -> tuple[str, int]:
 
 
 codecs.register_error(LOSSLESS, _lossless)
+# surrogateescape's mark of an undecodable byte (U+DC80-U+DCFF) -> that byte's latin-1 character: what
+# LOSSLESS gives, without a Python call per bad byte (base64 of random bytes has dozens).
+_UNESCAPE = {0xDC00 + i: i for i in range(0x80, 0x100)}
 
 
 def text_of(b: bytes) -> str:
@@ -117,8 +120,8 @@ def text_of(b: bytes) -> str:
     try:
         return b.decode("utf-8")
     except UnicodeDecodeError:
-        if len(b) < 512:  # numpy's fixed cost is more than the error handler's on a short text
-            return b.decode("utf-8", LOSSLESS)
+        if len(b) < 512:  # numpy's fixed cost is more than a translate's on a short text
+            return b.decode("utf-8", "surrogateescape").translate(_UNESCAPE)
     marked = np.array(b.decode("utf-8", "surrogateescape")).reshape(1).view(np.uint32).copy()  # UCS-4
     marked[(marked >= 0xDC80) & (marked <= 0xDCFF)] -= 0xDC00
     return marked.tobytes().decode("utf-32-le")
@@ -582,39 +585,67 @@ def _json(out: _Out, text: str, loc: str = "json", prefix: str = "", via: str = 
         raise TooLarge(413, "depth")
     except ValueError:
         return False
-    # (path, node, depth), or (path, key) for a key, in document order; a node's depth is the number of
-    # arrays and objects around it and itself (its own layer's and those of the layers around it)
-    stack: list = [(prefix, doc, depth + 1)]
+    # A depth-first walk in document order (each key, then its value), with a stack of the containers
+    # being read: (path, iterator over its children, its depth, whether it is an object). A node's depth is
+    # the number of arrays and objects around it and itself (its own layer's and those of the layers around
+    # it). out.add and out.value inlined for plain ASCII (a JSON body has dozens of fields): the same fields.
+    root = depth + 1
+    if type(doc) is str:
+        _json_string(out, loc, prefix, doc, via, depth)
+        return True
+    if type(doc) is not _Obj and type(doc) is not list:
+        return True  # a number, true, false or null: no text
+    if root > out.limits.depth:
+        raise TooLarge(413, "depth")
+    fields, append, limit, max_depth = out.fields, out.fields.append, out.limits.fields, out.limits.depth
+    stack: list = [(prefix, iter(doc) if type(doc) is _Obj else enumerate(doc), root, type(doc) is _Obj)]
     while stack:
-        item = stack.pop()
-        if len(item) == 2:
-            out.add(loc, item[0], item[1], "name")
-            continue
-        path, node, depth = item
-        if isinstance(node, str):
-            out.value(loc, path, node, via)
-            first = node[:1]
-            if first in _JSON_START_SET or (
-                first in _JSON_SPACE_SET and node.lstrip(_JSON_SPACE)[:1] in _JSON_START_SET
-            ):
-                _json(out, node.strip(_JSON_SPACE), "json", path, "json", depth - 1)
-            if path.endswith("query") and (len(path) == 5 or path.endswith(".query")) and "{" in node:
-                _graphql(out, loc, node)
-            continue
-        if depth > out.limits.depth:
-            raise TooLarge(413, "depth")
-        if isinstance(node, _Obj):  # pairs, so a duplicate key is not lost
-            for key, child in reversed(node):
+        path, children, depth, is_obj = stack[-1]
+        for key, child in children:  # (key, value) pairs of an object, (index, value) of an array
+            kind = type(child)
+            if is_obj:
                 p = f"{path}.{key[:_LABEL]}" if path else key[:_LABEL]
-                if isinstance(child, (str, list)):
-                    stack.append((p, child, depth + 1))
-                stack.append((p, key))
-        elif isinstance(node, list):
-            for i in range(len(node) - 1, -1, -1):
-                child = node[i]
-                if isinstance(child, (str, list)):
-                    stack.append((f"{path}.{i}" if path else str(i), child, depth + 1))
+                if key.isascii() and p.isascii():
+                    append(Field(loc, p, key, "name"))
+                    if len(fields) > limit:
+                        raise TooLarge(413, "fields")
+                else:
+                    out.add(loc, p, key, "name")
+            elif kind is str or kind is _Obj or kind is list:
+                p = f"{path}.{key}" if path else str(key)
+            else:
+                continue  # a number, true, false or null in an array
+            if kind is str:
+                if len(child) < 8 and child.isascii() and p.isascii():  # no base64/hex layer below 8 characters
+                    append(Field(loc, p, child, via))
+                    if len(fields) > limit:
+                        raise TooLarge(413, "fields")
+                else:
+                    out.value(loc, p, child, via)
+                first = child[:1]
+                if first in _JSON_START_SET or (first in _JSON_SPACE_SET and child.lstrip(_JSON_SPACE)[:1] in _JSON_START_SET):
+                    _json(out, child.strip(_JSON_SPACE), "json", p, "json", depth)
+                if p.endswith("query") and (len(p) == 5 or p.endswith(".query")) and "{" in child:
+                    _graphql(out, loc, child)
+            elif kind is _Obj or kind is list:
+                if depth + 1 > max_depth:
+                    raise TooLarge(413, "depth")
+                stack.append((p, iter(child) if kind is _Obj else enumerate(child), depth + 1, kind is _Obj))
+                break  # read the child now; this container's iterator goes on after it
+        else:
+            stack.pop()
     return True
+
+
+def _json_string(out: _Out, loc: str, path: str, node: str, via: str, depth: int) -> None:
+    """A JSON string node at `path` (`depth`: the arrays and objects around it): its value and layers, a
+    JSON document inside it, a GraphQL query's string arguments."""
+    out.value(loc, path, node, via)
+    first = node[:1]
+    if first in _JSON_START_SET or (first in _JSON_SPACE_SET and node.lstrip(_JSON_SPACE)[:1] in _JSON_START_SET):
+        _json(out, node.strip(_JSON_SPACE), "json", path, "json", depth)
+    if path.endswith("query") and (len(path) == 5 or path.endswith(".query")) and "{" in node:
+        _graphql(out, loc, node)
 
 
 _JSON_START = ("{", "[")
