@@ -396,8 +396,8 @@ class Scorer:
 
     def _verdict(
         self, local: int | None, reason: str, res: llm.Result, cfg: llm.Config | None
-    ) -> tuple[dict, str, str, bool]:
-        """(metadata, the comment before the time, the comment after it, refuse?) of one scoring."""
+    ) -> tuple[dict, str, str, str, bool]:
+        """(metadata, the comment's verdict and score, the rest before the time, after it, refuse?) of one scoring."""
         v = res.verdict if cfg else None
         score = local if local is None or v is None else llm.combine(local, v.score, self.threshold, cfg.max_lower)
         if score is None:
@@ -437,14 +437,15 @@ class Scorer:
         }
         shown = f"{score}/10" if score is not None else "unscored"
         # verdict and score first: mitmweb's comment column is 150 px, about 16 characters ("block 10/10 open...")
-        head = f"{verdict} {shown} openflare ({reason}; model {version}; "
+        lead = f"{verdict} {shown}"
+        head = f"openflare ({reason}; model {version}; "
         tail = ""
         if res.status not in (llm.OFF, llm.SKIPPED):
             said = f" {v.score}/10 {v.category}: {llm_reason}" if v else ""
             tail = f" [llm {res.status}{said}; {res.ms} ms]"
-        return meta, head, tail, blocked
+        return meta, lead, head, tail, blocked
 
-    def _apply(self, flow: http.HTTPFlow, elapsed: float, meta: dict, head: str, tail: str, blocked: bool,
+    def _apply(self, flow: http.HTTPFlow, elapsed: float, meta: dict, lead: str, head: str, tail: str, blocked: bool,
                explanation: str = "") -> None:
         """Write one verdict to the flow: metadata, comment, and the refusal unless detect-only."""
         ms = round(elapsed * 1000, 3)
@@ -453,7 +454,10 @@ class Scorer:
         md[common.SCORE_MS] = ms
         if blocked and md.get(common.CATEGORY) is None:
             md[common.CATEGORY] = md.get(common.SIGNAL_CATEGORY)
-        flow.comment = f"{head}{explanation + '; ' if explanation else ''}{ms} ms){tail}"
+        if blocked and explanation:  # what decided a refusal right after its score, where mitmweb's column shows it
+            flow.comment = f"{lead} {explanation} {head}{ms} ms){tail}"
+        else:
+            flow.comment = f"{lead} {head}{explanation + '; ' if explanation else ''}{ms} ms){tail}"
         if blocked:  # not marked: @marked is the operator's alone (openflare.label); ~comment finds refusals
             if self.detect_only:
                 flow.comment += " [detect-only: forwarded]"
