@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 ENV_URI = "OPENFLARE_MONGO_URI"
 ENV_INSTANCE = "OPENFLARE_INSTANCE"
 MAINTAIN_EVERY_S = 1.0
+# With nothing to retry, chain or deliver (`_settled`), maintenance (retention, leftovers) runs this rarely.
+IDLE_MAINTAIN_S = 60.0
 # After the first record of a batch, wait this long for more: one thread hand-off and one transaction
 # per batch instead of per request (measured: batches of one cost mitmdump ~1 ms of CPU per request).
 LINGER_S = 0.25
@@ -57,6 +59,21 @@ STARTUP_OPTIONS = ("openflare_mongo_uri", "openflare_record_dir", "openflare_rec
 
 def _is_refusal(resp: http.Response | None) -> bool:
     return common.is_refusal(resp)
+
+
+def _settled(writer: records.Writer) -> bool:
+    """Nothing for maintenance to do but retention: every journaled record stored, none held (full disk), no
+    gap to chain, no overflow file, the store not down, no earlier run's journal segment left."""
+    return (
+        writer.stored_seq >= writer.journaled_seq
+        and not writer.held
+        and writer.gap is None
+        and not writer._down
+        and writer._overflow_file is None
+        and not writer.ready
+        and not writer.leftovers
+        and not writer.overflow_path.exists()
+    )
 
 
 class Recorder:
@@ -302,7 +319,9 @@ class Recorder:
         while True:
             try:
                 try:
-                    await asyncio.wait_for(self.stored_wake.wait(), MAINTAIN_EVERY_S)
+                    # Idle (everything journaled is stored, nothing held or overflowed, the store up): no
+                    # maintenance every second, only every IDLE_MAINTAIN_S; a new record wakes this at once.
+                    await asyncio.wait_for(self.stored_wake.wait(), IDLE_MAINTAIN_S if _settled(writer) else MAINTAIN_EVERY_S)
                     self.stored_wake.clear()
                     if len(writer.ready) < self.batch:
                         await asyncio.sleep(LINGER_S)  # one transaction for many records
