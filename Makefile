@@ -26,7 +26,7 @@ ADDONS := -s addons/openflare.py
 MODE := $(if $(UPSTREAM),--mode reverse:$(UPSTREAM),)
 
 .PHONY: install run web test train eval bench bench-web clean verify-log export retrain rollback bench-retrain \
-	check-config check-upstream report bench-report
+	check-config check-upstream report bench-report soak
 
 install: $(STAMP)
 
@@ -74,8 +74,10 @@ eval: $(STAMP)
 bench-web: $(STAMP)
 	$(BIN)/python scripts/bench_web.py $(if $(MINUTES),--minutes $(MINUTES),) $(ARGS)
 
+# The bundle `make run` loads against plain mitmdump on the shared datasets' test splits (none: it stops; ARGS=--builtin-mix
+# for a smoke run), each addon on its own, a size sweep through the proxy; then the checks below.
 bench: $(STAMP)
-	$(BIN)/python scripts/bench.py
+	$(BIN)/python scripts/bench.py $(ARGS)
 	# the recorder's burst: 10,000 requests -> exactly 10,000 records, hash chain intact
 	$(BIN)/python scripts/bench_recorder.py --requests 0
 	# hostile bodies (a gzip bomb, unclosed comments, deep nesting): milliseconds each, memory
@@ -84,6 +86,10 @@ bench: $(STAMP)
 	$(BIN)/python scripts/bench_workers.py
 	# openflare+metrics: the bundle with and without the metrics addon (scraped every second), paired rounds
 	$(BIN)/python scripts/bench_metrics.py
+
+# The bundle under steady load for REQUESTS (default 500,000): RSS and CPU per request every 50,000 (a benchmark, not a test).
+soak: $(STAMP)
+	$(BIN)/python scripts/soak.py $(if $(REQUESTS),--requests $(REQUESTS),) $(ARGS)
 
 # Walk the records' hash chains (OPENFLARE_MONGO_URI, else the embedded store in data/records).
 verify-log: $(STAMP)

@@ -166,10 +166,11 @@ class Wires:
 
     _attacks = iter(range(1, 1 << 62))  # every attack sent, in every case and round: a new address
 
-    def __init__(self, mix: list[Req], host: str, clients: str = CLIENTS_PER_REQUEST) -> None:
+    def __init__(self, mix: list[Req], host: str, clients: str = CLIENTS_PER_REQUEST, attackers: int = 0) -> None:
         self.parts = [r.wire(host) for r in mix]
         self.attack = [r.label == "attack" for r in mix]
         self.clients = clients
+        self.attackers = attackers  # > 0: attacks come from this many addresses in turn (scripts/soak.py), not new ones
 
     def __len__(self) -> int:
         return len(self.parts)
@@ -180,6 +181,8 @@ class Wires:
             ip = b"198.51.100.7"
         elif self.attack[i]:
             n = next(self._attacks)
+            if self.attackers:
+                n = 1 + n % self.attackers
             ip = ip4(n & 0xFFFFFF, 11 + (n >> 24) % 100)  # 11.0.0.1 ... : 16.7 M addresses per first octet
         else:
             ip = ip4(i, 10)  # request i of the mix: 10.0.0.i

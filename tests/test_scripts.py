@@ -164,10 +164,19 @@ def test_unwritable_outputs(tmp_path, corpus, capsys):
     assert_clean(capsys, f"train: cannot write {nowhere / 'm.npz'}")
 
 
+def test_bench_and_soak_without_the_shared_data_stop_and_name_the_smoke_run(tmp_path, capsys):
+    """No dataset: no figures from a 10-request mix unless asked for (--builtin-mix)."""
+    for name in ("bench", "soak"):
+        assert script(name).main(["--data", str(tmp_path / "none.jsonl")]) == 2
+        err = capsys.readouterr().err
+        assert "--builtin-mix" in err and "none.jsonl" in err, name
+
+
 @pytest.mark.parametrize("name, argv", [
     ("upstream", ["--port", "99999"]),
     ("bench", ["--rounds", "0"]),
     ("bench", ["--attack-share", "2"]),
+    ("soak", ["--window", "0"]),
     ("bench_retrain", ["--flows", "0"]),
     ("bench_recorder", ["--concurrency", "0"]),
     ("eval", ["--threshold", "11"]),
