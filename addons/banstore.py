@@ -105,6 +105,31 @@ if n < 3 * tonumber(ARGV[3]) then return {n, 0, 0} end
     + _BAN_BODY
 )
 
+# STRIKE_LUA for many strikes in one call, in order: KEYS are each strike's four, ARGV each one's eleven.
+# Returns the three numbers STRIKE_LUA returns, for each strike in turn; a strike that fails in Redis (a key
+# of the wrong type) gives {-3, the error, 0} and the others go on, as in calls of their own. (Inside the
+# function, KEYS and ARGV are its parameters: the body of STRIKE_LUA unchanged.)
+STRIKES_LUA = (
+    "local function strike(KEYS, ARGV)\n"
+    + STRIKE_LUA
+    + """
+end
+local out = {}
+for i = 0, #KEYS / 4 - 1 do
+  local k, a = {}, {}
+  for j = 1, 4 do k[j] = KEYS[i * 4 + j] end
+  for j = 1, 11 do a[j] = ARGV[i * 11 + j] end
+  local ok, r = pcall(strike, k, a)
+  if not ok then r = {-3, type(r) == 'table' and (r.err or 'error') or tostring(r), 0} end
+  out[#out + 1] = r[1]
+  out[#out + 1] = r[2]
+  out[#out + 1] = r[3]
+end
+return out
+"""
+)
+STRIKES_PER_CALL = 100  # strikes per STRIKES_LUA call (a call runs atomically: Redis serves nothing else meanwhile)
+
 # KEYS: strikes, ban, level. ARGV as STRIKE_LUA; ARGV[4] = seconds (0 = escalate like strikes do).
 BAN_LUA = "local n = tonumber(redis.call('GET', KEYS[1]) or '0')\n" + _BAN_BODY
 
@@ -731,6 +756,7 @@ class BanStore:
 
     def _register(self) -> None:
         self._strike = self.client.register_script(STRIKE_LUA)
+        self._strikes = self.client.register_script(STRIKES_LUA)
         self._ban = self.client.register_script(BAN_LUA)
         self._unban = self.client.register_script(UNBAN_LUA)
         self._reconcile = self.client.register_script(RECONCILE_LUA)
@@ -890,11 +916,7 @@ class BanStore:
                 continue
             batch = [self._outbox[i] for i in range(min(FLUSH_BATCH, len(self._outbox)))]
             try:
-                async with asyncio.timeout(FLUSH_TIMEOUT), self.client.pipeline(transaction=False) as pipe:
-                    for p in batch:
-                        await self._strike(keys=script_keys(self.prefix, p.ip), client=pipe,
-                                     args=self._args(p.ip, p.reason, p.seen_ms, thirds=p.thirds))  # fmt: skip
-                    results = await pipe.execute(raise_on_error=False)
+                results = await self._send_strikes(batch)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - kept for the next try; a dead connection means reconnect
@@ -917,6 +939,27 @@ class BanStore:
                 if p.waiter is not None and not p.waiter.done():
                     p.waiter.set_result(out)
             await asyncio.sleep(0)  # let requests run between batches
+
+    async def _send_strikes(self, batch: list[_Pending]) -> list:
+        """Redis's answer to each strike of `batch` (an exception for one that failed there): STRIKES_LUA
+        for up to STRIKES_PER_CALL strikes a call, in one pipeline (the per-call cost is most of a strike's,
+        in the embedded store above all). Raises when the pipeline itself fails (nothing known)."""
+        chunks = [batch[i : i + STRIKES_PER_CALL] for i in range(0, len(batch), STRIKES_PER_CALL)]
+        async with asyncio.timeout(FLUSH_TIMEOUT), self.client.pipeline(transaction=False) as pipe:
+            for chunk in chunks:
+                await self._strikes(keys=[k for p in chunk for k in script_keys(self.prefix, p.ip)], client=pipe,
+                                    args=[a for p in chunk for a in self._args(p.ip, p.reason, p.seen_ms, thirds=p.thirds)])  # fmt: skip
+            answers = await pipe.execute(raise_on_error=False)
+        results: list = []
+        for chunk, res in zip(chunks, answers, strict=True):
+            if isinstance(res, Exception) or len(res) != 3 * len(chunk):  # the whole call failed: none counted
+                results += [res if isinstance(res, Exception) else ValueError(f"a short answer: {res!r:.100}")] * len(chunk)
+                continue
+            for i in range(0, len(res), 3):
+                one = res[i : i + 3]
+                failed = not isinstance(one[0], int) or one[0] == -3
+                results.append(RuntimeError(one[1].decode(errors="replace") if isinstance(one[1], bytes) else str(one[1])) if failed else one)
+        return results
 
     def _delivered(self, p: _Pending, res) -> StrikeResult:
         """Apply Redis's answer to one strike to the local view."""

@@ -704,6 +704,32 @@ async def test_a_hung_redis_loses_no_strike_bans_at_once_here_and_everywhere_whe
         await other.close()
 
 
+@pytest.mark.parametrize("where", ["redis", "embedded"])
+async def test_strikes_go_many_to_a_call_each_answered_as_alone_and_a_bad_key_fails_only_its_own(stores, prefix, where):
+    """The delivery's STRIKES_LUA: 250 strikes in three calls; each gets STRIKE_LUA's answer, in order (a ban
+    on the second strike of an IP in the same call); a strike whose key is of the wrong type fails alone."""
+    from addons import banserver
+
+    policy = banstore.Policy(strikes=2, window=60, ban_seconds=60)
+    client = banserver.Embedded.open(None).client() if where == "embedded" else None
+    store = await stores(policy, client=client)
+    bad = "198.51.100.99"
+    await store.client.hset(store.key("strikes", bad), "x", "1")  # INCRBY on a hash: WRONGTYPE
+    ips = [f"203.0.113.{i % 120}" for i in range(240)] + [bad] + [f"192.0.2.{i}" for i in range(9)]
+    batch = [banstore._Pending(ip, "x", int(time.time() * 1000), 3, None) for ip in ips]
+    got = await store._send_strikes(batch)
+    assert len(got) == 250
+    for i, (ip, res) in enumerate(zip(ips, got)):
+        if ip == bad:
+            assert isinstance(res, Exception) and "WRONGTYPE" in str(res)
+        elif i < 120 or i >= 241:
+            assert [int(x) for x in res] == [3, 0, 0], (i, res)  # the first strike of each
+        else:
+            assert [int(x) for x in res] == [6, 60, 1], (i, res)  # the second: banned for 60 s, level 1
+    assert await store.client.exists(store.key("ban", "203.0.113.7")) == 1
+    assert await store.client.exists(store.key("ban", "192.0.2.3")) == 0
+
+
 async def test_a_strike_queued_at_close_is_still_delivered(stores, prefix):
     store = await stores(banstore.Policy(strikes=3, window=60, ban_seconds=60))
     store.timeout = 0  # the request never waits: every strike is queued
