@@ -237,7 +237,8 @@ def test_a_full_disk_is_reported_as_such_and_loses_nothing_acknowledged(mitmdump
     gaps = [r for r in recs if r["tier"] == "gap"]
     assert len(gaps) == 1 and "disk full" in gaps[0]["reason"]
     held = targets & set(during)
-    assert len(held) == 20 and len(held) + gaps[0]["lost"] == len(during)  # every request stored, or counted lost
+    # the queue's 20, and on a busy machine the few the writer had already taken when the disk filled
+    assert 20 <= len(held) < len(during) and len(held) + gaps[0]["lost"] == len(during)  # every one stored, or counted lost
     verify = verify_log(store_dir, spill)
     assert verify.returncode == 0 and "BROKEN" not in verify.stdout, verify.stdout + verify.stderr
-    assert f"GAP: chain {gaps[0]['chain']}" in verify.stdout and "30 records lost to 1 recorded gap(s) (full disk)" in verify.stdout
+    assert f"GAP: chain {gaps[0]['chain']}" in verify.stdout and f"{gaps[0]['lost']} records lost to 1 recorded gap(s) (full disk)" in verify.stdout
