@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import ipaddress
 import logging
@@ -60,6 +61,7 @@ BACKOFF_MIN = 0.1
 BACKOFF_MAX = 5.0
 POOL_SIZE = 8  # Redis connections per process, the events subscriber's one included
 RECONCILE_EVERY = 0.5  # seconds between two reconcile ticks
+FOLLOW_QUIET_S = 30.0  # with no ban or run-time allowlist entry here, the follower waits this long for an event
 RECONCILE_KEYS = 1000  # local entries checked per tick (scripts/bench_reconcile.py measures a tick)
 RECONCILE_KEYS_EMBEDDED = 250  # the same against the embedded store (fakeredis: about 7 us a key)
 OUTBOX_MAX = 200_000  # strikes waiting for Redis; past this the oldest are dropped (counted strikes_lost)
@@ -1131,6 +1133,21 @@ class BanStore:
         self._synced.clear()
         self._wake.set()
 
+    async def _quiet_message(self, pubsub):
+        """The next event, waiting up to FOLLOW_QUIET_S on the subscription's socket (no wake-up before it
+        unless an event comes), or None as soon as `_wake` is set (a connection lost elsewhere)."""
+        get = asyncio.ensure_future(pubsub.get_message(timeout=FOLLOW_QUIET_S))
+        wake = asyncio.ensure_future(self._wake.wait())
+        try:
+            done, _ = await asyncio.wait({get, wake}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            wake.cancel()
+            if not get.done():
+                get.cancel()  # the follower reconnects with a new subscription: a half-read one is not reused
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await get
+        return get.result() if get in done else None
+
     async def _follow(self) -> None:
         backoff = BACKOFF_MIN
         while True:
@@ -1146,7 +1163,11 @@ class BanStore:
                 backoff = BACKOFF_MIN
                 tick = time.monotonic() + RECONCILE_EVERY
                 while not self._wake.is_set():
-                    msg = await pubsub.get_message(timeout=max(0.0, min(0.5, tick - time.monotonic())))
+                    if self.bans or self.allowlist.dynamic or self._rot_bans or self._rot_allow:
+                        msg = await pubsub.get_message(timeout=max(0.0, min(0.5, tick - time.monotonic())))
+                    else:  # nothing to reconcile: wait for an event (or a lost connection), no tick
+                        msg = await self._quiet_message(pubsub)
+                        tick = time.monotonic() + RECONCILE_EVERY
                     if msg is not None:
                         self.apply(msg["data"])
                     if time.monotonic() >= tick:

@@ -730,6 +730,28 @@ async def test_strikes_go_many_to_a_call_each_answered_as_alone_and_a_bad_key_fa
     assert await store.client.exists(store.key("ban", "192.0.2.3")) == 0
 
 
+async def test_a_quiet_follower_does_not_tick_and_still_follows_at_once(stores, prefix):
+    """No ban and no run-time allowlist entry here: nothing to reconcile, so the follower waits on the
+    subscription (no wake-up every 0.5 s while idle); an event is applied at once, and the ticks resume."""
+    a, b = await stores(), await stores()
+    ticks = []
+    real = a.reconcile
+
+    async def counted() -> int:
+        ticks.append(time.monotonic())
+        return await real()
+
+    a.reconcile = counted
+    await asyncio.sleep(1.6)  # three ticks of RECONCILE_EVERY, had it ticked
+    assert ticks == []
+    outages = a.stats.get("redis_outages", 0)
+    a._lost(ConnectionError("a call failed elsewhere"))  # the quiet follower reconnects at once
+    assert a.stats["redis_outages"] == outages + 1 and await until(lambda: a.healthy, 5.0)
+    await b.ban("198.51.100.77", 60, "x")
+    assert await until(lambda: a.check("198.51.100.77") is not None, 2.0)
+    assert await until(lambda: len(ticks) >= 2, 3.0)  # a ban to reconcile here: the ticks again
+
+
 async def test_a_strike_queued_at_close_is_still_delivered(stores, prefix):
     store = await stores(banstore.Policy(strikes=3, window=60, ban_seconds=60))
     store.timeout = 0  # the request never waits: every strike is queued
