@@ -185,7 +185,7 @@ class Wires:
                 n = 1 + n % self.attackers
             ip = ip4(n & 0xFFFFFF, 11 + (n >> 24) % 100)  # 11.0.0.1 ... : 16.7 M addresses per first octet
         else:
-            ip = ip4(i, 10)  # request i of the mix: 10.0.0.i
+            ip = ip4(i, 172)  # request i of the mix: 172.0.0.i (the Redis case seeds bans of 10.0.0.0-10.0.39.15)
         return head + b"X-Forwarded-For: " + ip + rest
 
 
@@ -657,7 +657,7 @@ def in_llm_band(lm, mix: list[Req], host: str, low: int, high: int) -> list[bool
     bench's X-Forwarded-For): the requests the LLM case asks its LLM about."""
     out = []
     for i, r in enumerate(mix):
-        ip = "11.0.0.1" if r.label == "attack" else ip4(i, 10).decode()
+        ip = "11.0.0.1" if r.label == "attack" else ip4(i, 172).decode()
         headers = [("Host", host)] + [(k, v) for k, v in r.headers if k.lower() not in HOP_HEADERS] + [("X-Forwarded-For", ip)]
         try:
             out.append(low <= lm.score_request(r.method, r.target, headers, r.body)[0] <= high)
