@@ -1,7 +1,8 @@
 """`make soak`: does the proxy stay flat? A benchmark, not a test: the bundle `make run` loads
 (addons/openflare.py, every addon, the shipped mitm.conf) under steady load for `--requests` requests
 (default 500,000), printing per window of `--window` requests (default 50,000) mitmdump's RSS and its CPU time
-per request, then the change from the window ending at `--from` requests (default 100,000) to the last one.
+per request, then the change from the window ending at `--from` requests (default 100,000) to the last one;
+and the idle CPU of the running proxy (`--idle` seconds before and after the load).
 
     .venv/bin/python scripts/soak.py [--requests 500000] [--window 50000] [--concurrency 16] [--attackers 5000]
 
@@ -44,6 +45,16 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
+def idle_ms_per_s(pid: int, seconds: float) -> float:
+    """CPU milliseconds per second the process uses over `seconds` (/proc/<pid>/schedstat: nanoseconds)."""
+    def ns() -> int:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
+
+    t0, c0 = time.monotonic(), ns()
+    time.sleep(seconds)
+    return (ns() - c0) / 1e6 / (time.monotonic() - t0)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="The OpenFlare bundle under steady load: RSS and CPU per request over time.")
     ap.add_argument("--requests", type=int, default=500_000, help="requests in all (default 500,000)")
@@ -56,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--builtin-mix", action="store_true", help="a smoke run on the bench's 10 built-in requests")
     ap.add_argument("--mix", type=int, default=2000, help="size of the request mix (default 2000)")
     ap.add_argument("--model", default=model.DEFAULT_MODEL)
+    ap.add_argument("--idle", type=float, default=60.0, help="seconds of idle CPU measured before the load, once "
+                    "started and settled, and again after it (default 60; 0: not measured)")
     args = ap.parse_args(argv)
     if args.window < 1 or args.requests < args.window:
         ap.error("--requests must be at least --window (>= 1)")
@@ -93,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         case = bench.Case("openflare", [bench.BUNDLE], env=bench.NO_SERVERS)
         port = bench.start_case(procs, case, up, confdir)
         bench.wait_idle([case.pid])
+        idle = [idle_ms_per_s(case.pid, args.idle)] if args.idle > 0 else []
         wires = bench.Wires(mix, f"127.0.0.1:{port}", attackers=args.attackers)
         done, t0 = 0, time.perf_counter()
         print(f"{'requests':>9} {'RSS MB':>8} {'cpu ms/req':>10} {'req/s':>7} {'errors':>6}  statuses", flush=True)
@@ -110,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
                 print("soak: no request answered in a window: stopping", file=sys.stderr)
                 return 1
         print(f"{done} requests in {time.perf_counter() - t0:.0f} s")
+        if args.idle > 0:
+            time.sleep(5)  # the last responses' work (records stored, strikes delivered)
+            idle.append(idle_ms_per_s(case.pid, args.idle))
+            print(f"idle CPU of mitmdump (the bundle, upstream up, no requests) over {args.idle:g} s: "
+                  f"{idle[0]:.3f} ms/s before the load, {idle[1]:.3f} ms/s after; target <= 0.2 ms/s: "
+                  f"{'met' if max(idle) <= 0.2 else 'NOT met'}")
     finally:
         procs.stop_all()
         shutil.rmtree(work, ignore_errors=True)
