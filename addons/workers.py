@@ -20,7 +20,7 @@ own process (one event loop, one core), and:
   it ever listened on its first start (a bad option, a busy port) stops them all: the supervisor exits with
   its code, as a lone mitmdump would.
 - **Stop.** SIGINT (Ctrl-C) or SIGTERM: every worker gets SIGTERM, and SIGKILL after STOP_WAIT_S. Workers
-  run in their own process group (a terminal's Ctrl-C reaches the supervisor only) and get SIGTERM if the
+  run in their own process group (a terminal's Ctrl-C reaches the supervisor only) and get SIGKILL if the
   supervisor itself dies (PR_SET_PDEATHSIG, set by the worker as it starts).
 - **One log.** Each worker's stdout and stderr become lines of the supervisor's stdout prefixed `[wK] `.
 - **Per worker.** `OPENFLARE_WORKER=K` and `OPENFLARE_WORKERS=N` in its environment; its own recorder
@@ -172,9 +172,12 @@ def _without(args: list[str], names: set[str]) -> list[str]:
 
 
 def _pdeathsig(parent: int) -> None:
-    """A worker gets SIGTERM when its supervisor dies (Linux); gone already: stop now."""
+    """A worker gets SIGKILL when its supervisor dies (Linux); gone already: stop now. SIGKILL, not SIGTERM:
+    a supervisor that did not stop its workers was itself killed (a SIGTERM to it stops them first), and a
+    worker whose shutdown hangs ignores a further SIGTERM (seen here: a task that swallows its cancellation
+    keeps asyncio.run from returning). The recorder's journal loses no acknowledged record to a kill -9."""
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
     if os.getppid() != parent:
