@@ -56,6 +56,7 @@ BITS = 20
 CLASS_SCALE = 0.5  # the class block's n-grams count half: a class block weight pays 4x the penalty
 CLASSES = ("method", "path", "query", "json", "cookie", "header", "ua", "name", "text", "xml")
 EXTRA = len(CLASSES) + 2  # class biases, libinjection sqli, libinjection xss
+NO_PAYLOAD = -20.0  # the logit of a field with no room for a payload (a well-formed Host)
 SIGNAL_P = 0.999  # a scanner's User-Agent: refused whatever its fields score
 _LOC_CLASS = {"method": "method", "path": "path", "query": "query", "form": "query", "json": "json",
               "cookie": "cookie", "header": "header", "xml": "xml", "multipart": "text", "text": "text"}
@@ -240,6 +241,8 @@ def rows(fields: Sequence[fieldsmod.Field]) -> Rows:
     text is one)."""
     texts, classes, field, window, fps, signals, rules = [], [], [], [], [], [], []
     for i, f in enumerate(fields):
+        if f.via == fieldsmod.AUTHORITY:  # a well-formed Host: the rules read it, the model does not
+            continue
         c = field_class(f)
         norm, text = prepare(f)
         ws, n_long = windows(text)
@@ -303,6 +306,9 @@ class FieldModel:
         out: list = [None] * len(flds)
         todo, keys = [], []
         for i, f in enumerate(flds):
+            if f.via == fieldsmod.AUTHORITY:  # no windows (see rows): no payload fits, only a rule can match
+                out[i] = (NO_PAYLOAD, 1, "", False, rule_of(normalise(f.value)))
+                continue
             key = (field_class(f), f.value)
             hit = self._cache.get(key)
             if hit is None:

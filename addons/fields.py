@@ -361,9 +361,21 @@ _LIST_HEADERS = frozenset(
 )
 
 
+# A Host header that is a well-formed authority (a DNS name or an IP address, then an optional port) has no
+# room for a payload: it is one field marked AUTHORITY, which the rules read (`Host: 169.254.169.254` is
+# cloud-metadata SSRF) and the learnt model does not (an address and a port are not the `ip port` of a
+# reverse shell). Anything else in Host is an ordinary field.
+AUTHORITY = "authority"
+_AUTHORITY = re.compile(r"(?:(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?"
+                        r"|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+
+
 def _headers(out: _Out, headers: Sequence[tuple[str, str]]) -> None:
     for name, value in headers:
         lname = name.lower()
+        if lname == "host" and _AUTHORITY.fullmatch(value):
+            out.add("header", lname, value, AUTHORITY)
+            continue
         out.value("header", lname, value)
         if lname not in COMMON_HEADERS:
             out.add("header", lname, lname, "name")

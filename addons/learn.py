@@ -123,6 +123,12 @@ def best_windows(m: fieldmodel.FieldModel, flds: Sequence[fieldsmod.Field], k: i
     return r, out
 
 
+def confidence(m: fieldmodel.FieldModel, r: fieldmodel.Rows, i: int) -> float:
+    """The model's probability that window i of these rows is an attack: how much a corpus attack's picked
+    window is worth in training (a corpus labels whole requests, and some of its labels are wrong)."""
+    return float(1.0 / (1.0 + np.exp(-m.window_logits(r)[i])))
+
+
 def threshold_at(benign_p: Sequence[float], max_fpr: float) -> float:
     """The lowest probability that refuses at most max_fpr of these benign requests."""
     ps = np.sort(np.asarray(benign_p))[::-1]

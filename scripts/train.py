@@ -12,11 +12,13 @@ each field its windows (addons.fieldmodel.rows), and the model learns windows:
   `--realworld-weight` times: real users are what a WAF must not refuse), and generated everyday text
   (scripts/synth.py: words, prose, names with apostrophes, SQL and HTML words in plain sentences);
 * attack: each training payload placed `--placements` times into a random field (query, form, JSON,
-  header, cookie, path, multipart, XML; encoded as a client would, and 30 % of them inside ordinary
-  words), classic attacks from small grammars, Log4Shell lookups, SSRF and template injections; then,
-  once a first model is fitted, each attack request of the corpora adds its highest-scoring window
-  (multiple-instance learning: a corpus labels requests, not fields; a window seen benign is never
-  picked), and the model is fitted again from the first.
+  header, cookie, path, multipart, XML, a parameter name or JSON key; encoded as a client would, and 30 %
+  of them inside ordinary words; a placeholder host such as `example.com` replaced by a made-up one),
+  classic attacks from small grammars, Log4Shell lookups, SSRF and template injections; then, once a first
+  model is fitted, each attack request of the corpora adds its highest-scoring window (multiple-instance
+  learning: a corpus labels requests, not fields; a window seen benign is never picked), weighted by the
+  first model's probability of it (`--mil-weight confidence`: a corpus's wrong labels, such as FWAF's
+  `/linus's_law/`, count little), and the model is fitted again from the first.
 
 The operating point (the probability at the 6/7 score boundary) is chosen for `--target-fpr` on the
 validation part of train: a fifth of the real-world site groups (whole sites, never seen in the fit) and a
@@ -31,6 +33,7 @@ import gzip
 import hashlib
 import json
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -77,6 +80,16 @@ HEADER_NAMES = ("user-agent", "referer", "x-api-version", "accept-language", "x-
 PARAM_NAMES = ("id", "q", "search", "page", "name", "file", "url", "cmd", "item", "user", "lang", "redirect", "data")
 
 
+# Payload lists and our own generators write the attacker's host as an RFC 2606 name (`example.com`,
+# `evil.example`), which real apps' origins and links also use (tests, docs, staging). Each placement gets a
+# made-up host instead: the model learns the attack around a host, not the placeholder.
+_PLACEHOLDER_HOST = re.compile(r"(?i)\b(?:[a-z0-9-]+\.)*example\.(?:com|org|net|io|test)\b|\b(?:[a-z0-9-]+\.)+example\b")
+
+
+def rehost(payload: str, rng: random.Random) -> str:
+    return _PLACEHOLDER_HOST.sub(lambda _m: f"{rng.choice(synth.WORDS).lower()}{rng.choice(('', str(rng.randint(1, 99))))}"
+                                            f".{rng.choice(('com', 'net', 'io', 'org', 'xyz', 'site', 'ru', 'cn'))}", payload)
+
 def in_context(payload: str, rng: random.Random) -> str:
     """The payload inside ordinary words, as a comment or a message field carries it: before, after or
     between them (a window holding half prose, half attack must still score as the attack)."""
@@ -106,10 +119,18 @@ def jndi_ssrf_ssti(rng: random.Random) -> str:
                        "{{cycler.__init__.__globals__.os.popen('id').read()}}", "*{T(java.lang.System).getenv()}"))
 
 
-def place(payload: str, rng: random.Random) -> fieldsmod.Field:
-    loc = rng.choice(("query", "query", "form", "json", "json", "header", "header", "cookie", "path", "multipart", "xml"))
+VALUE_PLACES = ("query", "query", "form", "json", "json", "header", "header", "cookie", "path", "multipart", "xml")
+
+
+def place(payload: str, rng: random.Random, names: bool = True) -> fieldsmod.Field:
+    """The payload as one field of a random location (`names`: a parameter name or JSON key is one of them)."""
+    loc = rng.choice(VALUE_PLACES + ("name",) if names else VALUE_PLACES)
     name = rng.choice(PARAM_NAMES)
     enc = rng.random()
+    if loc == "name":  # a query or form parameter's name, or a JSON key: read in the name class
+        where = rng.choice(("query", "form", "json"))
+        text = payload if where == "json" or enc >= 0.6 else quote(payload, safe="")
+        return fieldsmod.Field(where, text, text, "name")
     if loc in ("query", "form", "json", "multipart", "xml") and rng.random() < 0.3:
         payload = in_context(payload, rng)
     if loc in ("query", "form", "cookie"):
@@ -151,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--realworld-weight", type=float, default=3.0,
                     help="weight of real-world benign windows (real users are what a WAF must not refuse)")
     ap.add_argument("--target-fpr", type=float, default=0.002)
+    ap.add_argument("--mil-weight", choices=("confidence", "full"), default="confidence",
+                    help="weight of each corpus attack's picked window: the first model's probability of it "
+                         "(confidence: label noise counts little) or 1 (full)")
     ap.add_argument("--limit", type=int, default=0, help="at most this many records per source (quick runs)")
     ap.add_argument("--profile-sources", default="csic2010",
                     help="comma-separated sources whose benign requests make the application profile ('' for none)")
@@ -221,17 +245,20 @@ def train(args: argparse.Namespace) -> int:
         # The categories of few and varied payloads (command and LDAP injection, SQL, templates, ...) are
         # placed twice as often: each payload is learnt in more places.
         for _ in range(args.placements * (2 if cat in SPARSE_CATEGORIES else 1)):
-            table.add_fields([place(p, rng)], attack=True)
+            table.add_fields([place(rehost(p, rng), rng)], attack=True)
     for _ in range(args.generated):
-        table.add_fields([place(synth.generated_attack(rng), rng)], attack=True)
-        table.add_fields([place(jndi_ssrf_ssti(rng), rng)], attack=True)
+        table.add_fields([place(rehost(synth.generated_attack(rng), rng), rng)], attack=True)
+        table.add_fields([place(rehost(jndi_ssrf_ssti(rng), rng), rng)], attack=True)
     log(f"with placed payloads ({len(payloads)}) and generated attacks: {len(table):,}")
 
     m = learn.fit(table, args.bits, args.C, max_iter=args.max_iter, log=log)
     log("stage 1 fitted; picking each corpus attack's window")
     for req in attack_reqs:
         r, best = learn.best_windows(m, req.fields, 1, benign=table)
-        table.add(r, attack=True, only=best)
+        # A corpus labels whole requests, and some labels are wrong (a keyword grep called `/linus's_law/`
+        # an attack): a window counts as much as the first model believes it is one.
+        weight = learn.confidence(m, r, best[0]) if best and args.mil_weight == "confidence" else 1.0
+        table.add(r, attack=True, weight=weight, only=best)
     m = learn.fit(table, args.bits, args.C, max_iter=args.max_iter, start=m, log=log)
     log("stage 2 fitted")
 

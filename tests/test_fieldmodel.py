@@ -100,6 +100,25 @@ def test_tiny_model_separates_and_names_the_field(tiny):
     assert hit.field == Field("header", "x-api", "' or 1=1--")
 
 
+def test_confidence_weighs_a_picked_window_by_the_model(tiny):
+    # A corpus attack the model sees nothing in (a mislabelled `/linus's_law/`) is worth less in training.
+    r, best = learn.best_windows(tiny, [Field("query", "q", "red running shoes"), Field("query", "id", "' or 1=1--")])
+    assert r.field[best[0]] == 1
+    attack = learn.confidence(tiny, r, best[0])
+    r2, best2 = learn.best_windows(tiny, [Field("query", "q", "red running shoes")])
+    assert attack > 0.5 > learn.confidence(tiny, r2, best2[0])
+
+
+def test_a_well_formed_host_is_read_by_the_rules_alone(tiny):
+    def score(host):
+        return tiny.score(extract("GET", "/", [("Host", host)], b""))
+
+    host = extract("GET", "/", [("Host", "127.0.0.1:41234")], b"")
+    assert [lg[0] for f, lg in zip(host.fields, tiny.field_logits(host.fields)) if f.loc == "header"] == [fieldmodel.NO_PAYLOAD]
+    assert score("169.254.169.254").signal == "rule: ssrf-metadata"
+    assert score("x' or 1=1--").p > 0.5  # not an authority: the model reads it
+
+
 def test_padding_cannot_dilute_a_window(tiny):
     """However much text comes before it, a payload is scored with at most one window of context."""
     def p(pad: int) -> float:

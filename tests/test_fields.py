@@ -95,7 +95,7 @@ def test_query_pairs_are_raw_with_their_names():
 def test_every_header_is_a_field_and_odd_names_are_inspected():
     req = extract(headers=[("Host", "shop.example"), ("X-Api-Version", "2"), ("User-Agent", "curl/8")])
     assert triples(req, "header") == [
-        ("host", "shop.example", ""),
+        ("host", "shop.example", "authority"),
         ("x-api-version", "2", ""),
         ("x-api-version", "x-api-version", "name"),
         ("user-agent", "curl/8", ""),
@@ -742,3 +742,16 @@ def test_any_request_yields_fields_or_too_large(method, target, headers, body):
         return
     assert_utf8(req)
     assert all(f.loc in fields.LOCATIONS for f in req.fields)
+
+
+@pytest.mark.parametrize("host, via", [
+    ("shop.example", "authority"),
+    ("127.0.0.1:41234", "authority"),
+    ("[2001:db8::1]:8443", "authority"),
+    ("x' or 1=1-- ", ""),  # not an authority: an ordinary field
+    ("a.example/../../etc/passwd", ""),
+    ("a.example:99999999", ""),
+])
+def test_a_well_formed_host_is_marked_as_an_authority(host, via):
+    got = [(f.name, f.value, f.via) for f in extract("GET", "/", [("Host", host)], b"").fields if f.loc == "header"]
+    assert got == [("host", host, via)]
