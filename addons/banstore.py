@@ -1185,7 +1185,7 @@ class BanStore:
             finally:
                 try:
                     await asyncio.wait_for(pubsub.aclose(), 0.5)
-                except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                except Exception:  # noqa: BLE001 - a cancellation here must go on: swallowed, the loop ran forever
                     pass
 
     async def _take_over(self) -> bool:
