@@ -237,11 +237,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 120, log: Path | None = None) -> None:
+    """Until something listens on the port; an error if the process exits first (with its log's tail)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"process exited with code {proc.returncode}")
+            tail = f":\n{log.read_text(errors='replace')[-3000:]}" if log is not None and log.exists() else ""
+            raise RuntimeError(f"process exited with code {proc.returncode}{tail}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return

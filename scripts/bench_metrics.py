@@ -27,7 +27,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,8 +37,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
 
 from addons import dataset  # noqa: E402
+from bench import cpu_seconds, free_port, wait_listening  # noqa: E402  (the main benchmark's process helpers)
 
 MITMDUMP = Path(sys.executable).parent / "mitmdump"
 BASE, METRICS = "openflare", "openflare+metrics"
@@ -95,30 +96,6 @@ def load_mix(n: int, attack_share: float, seed: int) -> tuple[list[tuple], str]:
         return BUILTIN * max(1, n // len(BUILTIN)), "the built-in mix"
     rnd.shuffle(mix)
     return mix, ", ".join(p.name for p in files) + " (test splits)"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_listening(port: int, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited with code {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def read_response(reader: asyncio.StreamReader) -> bool:
@@ -253,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                                       "OPENAI_BASE_URL": ""}, start_new_session=True,
                                  preexec_fn=(lambda: os.sched_setaffinity(0, proxy_cpu)) if pin and proxy_cpu else None)  # fmt: skip
         procs.append(p)
-        wait_listening(port, p, log)
+        wait_listening(port, p, log=log)
         return p
 
     try:

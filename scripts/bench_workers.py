@@ -28,7 +28,6 @@ import asyncio
 import os
 import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,28 +36,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "scripts")]
+from bench import free_port, wait_listening  # noqa: E402  (the main benchmark's process helpers)
+
 UPSTREAM = REPO / "scripts" / "upstream.py"
 ATTACKS = ["/search?q=1%27%20or%201%3D1--", "/search?q=%3Cscript%3Ealert(1)%3C/script%3E", "/item?id=1%20union%20select%20password%20from%20users"]
 WORDS = ["blue", "shoes", "coffee", "mug", "garden", "chair", "lamp", "travel", "guide", "red", "wool", "socks", "desk"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited with {proc.returncode} before listening on {port}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"nothing listening on {port} after {timeout} s")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -203,9 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     setups += [Setup(f"w{n}", n, f"http://127.0.0.1:{up_port}", conf, tmp, env, args.worker_cpus) for n in counts]
     heads = mix(1000)
     try:
-        wait_listening(up_port, upstream)
+        wait_listening(up_port, upstream, timeout=180)
         for s in setups:
-            wait_listening(s.port, s.proc)
+            wait_listening(s.port, s.proc, timeout=180)
         time.sleep(3.0 + max(counts))  # every worker of each set-up up (the first listening is not all)
         for s in setups:  # warm up: every worker loaded and connected upstream
             asyncio.run(drive(s.port, heads, args.concurrency, 1.0, args.per_connection, 0))
